@@ -1,1 +1,14 @@
-//! placeholder
+//! Peerline's sans-IO protocol cores.
+//!
+//! Nothing in this crate opens a socket, reads a clock or draws from a global RNG: every
+//! state machine is driven with `handle_*(now, input)` calls and drained with `poll_*`
+//! calls, and takes its randomness from the caller. The tokio glue lives in `peerline-net`.
+#![deny(missing_docs)]
+
+pub mod memstore;
+pub mod store;
+#[doc(hidden)]
+pub mod store_conformance;
+pub mod link;
+#[doc(hidden)]
+pub mod sim;

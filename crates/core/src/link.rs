@@ -1,0 +1,530 @@
+//! An established encrypted session with reliable request/response on top of datagrams.
+//!
+//! A [`Link`] owns the Noise transport of one session (client to supernode, or peer to
+//! peer), its two receiver indexes, and the reliability layer:
+//!
+//! * every request carries an id; it is retransmitted with exponential backoff until the
+//!   response arrives or [`LinkConfig::max_attempts`] is reached;
+//! * the receiver answers each id once and keeps recent answers, so a retransmitted
+//!   request gets the cached answer again instead of being executed twice;
+//! * keepalives are sent when nothing else went out for [`LinkConfig::keepalive`], and the
+//!   link reports itself dead when nothing came in for [`LinkConfig::idle_timeout`].
+//!
+//! Sans-IO: [`Link::handle_transport`] and [`Link::handle_timeout`] take `now`; output is
+//! drained with [`Link::poll_transmit`], timers with [`Link::poll_timeout`].
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use peerline_crypto::noise::NoiseError;
+use peerline_crypto::Transport;
+use peerline_wire::msg::{Frame, Request, Response};
+use peerline_wire::packet::Packet;
+
+/// Timing and bounds of a link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// Send a keepalive after this long without sending anything (None: never).
+    pub keepalive: Option<Duration>,
+    /// Declare the link dead after this long without receiving anything.
+    pub idle_timeout: Duration,
+    /// First retransmission timeout of a request.
+    pub initial_rto: Duration,
+    /// Largest retransmission timeout.
+    pub max_rto: Duration,
+    /// Transmissions of one request before it fails.
+    pub max_attempts: u32,
+    /// Requests in flight at once (further ones are refused with `LinkError::Busy`).
+    pub max_in_flight: usize,
+    /// Answers remembered for deduplication.
+    pub answer_cache: usize,
+}
+
+impl LinkConfig {
+    /// A client's session to its supernode: keepalive every 25 s.
+    pub fn client() -> Self {
+        LinkConfig {
+            keepalive: Some(KEEPALIVE),
+            idle_timeout: Duration::from_secs(80),
+            initial_rto: Duration::from_millis(400),
+            max_rto: Duration::from_secs(3),
+            max_attempts: 6,
+            max_in_flight: 64,
+            answer_cache: 64,
+        }
+    }
+
+    /// A supernode's side: never sends keepalives itself, expires silent clients.
+    pub fn server() -> Self {
+        LinkConfig {
+            keepalive: None,
+            idle_timeout: Duration::from_secs(90),
+            ..Self::client()
+        }
+    }
+
+    /// A direct peer session: both sides keep it alive.
+    pub fn peer() -> Self {
+        LinkConfig {
+            idle_timeout: Duration::from_secs(75),
+            ..Self::client()
+        }
+    }
+}
+
+/// Keepalive interval of a client session (keeps typical NAT UDP mappings open).
+pub const KEEPALIVE: Duration = Duration::from_secs(25);
+
+/// Why a link operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// Too many requests in flight.
+    #[error("too many requests in flight")]
+    Busy,
+    /// The frame does not fit a datagram.
+    #[error("message too large: {0}")]
+    Encode(#[from] peerline_wire::Error),
+    /// Crypto failure (bad packet, replay, exhausted session).
+    #[error("{0}")]
+    Noise(#[from] NoiseError),
+}
+
+/// Something the owner of a link must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A new request from the other side; answer it with [`Link::respond`].
+    Request {
+        /// Its id.
+        id: u64,
+        /// The request.
+        body: Request,
+    },
+    /// The answer to one of our requests.
+    Response {
+        /// Id of our request.
+        id: u64,
+        /// The answer.
+        body: Response,
+    },
+    /// One of our requests got no answer after every retransmission.
+    RequestFailed {
+        /// Id of our request.
+        id: u64,
+    },
+    /// The other side closed the session.
+    Closed,
+    /// Nothing was received for the idle timeout.
+    Dead,
+}
+
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Destination.
+    pub dst: SocketAddr,
+    /// Bytes.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    plaintext: Vec<u8>,
+    attempts: u32,
+    rto: Duration,
+    deadline: Instant,
+}
+
+/// An established session.
+#[derive(Debug)]
+pub struct Link {
+    config: LinkConfig,
+    transport: Transport,
+    local_index: u32,
+    remote_index: u32,
+    remote_addr: SocketAddr,
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    answered: HashMap<u64, Vec<u8>>,
+    answered_order: VecDeque<u64>,
+    in_progress: HashSet<u64>,
+    last_recv: Instant,
+    last_send: Instant,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<LinkEvent>,
+    dead: bool,
+}
+
+impl Link {
+    /// Wraps a transport fresh out of a handshake.
+    pub fn new(
+        config: LinkConfig,
+        transport: Transport,
+        local_index: u32,
+        remote_index: u32,
+        remote_addr: SocketAddr,
+        now: Instant,
+    ) -> Self {
+        Link {
+            config,
+            transport,
+            local_index,
+            remote_index,
+            remote_addr,
+            next_id: 1,
+            pending: BTreeMap::new(),
+            answered: HashMap::new(),
+            answered_order: VecDeque::new(),
+            in_progress: HashSet::new(),
+            last_recv: now,
+            last_send: now,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            dead: false,
+        }
+    }
+
+    /// Our receiver index for this session.
+    pub fn local_index(&self) -> u32 {
+        self.local_index
+    }
+
+    /// The address the other side was last heard from (follows NAT rebinding).
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.remote_addr
+    }
+
+    /// The other side's authenticated static key.
+    pub fn remote_static(&self) -> &[u8; 32] {
+        self.transport.remote_static()
+    }
+
+    /// Requests awaiting an answer.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether the link declared itself dead.
+    pub fn is_dead(&self) -> bool {
+        self.dead
+    }
+
+    fn seal(&mut self, now: Instant, plaintext: &[u8]) -> Result<(), LinkError> {
+        let mut out = Vec::with_capacity(plaintext.len() + 32);
+        out.extend_from_slice(&Packet::transport_header(self.remote_index, 0));
+        let counter = self.transport.seal(plaintext, &mut out)?;
+        out[8..16].copy_from_slice(&counter.to_le_bytes());
+        self.transmits.push_back(Transmit {
+            dst: self.remote_addr,
+            payload: out,
+        });
+        self.last_send = now;
+        Ok(())
+    }
+
+    /// Sends a request; returns its id. The answer arrives as [`LinkEvent::Response`].
+    pub fn send_request(&mut self, now: Instant, body: Request) -> Result<u64, LinkError> {
+        if self.pending.len() >= self.config.max_in_flight {
+            return Err(LinkError::Busy);
+        }
+        let id = self.next_id;
+        let plaintext = Frame::Request { id, body }.encode()?;
+        self.next_id += 1;
+        self.seal(now, &plaintext)?;
+        self.pending.insert(
+            id,
+            Pending {
+                plaintext,
+                attempts: 1,
+                rto: self.config.initial_rto,
+                deadline: now + self.config.initial_rto,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Answers request `id` (once; later retransmissions get this answer from the cache).
+    pub fn respond(&mut self, now: Instant, id: u64, body: Response) -> Result<(), LinkError> {
+        let plaintext = match (Frame::Response { id, body }).encode() {
+            Ok(p) => p,
+            Err(e) => {
+                // An answer that cannot be encoded is a bug; answer with a generic error
+                // rather than leaving the peer retransmitting forever.
+                let fallback = Frame::Response {
+                    id,
+                    body: Response::error(peerline_wire::msg::ErrorCode::Internal, "answer too large"),
+                };
+                let p = fallback.encode()?;
+                tracing::warn!(error = %e, "response did not encode");
+                p
+            }
+        };
+        self.in_progress.remove(&id);
+        self.seal(now, &plaintext)?;
+        if self.answered.insert(id, plaintext).is_none() {
+            self.answered_order.push_back(id);
+        }
+        while self.answered_order.len() > self.config.answer_cache {
+            if let Some(old) = self.answered_order.pop_front() {
+                self.answered.remove(&old);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends a `Close` frame (best effort, not retransmitted).
+    pub fn close(&mut self, now: Instant) {
+        if let Ok(p) = Frame::Close.encode() {
+            let _ = self.seal(now, &p);
+        }
+        self.dead = true;
+    }
+
+    /// Handles a transport packet addressed to this link's index.
+    ///
+    /// Errors mean the packet was dropped (forged, replayed, malformed) and change nothing.
+    pub fn handle_transport(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        counter: u64,
+        ciphertext: &[u8],
+    ) -> Result<(), LinkError> {
+        let plaintext = self.transport.open(counter, ciphertext)?;
+        // Authenticated: the peer may have moved (NAT rebinding); follow it.
+        self.remote_addr = from;
+        self.last_recv = now;
+        let frame = Frame::decode(&plaintext)?;
+        match frame {
+            Frame::Keepalive => {}
+            Frame::Close => {
+                self.dead = true;
+                self.events.push_back(LinkEvent::Closed);
+            }
+            Frame::Request { id, body } => {
+                if let Some(answer) = self.answered.get(&id).cloned() {
+                    self.seal(now, &answer)?;
+                } else if self.in_progress.len() < self.config.max_in_flight * 4 && self.in_progress.insert(id) {
+                    self.events.push_back(LinkEvent::Request { id, body });
+                }
+                // else: still being worked on, or too many: the peer will retransmit.
+            }
+            Frame::Response { id, body } => {
+                if self.pending.remove(&id).is_some() {
+                    self.events.push_back(LinkEvent::Response { id, body });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs due timers: retransmissions, keepalive, idle expiry.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.dead {
+            return;
+        }
+        if now >= self.last_recv + self.config.idle_timeout {
+            self.dead = true;
+            self.events.push_back(LinkEvent::Dead);
+            return;
+        }
+        let due: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let Some(p) = self.pending.get_mut(&id) else { continue };
+            if p.attempts >= self.config.max_attempts {
+                self.pending.remove(&id);
+                self.events.push_back(LinkEvent::RequestFailed { id });
+                continue;
+            }
+            p.attempts += 1;
+            p.rto = (p.rto * 2).min(self.config.max_rto);
+            p.deadline = now + p.rto;
+            let plaintext = p.plaintext.clone();
+            let _ = self.seal(now, &plaintext);
+        }
+        if let Some(k) = self.config.keepalive {
+            if now >= self.last_send + k {
+                if let Ok(p) = Frame::Keepalive.encode() {
+                    let _ = self.seal(now, &p);
+                }
+            }
+        }
+    }
+
+    /// The earliest instant at which [`Link::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.dead {
+            return None;
+        }
+        let mut t = self.last_recv + self.config.idle_timeout;
+        if let Some(k) = self.config.keepalive {
+            t = t.min(self.last_send + k);
+        }
+        if let Some(p) = self.pending.values().map(|p| p.deadline).min() {
+            t = t.min(p);
+        }
+        Some(t)
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<LinkEvent> {
+        self.events.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{link_pair, link_pair_cfg, Net};
+    use peerline_wire::msg::Presence;
+
+    fn drain(l: &mut Link) -> Vec<LinkEvent> {
+        std::iter::from_fn(|| l.poll_event()).collect()
+    }
+
+    /// Delivers every datagram in flight from `a` to `b` through `net` (which may drop,
+    /// duplicate and reorder).
+    fn pump(net: &mut Net, now: Instant, a: &mut Link, b: &mut Link) {
+        for _ in 0..8 {
+            while let Some(t) = a.poll_transmit() {
+                net.send(now, a_addr(), t);
+            }
+            while let Some(t) = b.poll_transmit() {
+                net.send(now, b_addr(), t);
+            }
+            for (from, t) in net.deliver(now) {
+                let dst = if t.dst == b_addr() { &mut *b } else { &mut *a };
+                if let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&t.payload) {
+                    let _ = dst.handle_transport(now, from, counter, ciphertext);
+                }
+            }
+        }
+    }
+
+    fn a_addr() -> SocketAddr {
+        "10.0.0.1:1000".parse().unwrap()
+    }
+    fn b_addr() -> SocketAddr {
+        "10.0.0.2:2000".parse().unwrap()
+    }
+
+    #[test]
+    fn request_response_over_a_perfect_network() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
+        let mut net = Net::perfect(1);
+        let id = a.send_request(t0, Request::SetPresence(Presence::Away)).unwrap();
+        pump(&mut net, t0, &mut a, &mut b);
+        let ev = drain(&mut b);
+        assert_eq!(ev, vec![LinkEvent::Request { id, body: Request::SetPresence(Presence::Away) }]);
+        b.respond(t0, id, Response::Ok).unwrap();
+        pump(&mut net, t0, &mut a, &mut b);
+        assert_eq!(drain(&mut a), vec![LinkEvent::Response { id, body: Response::Ok }]);
+        assert_eq!(a.in_flight(), 0);
+    }
+
+    /// Under heavy loss, duplication and reordering every request is executed exactly once
+    /// and answered exactly once.
+    #[test]
+    fn lossy_network_each_request_once_each_answer_once() {
+        for seed in 0..20 {
+            let mut t = Instant::now();
+            // Enough attempts that giving up is not what this test is about.
+            let patient = LinkConfig { max_attempts: 30, ..LinkConfig::client() };
+            let (mut a, mut b) = link_pair_cfg(t, a_addr(), b_addr(), patient, LinkConfig::server());
+            let mut net = Net::lossy(seed, 0.3, 0.2, Duration::from_millis(80));
+            let mut sent = Vec::new();
+            for i in 0..10 {
+                sent.push(a.send_request(t, Request::ContactList { offset: i }).unwrap());
+            }
+            let mut executed = Vec::new();
+            let mut answered = Vec::new();
+            for _ in 0..1200 {
+                t += Duration::from_millis(50);
+                a.handle_timeout(t);
+                b.handle_timeout(t);
+                pump(&mut net, t, &mut a, &mut b);
+                for e in drain(&mut b) {
+                    if let LinkEvent::Request { id, .. } = e {
+                        executed.push(id);
+                        b.respond(t, id, Response::Ok).unwrap();
+                    }
+                }
+                for e in drain(&mut a) {
+                    match e {
+                        LinkEvent::Response { id, .. } => answered.push(id),
+                        other => panic!("seed {seed}: unexpected {other:?}"),
+                    }
+                }
+            }
+            executed.sort();
+            answered.sort();
+            assert_eq!(executed, sent, "seed {seed}: each request executed once");
+            assert_eq!(answered, sent, "seed {seed}: each answer delivered once");
+        }
+    }
+
+    #[test]
+    fn unanswered_request_fails_after_max_attempts() {
+        let mut t = Instant::now();
+        let (mut a, _b) = link_pair(t, a_addr(), b_addr());
+        let id = a.send_request(t, Request::RenewCert).unwrap();
+        let mut sends = 1;
+        let mut failed = false;
+        while !failed && t < Instant::now() + Duration::from_secs(60) {
+            t += Duration::from_millis(100);
+            a.handle_timeout(t);
+            while a.poll_transmit().is_some() {
+                sends += 1;
+            }
+            failed = drain(&mut a).contains(&LinkEvent::RequestFailed { id });
+        }
+        assert!(failed);
+        // Retransmissions plus keepalives; at least max_attempts transmissions of the request.
+        assert!(sends >= LinkConfig::client().max_attempts as usize);
+    }
+
+    #[test]
+    fn keepalive_every_25s_and_idle_expiry() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
+        assert_eq!(a.poll_timeout(), Some(t0 + KEEPALIVE));
+        a.handle_timeout(t0 + KEEPALIVE);
+        let k = a.poll_transmit().expect("keepalive sent");
+        let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&k.payload) else { panic!() };
+        b.handle_transport(t0 + KEEPALIVE, a_addr(), counter, ciphertext).unwrap();
+        assert!(drain(&mut b).is_empty(), "keepalive raises no event");
+        // The server side never sends keepalives; it expires after 90 s of silence.
+        let idle = t0 + KEEPALIVE + LinkConfig::server().idle_timeout;
+        b.handle_timeout(idle - Duration::from_millis(1));
+        assert!(!b.is_dead());
+        b.handle_timeout(idle);
+        assert_eq!(drain(&mut b), vec![LinkEvent::Dead]);
+    }
+
+    #[test]
+    fn replayed_packet_is_dropped() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
+        a.send_request(t0, Request::RenewCert).unwrap();
+        let p = a.poll_transmit().unwrap();
+        let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&p.payload) else { panic!() };
+        b.handle_transport(t0, a_addr(), counter, ciphertext).unwrap();
+        assert!(matches!(
+            b.handle_transport(t0, a_addr(), counter, ciphertext),
+            Err(LinkError::Noise(NoiseError::Replay(_)))
+        ));
+        assert_eq!(drain(&mut b).len(), 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! In-memory Store (tests and simulations).

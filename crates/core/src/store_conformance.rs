@@ -1,0 +1,1 @@
+//! Conformance tests every Store backend must pass.
