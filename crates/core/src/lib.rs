@@ -12,3 +12,8 @@ pub mod store_conformance;
 pub mod link;
 #[doc(hidden)]
 pub mod sim;
+pub mod clock;
+pub mod directory;
+pub mod ops;
+pub mod supernode;
+pub mod client;

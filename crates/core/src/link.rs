@@ -39,6 +39,8 @@ pub struct LinkConfig {
     pub max_in_flight: usize,
     /// Answers remembered for deduplication.
     pub answer_cache: usize,
+    /// Answer each keepalive with one (lets a client notice a vanished supernode).
+    pub echo_keepalive: bool,
 }
 
 impl LinkConfig {
@@ -52,6 +54,7 @@ impl LinkConfig {
             max_attempts: 6,
             max_in_flight: 64,
             answer_cache: 64,
+            echo_keepalive: false,
         }
     }
 
@@ -60,6 +63,7 @@ impl LinkConfig {
         LinkConfig {
             keepalive: None,
             idle_timeout: Duration::from_secs(90),
+            echo_keepalive: true,
             ..Self::client()
         }
     }
@@ -190,6 +194,11 @@ impl Link {
         self.local_index
     }
 
+    /// The other side's receiver index (what our packets carry).
+    pub fn remote_index(&self) -> u32 {
+        self.remote_index
+    }
+
     /// The address the other side was last heard from (follows NAT rebinding).
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote_addr
@@ -297,7 +306,12 @@ impl Link {
         self.last_recv = now;
         let frame = Frame::decode(&plaintext)?;
         match frame {
-            Frame::Keepalive => {}
+            Frame::Keepalive => {
+                if self.config.echo_keepalive {
+                    let p = Frame::Keepalive.encode()?;
+                    self.seal(now, &p)?;
+                }
+            }
             Frame::Close => {
                 self.dead = true;
                 self.events.push_back(LinkEvent::Closed);
@@ -505,6 +519,11 @@ mod tests {
         let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&k.payload) else { panic!() };
         b.handle_transport(t0 + KEEPALIVE, a_addr(), counter, ciphertext).unwrap();
         assert!(drain(&mut b).is_empty(), "keepalive raises no event");
+        // The server echoes it, so the client knows its supernode is alive.
+        let echo = b.poll_transmit().expect("keepalive echoed");
+        let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&echo.payload) else { panic!() };
+        a.handle_transport(t0 + KEEPALIVE, b_addr(), counter, ciphertext).unwrap();
+        assert!(a.poll_transmit().is_none(), "the client does not echo back");
         // The server side never sends keepalives; it expires after 90 s of silence.
         let idle = t0 + KEEPALIVE + LinkConfig::server().idle_timeout;
         b.handle_timeout(idle - Duration::from_millis(1));

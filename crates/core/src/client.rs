@@ -1,0 +1,1314 @@
+//! The client core: one device's session to its supernode, its direct peer sessions, and
+//! the commands a user gives, as a sans-IO state machine.
+//!
+//! Drive it with [`Client::handle_datagram`], [`Client::handle_timeout`] and
+//! [`Client::command`]; drain [`Client::poll_transmit`], [`Client::poll_event`] and
+//! [`Client::poll_timeout`]. Messages received arrive as [`ClientEvent::Message`] with a
+//! token; the driver saves them and calls [`Client::message_saved`], and only then is the
+//! sender (or the supernode's mailbox) told the message arrived.
+//!
+//! The client reconnects by itself when its supernode goes away (exponential backoff
+//! with jitter) and renews its certificate while online.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use peerline_crypto::noise::{Handshake, Responder};
+use peerline_crypto::{Certificate, DeviceKeys};
+use peerline_wire::msg::{
+    ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome, MAX_CANDIDATES,
+};
+use peerline_wire::packet::Packet;
+use peerline_wire::{Username, PROTOCOL_VERSION};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::clock::WallClock;
+use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
+
+/// How the client reaches its supernode and what it trusts.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Supernode address.
+    pub server: SocketAddr,
+    /// Supernode Noise static key (from the bootstrap entry).
+    pub server_key: [u8; 32],
+    /// Authority Ed25519 key that signs certificates.
+    pub authority: [u8; 32],
+    /// Wait for a handshake response this long before retrying.
+    pub handshake_timeout: Duration,
+    /// Longest pause between reconnection attempts.
+    pub max_backoff: Duration,
+    /// Commands given while offline fail after this long.
+    pub command_timeout: Duration,
+    /// Give up on a direct path after this long and use the supernode's mailbox.
+    pub dial_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Defaults for a supernode at `server` with key `server_key` and `authority`.
+    pub fn new(server: SocketAddr, server_key: [u8; 32], authority: [u8; 32]) -> Self {
+        ClientConfig {
+            server,
+            server_key,
+            authority,
+            handshake_timeout: Duration::from_millis(1000),
+            max_backoff: Duration::from_secs(8),
+            command_timeout: Duration::from_secs(10),
+            dial_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Identifies a command given to the client.
+pub type CommandId = u64;
+
+/// Something the user asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Create an account with this device.
+    Register {
+        /// Name.
+        username: Username,
+        /// Password.
+        password: String,
+    },
+    /// Enrol this device into an existing account.
+    Enroll {
+        /// Name.
+        username: Username,
+        /// Password.
+        password: String,
+    },
+    /// Change presence.
+    SetPresence(Presence),
+    /// Send a contact request.
+    ContactAdd {
+        /// Whom.
+        user: Username,
+        /// Note.
+        note: String,
+    },
+    /// Answer a contact request or block.
+    ContactReply {
+        /// Whom.
+        user: Username,
+        /// Answer.
+        action: ContactAction,
+    },
+    /// Remove a contact.
+    ContactRemove {
+        /// Whom.
+        user: Username,
+    },
+    /// The whole contact list.
+    ContactList,
+    /// Prefix search.
+    Search {
+        /// Prefix.
+        prefix: String,
+    },
+    /// Send a chat message: directly if the contact is online, else to their mailbox.
+    SendMessage {
+        /// Recipient.
+        to: Username,
+        /// Text.
+        text: String,
+    },
+}
+
+/// How a message travelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Via {
+    /// Over a direct peer session.
+    Direct,
+    /// Over a relayed peer session.
+    Relay,
+    /// Through the supernode's offline mailbox.
+    Offline,
+}
+
+impl Via {
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Direct => "direct",
+            Via::Relay => "relay",
+            Via::Offline => "offline",
+        }
+    }
+}
+
+/// Outcome of a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommandResult {
+    /// Done.
+    Ok,
+    /// Contact list.
+    Contacts(Vec<ContactEntry>),
+    /// Search results.
+    Users(Vec<Username>),
+    /// Message delivered to the peer or durably queued.
+    Sent {
+        /// Path taken.
+        via: Via,
+        /// Message id.
+        msg_id: u64,
+        /// Time written (unix ms).
+        sent_at: u64,
+    },
+    /// Failed.
+    Error {
+        /// Code.
+        code: ErrorCode,
+        /// One line for the user.
+        detail: String,
+    },
+}
+
+impl CommandResult {
+    fn error(code: ErrorCode, detail: impl Into<String>) -> Self {
+        CommandResult::Error {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Something the driver must act on or show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Logged in to the supernode.
+    Online,
+    /// Lost the supernode (reconnecting by itself).
+    Offline {
+        /// Why.
+        reason: String,
+    },
+    /// A new certificate: save it.
+    Certificate(Vec<u8>),
+    /// A command finished.
+    CommandDone {
+        /// Which.
+        id: CommandId,
+        /// How.
+        result: CommandResult,
+    },
+    /// A message arrived: save it, then call [`Client::message_saved`] with `token`.
+    Message {
+        /// Acknowledgement token.
+        token: u64,
+        /// Sender.
+        from: Username,
+        /// Sender's id for it (deduplicate on `(from, msg_id)`).
+        msg_id: u64,
+        /// Sender's clock (unix ms).
+        sent_at: u64,
+        /// Text.
+        text: String,
+        /// Path.
+        via: Via,
+    },
+    /// A contact relationship changed.
+    Contact {
+        /// Who.
+        user: Username,
+        /// New state.
+        state: ContactState,
+        /// Request note.
+        note: String,
+    },
+    /// A contact's presence changed.
+    Presence {
+        /// Who.
+        user: Username,
+        /// Now.
+        presence: Presence,
+    },
+}
+
+/// Connection state towards the supernode.
+#[derive(Debug)]
+enum Server {
+    Offline { retry_at: Instant, attempt: u32 },
+    Handshaking { hs: Handshake, index: u32, deadline: Instant, attempt: u32 },
+    Up { link: Box<Link>, authed: bool },
+}
+
+/// What a supernode request of ours was for.
+#[derive(Debug)]
+enum ServerReq {
+    Command(CommandId),
+    ContactPage(CommandId),
+    Connect(Username),
+    Store(CommandId),
+    Renew,
+    Presence,
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    id: CommandId,
+    to: Username,
+    msg_id: u64,
+    sent_at: u64,
+    text: String,
+}
+
+#[derive(Debug)]
+struct Dial {
+    user: Username,
+    hs: Handshake,
+    packet: Vec<u8>,
+    candidates: Vec<SocketAddr>,
+    next_send: Instant,
+    deadline: Instant,
+}
+
+#[derive(Debug)]
+struct Peer {
+    user: Username,
+    link: Link,
+}
+
+#[derive(Debug)]
+enum Ack {
+    Server(u64),
+    Peer(u32, u64),
+}
+
+/// The client state machine.
+pub struct Client {
+    cfg: ClientConfig,
+    keys: DeviceKeys,
+    cert: Option<Certificate>,
+    clock: WallClock,
+    rng: ChaCha20Rng,
+    server: Server,
+    presence: Presence,
+    local_candidates: Vec<SocketAddr>,
+    next_command: CommandId,
+    /// Commands waiting for the session to be up, with their deadline.
+    queued: VecDeque<(CommandId, Command, Instant)>,
+    server_reqs: HashMap<u64, ServerReq>,
+    contact_pages: HashMap<CommandId, Vec<ContactEntry>>,
+    /// Messages waiting for a direct session (or the mailbox) per recipient.
+    outbox: HashMap<Username, Vec<Outgoing>>,
+    dials: HashMap<u32, Dial>,
+    peers: HashMap<u32, Peer>,
+    peer_by_user: HashMap<Username, u32>,
+    peer_reqs: HashMap<(u32, u64), Outgoing>,
+    /// Noise keys of contacts whose connection we agreed to, with expiry.
+    expected: HashMap<[u8; 32], (Username, Instant)>,
+    acks: HashMap<u64, Ack>,
+    next_ack: u64,
+    /// Mailbox submissions in flight: command -> (msg_id, sent_at).
+    pending_store: HashMap<CommandId, (u64, u64)>,
+    renew_after: Option<Instant>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<ClientEvent>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client(online={})", self.is_online())
+    }
+}
+
+fn err_result(body: &Response) -> Option<CommandResult> {
+    match body {
+        Response::Error { code, detail } => Some(CommandResult::error(*code, detail.clone())),
+        _ => None,
+    }
+}
+
+impl Client {
+    /// A client with its device keys and (if enrolled) its certificate bytes.
+    ///
+    /// A certificate that does not verify against the configured authority is ignored
+    /// (the device must enrol again).
+    pub fn new(
+        cfg: ClientConfig,
+        keys: DeviceKeys,
+        cert: Option<&[u8]>,
+        seed: [u8; 32],
+        clock: WallClock,
+        now: Instant,
+    ) -> Self {
+        let cert = cert.and_then(|b| Certificate::verify(b, &cfg.authority).ok());
+        Client {
+            cfg,
+            keys,
+            cert,
+            clock,
+            rng: ChaCha20Rng::from_seed(seed),
+            server: Server::Offline {
+                retry_at: now,
+                attempt: 0,
+            },
+            presence: Presence::Online,
+            local_candidates: Vec::new(),
+            next_command: 1,
+            queued: VecDeque::new(),
+            server_reqs: HashMap::new(),
+            contact_pages: HashMap::new(),
+            outbox: HashMap::new(),
+            dials: HashMap::new(),
+            peers: HashMap::new(),
+            peer_by_user: HashMap::new(),
+            peer_reqs: HashMap::new(),
+            expected: HashMap::new(),
+            acks: HashMap::new(),
+            next_ack: 1,
+            pending_store: HashMap::new(),
+            renew_after: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// Whether the session to the supernode is up and authenticated.
+    pub fn is_online(&self) -> bool {
+        matches!(self.server, Server::Up { authed: true, .. })
+    }
+
+    /// The certified username, once enrolled.
+    pub fn username(&self) -> Option<&Username> {
+        self.cert.as_ref().map(|c| c.username())
+    }
+
+    /// The current certificate.
+    pub fn certificate(&self) -> Option<&Certificate> {
+        self.cert.as_ref()
+    }
+
+    /// The presence the user chose.
+    pub fn presence(&self) -> Presence {
+        self.presence
+    }
+
+    /// Sets the addresses this device can be reached at directly (for connection setup).
+    pub fn set_local_candidates(&mut self, c: Vec<SocketAddr>) {
+        self.local_candidates = c;
+        self.local_candidates.truncate(MAX_CANDIDATES - 1);
+    }
+
+    /// Users with a direct session up.
+    pub fn direct_peers(&self) -> Vec<Username> {
+        self.peers.values().map(|p| p.user.clone()).collect()
+    }
+
+    fn unix_ms(&self, now: Instant) -> u64 {
+        self.clock.unix_ms(now)
+    }
+
+    fn seed(&mut self) -> [u8; 32] {
+        let mut s = [0u8; 32];
+        self.rng.fill_bytes(&mut s);
+        s
+    }
+
+    fn index(&mut self) -> u32 {
+        loop {
+            let i = self.rng.next_u32();
+            if i != 0 && !self.peers.contains_key(&i) && !self.dials.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    // ----- supernode session -----
+
+    fn start_handshake(&mut self, now: Instant, attempt: u32) {
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            unix_ms: self.unix_ms(now),
+            cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
+        };
+        let seed = self.seed();
+        let index = self.index();
+        let started = hello
+            .encode()
+            .ok()
+            .and_then(|p| Handshake::initiate(&self.keys.noise_private(), &self.cfg.server_key, seed, &p).ok());
+        let Some((hs, msg1)) = started else {
+            self.server = Server::Offline {
+                retry_at: now + self.cfg.max_backoff,
+                attempt: attempt + 1,
+            };
+            return;
+        };
+        let mut out = Vec::with_capacity(msg1.len() + 8);
+        Packet::HandshakeInit {
+            sender: index,
+            noise: &msg1,
+        }
+        .encode(&mut out);
+        self.transmits.push_back(Transmit {
+            dst: self.cfg.server,
+            payload: out,
+        });
+        self.server = Server::Handshaking {
+            hs,
+            index,
+            deadline: now + self.cfg.handshake_timeout,
+            attempt,
+        };
+    }
+
+    fn backoff(&mut self, attempt: u32) -> Duration {
+        let base = Duration::from_millis(250).saturating_mul(1u32 << attempt.min(8));
+        let cap = base.min(self.cfg.max_backoff);
+        // Full jitter in [cap/2, cap]: a restarted supernode is not hit by every client at once.
+        let j = 0.5 + (self.rng.next_u32() as f64 / u32::MAX as f64) * 0.5;
+        cap.mul_f64(j)
+    }
+
+    fn go_offline(&mut self, now: Instant, reason: &str, attempt: u32) {
+        let was_online = self.is_online();
+        let delay = self.backoff(attempt);
+        self.server = Server::Offline {
+            retry_at: now + delay,
+            attempt: attempt + 1,
+        };
+        // Requests in flight on the dead session: fail or requeue what they were for.
+        for (_, r) in std::mem::take(&mut self.server_reqs) {
+            match r {
+                ServerReq::Command(id) | ServerReq::ContactPage(id) | ServerReq::Store(id) => {
+                    self.contact_pages.remove(&id);
+                    self.done(id, CommandResult::error(ErrorCode::Unavailable, "lost the supernode; try again"));
+                }
+                ServerReq::Connect(user) => self.fail_outbox(&user, "lost the supernode; try again"),
+                ServerReq::Renew | ServerReq::Presence => {}
+            }
+        }
+        if was_online {
+            tracing::info!(reason, "offline; reconnecting");
+            self.events.push_back(ClientEvent::Offline {
+                reason: reason.to_string(),
+            });
+        }
+    }
+
+    fn on_server_up(&mut self, now: Instant) {
+        let Server::Up { link, authed } = &mut self.server else { return };
+        let needs_renewal = self
+            .cert
+            .as_ref()
+            .is_some_and(|c| c.check_time(self.clock.unix_s(now)).is_err());
+        if self.cert.is_none() {
+            // Registration or enrolment session: only those commands run.
+            *authed = false;
+        } else if needs_renewal {
+            *authed = false;
+            if let Ok(id) = link.send_request(now, Request::RenewCert) {
+                self.server_reqs.insert(id, ServerReq::Renew);
+            }
+        } else {
+            *authed = true;
+            self.became_online(now);
+        }
+        self.run_queued(now);
+    }
+
+    fn became_online(&mut self, now: Instant) {
+        tracing::info!("online");
+        self.events.push_back(ClientEvent::Online);
+        self.schedule_renewal(now);
+        if self.presence != Presence::Online {
+            let p = self.presence;
+            if let Server::Up { link, .. } = &mut self.server {
+                if let Ok(id) = link.send_request(now, Request::SetPresence(p)) {
+                    self.server_reqs.insert(id, ServerReq::Presence);
+                }
+            }
+        }
+    }
+
+    fn schedule_renewal(&mut self, now: Instant) {
+        self.renew_after = self.cert.as_ref().map(|c| {
+            let unix = self.clock.unix_s(now);
+            let half = c.lifetime() / 2;
+            let wait = c.remaining(unix).saturating_sub(half);
+            now + Duration::from_secs(wait)
+        });
+    }
+
+    /// Starts connecting (or reconnects at once if offline).
+    pub fn connect(&mut self, now: Instant) {
+        if let Server::Offline { attempt, .. } = self.server {
+            self.start_handshake(now, attempt);
+        }
+    }
+
+    // ----- commands -----
+
+    /// Gives a command; its result arrives as [`ClientEvent::CommandDone`] with this id.
+    pub fn command(&mut self, now: Instant, cmd: Command) -> CommandId {
+        let id = self.next_command;
+        self.next_command += 1;
+        if let Command::SetPresence(p) = cmd {
+            if p == Presence::Offline {
+                self.done(id, CommandResult::error(ErrorCode::BadRequest, "use `down` to go offline"));
+                return id;
+            }
+            self.presence = p;
+        }
+        self.queued.push_back((id, cmd, now + self.cfg.command_timeout));
+        self.run_queued(now);
+        id
+    }
+
+    fn done(&mut self, id: CommandId, result: CommandResult) {
+        self.events.push_back(ClientEvent::CommandDone { id, result });
+    }
+
+    fn run_queued(&mut self, now: Instant) {
+        let (up, authed) = match &self.server {
+            Server::Up { authed, .. } => (true, *authed),
+            _ => (false, false),
+        };
+        if !up {
+            if matches!(self.server, Server::Offline { .. }) && !self.queued.is_empty() {
+                // A command is a reason to try now rather than wait out the backoff.
+                self.connect(now);
+            }
+            return;
+        }
+        let mut keep = VecDeque::new();
+        while let Some((id, cmd, deadline)) = self.queued.pop_front() {
+            let enrolment = matches!(cmd, Command::Register { .. } | Command::Enroll { .. });
+            if enrolment && self.cert.is_some() {
+                self.done(id, CommandResult::error(ErrorCode::BadRequest, "this device is already enrolled"));
+            } else if enrolment || authed {
+                self.run(now, id, cmd);
+            } else {
+                keep.push_back((id, cmd, deadline));
+            }
+        }
+        self.queued = keep;
+    }
+
+    fn server_request(&mut self, now: Instant, body: Request, purpose: ServerReq) -> Result<(), CommandResult> {
+        let Server::Up { link, .. } = &mut self.server else {
+            return Err(CommandResult::error(ErrorCode::Unavailable, "not connected to the supernode"));
+        };
+        match link.send_request(now, body) {
+            Ok(rid) => {
+                self.server_reqs.insert(rid, purpose);
+                Ok(())
+            }
+            Err(e) => Err(CommandResult::error(ErrorCode::Unavailable, e.to_string())),
+        }
+    }
+
+    fn run(&mut self, now: Instant, id: CommandId, cmd: Command) {
+        let sign_key = self.keys.sign_public();
+        let body = match cmd {
+            Command::Register { username, password } => Request::Register {
+                username,
+                password,
+                sign_key,
+            },
+            Command::Enroll { username, password } => Request::Enroll {
+                username,
+                password,
+                sign_key,
+            },
+            Command::SetPresence(p) => Request::SetPresence(p),
+            Command::ContactAdd { user, note } => Request::ContactAdd { user, note },
+            Command::ContactReply { user, action } => Request::ContactReply { user, action },
+            Command::ContactRemove { user } => Request::ContactRemove { user },
+            Command::ContactList => {
+                self.contact_pages.insert(id, Vec::new());
+                if let Err(e) = self.server_request(now, Request::ContactList { offset: 0 }, ServerReq::ContactPage(id)) {
+                    self.contact_pages.remove(&id);
+                    self.done(id, e);
+                }
+                return;
+            }
+            Command::Search { prefix } => Request::Search { prefix },
+            Command::SendMessage { to, text } => {
+                let mut b = [0u8; 8];
+                self.rng.fill_bytes(&mut b);
+                let out = Outgoing {
+                    id,
+                    to: to.clone(),
+                    msg_id: u64::from_le_bytes(b),
+                    sent_at: self.unix_ms(now),
+                    text,
+                };
+                return self.send_message(now, out);
+            }
+        };
+        if let Err(e) = self.server_request(now, body, ServerReq::Command(id)) {
+            self.done(id, e);
+        }
+    }
+
+    fn send_message(&mut self, now: Instant, out: Outgoing) {
+        if self.username() == Some(&out.to) {
+            return self.done(out.id, CommandResult::error(ErrorCode::BadRequest, "you cannot message yourself"));
+        }
+        if let Some(&pi) = self.peer_by_user.get(&out.to) {
+            if let Some(p) = self.peers.get_mut(&pi) {
+                let body = Request::Chat {
+                    msg_id: out.msg_id,
+                    sent_at: out.sent_at,
+                    text: out.text.clone(),
+                };
+                if let Ok(rid) = p.link.send_request(now, body) {
+                    self.peer_reqs.insert((pi, rid), out);
+                    return;
+                }
+            }
+        }
+        let to = out.to.clone();
+        let dialing = self.outbox.contains_key(&to);
+        self.outbox.entry(to.clone()).or_default().push(out);
+        if !dialing {
+            let candidates = self.local_candidates.clone();
+            let body = Request::Connect { user: to.clone(), candidates };
+            if let Err(CommandResult::Error { detail, .. }) = self.server_request(now, body, ServerReq::Connect(to.clone())) {
+                self.fail_outbox(&to, &detail);
+            }
+        }
+    }
+
+    fn fail_outbox(&mut self, user: &Username, detail: &str) {
+        for o in self.outbox.remove(user).unwrap_or_default() {
+            self.done(o.id, CommandResult::error(ErrorCode::Unavailable, detail.to_string()));
+        }
+    }
+
+    /// Sends everything waiting for `user` to the supernode's mailbox.
+    fn store_outbox(&mut self, now: Instant, user: &Username) {
+        for o in self.outbox.remove(user).unwrap_or_default() {
+            self.store_one(now, o);
+        }
+    }
+
+    fn store_one(&mut self, now: Instant, o: Outgoing) {
+        let body = Request::StoreMessage {
+            to: o.to.clone(),
+            msg_id: o.msg_id,
+            sent_at: o.sent_at,
+            text: o.text.clone(),
+        };
+        let id = o.id;
+        if let Err(e) = self.server_request(now, body, ServerReq::Store(id)) {
+            self.done(id, e);
+        } else {
+            self.pending_store.insert(id, (o.msg_id, o.sent_at));
+        }
+    }
+
+    /// Confirms that the message with `token` was saved; acknowledges it to its sender.
+    pub fn message_saved(&mut self, now: Instant, token: u64) {
+        match self.acks.remove(&token) {
+            Some(Ack::Server(rid)) => {
+                if let Server::Up { link, .. } = &mut self.server {
+                    let _ = link.respond(now, rid, Response::Ok);
+                }
+            }
+            Some(Ack::Peer(pi, rid)) => {
+                if let Some(p) = self.peers.get_mut(&pi) {
+                    let _ = p.link.respond(now, rid, Response::Ok);
+                }
+            }
+            None => {}
+        }
+        self.flush_links();
+    }
+
+    /// Closes every session (best effort) before the agent exits.
+    pub fn shutdown(&mut self, now: Instant) {
+        if let Server::Up { link, .. } = &mut self.server {
+            link.close(now);
+        }
+        for p in self.peers.values_mut() {
+            p.link.close(now);
+        }
+        self.flush_links();
+    }
+
+    // ----- input -----
+
+    /// Handles a datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        match Packet::decode(bytes) {
+            Ok(Packet::HandshakeResponse { sender, receiver, noise }) => self.on_handshake_response(now, from, sender, receiver, noise),
+            Ok(Packet::HandshakeInit { sender, noise }) => self.on_peer_handshake(now, from, sender, noise),
+            Ok(Packet::Transport {
+                receiver,
+                counter,
+                ciphertext,
+            }) => {
+                if let Server::Up { link, .. } = &mut self.server {
+                    if link.local_index() == receiver {
+                        let _ = link.handle_transport(now, from, counter, ciphertext);
+                        return self.process(now);
+                    }
+                }
+                if let Some(p) = self.peers.get_mut(&receiver) {
+                    let _ = p.link.handle_transport(now, from, counter, ciphertext);
+                    self.process(now);
+                }
+            }
+            Ok(Packet::Reset { receiver }) => {
+                // The supernode lost our session (it restarted): log in again now.
+                let ours = match &self.server {
+                    Server::Up { link, .. } => link.remote_index() == receiver && from == self.cfg.server,
+                    _ => false,
+                };
+                if ours {
+                    self.go_offline(now, "the supernode restarted", 0);
+                    self.start_handshake(now, 0);
+                }
+            }
+            Ok(Packet::Stun(_)) | Err(_) => {}
+        }
+    }
+
+    fn on_handshake_response(&mut self, now: Instant, from: SocketAddr, sender: u32, receiver: u32, noise: &[u8]) {
+        if let Server::Handshaking { index, .. } = &self.server {
+            if *index == receiver && from == self.cfg.server {
+                let Server::Handshaking { hs, index, attempt, .. } =
+                    std::mem::replace(&mut self.server, Server::Offline { retry_at: now, attempt: 0 })
+                else {
+                    return;
+                };
+                match hs.finish(noise) {
+                    Ok((transport, payload)) => {
+                        if Welcome::decode(&payload).is_err() {
+                            return self.go_offline(now, "bad welcome from supernode", attempt);
+                        }
+                        let link = Link::new(LinkConfig::client(), transport, index, sender, from, now);
+                        self.server = Server::Up {
+                            link: Box::new(link),
+                            authed: false,
+                        };
+                        self.on_server_up(now);
+                        self.process(now);
+                    }
+                    Err(_) => self.go_offline(now, "supernode handshake failed (wrong supernode key?)", attempt),
+                }
+                return;
+            }
+        }
+        if self.dials.contains_key(&receiver) {
+            let Some(d) = self.dials.remove(&receiver) else { return };
+            match d.hs.finish(noise) {
+                Ok((transport, payload)) => {
+                    if Welcome::decode(&payload).is_err() {
+                        return self.store_outbox(now, &d.user);
+                    }
+                    let link = Link::new(LinkConfig::peer(), transport, receiver, sender, from, now);
+                    self.add_peer(now, receiver, d.user.clone(), link);
+                    let waiting = self.outbox.remove(&d.user).unwrap_or_default();
+                    for o in waiting {
+                        self.send_message(now, o);
+                    }
+                    self.process(now);
+                }
+                Err(_) => self.store_outbox(now, &d.user),
+            }
+        }
+    }
+
+    fn add_peer(&mut self, now: Instant, index: u32, user: Username, link: Link) {
+        if let Some(old) = self.peer_by_user.insert(user.clone(), index) {
+            if let Some(mut p) = self.peers.remove(&old) {
+                p.link.close(now);
+                while let Some(t) = p.link.poll_transmit() {
+                    self.transmits.push_back(t);
+                }
+            }
+        }
+        tracing::debug!(peer = %user, "direct session up");
+        self.peers.insert(index, Peer { user, link });
+    }
+
+    fn on_peer_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+        let Some(my_cert) = self.cert.as_ref().map(|c| c.as_bytes().to_vec()) else { return };
+        let seed = self.seed();
+        let Ok(r) = Responder::read(&self.keys.noise_private(), seed, noise) else { return };
+        // Only a contact whose connection setup we agreed to may open a session.
+        let Some((user, until)) = self.expected.get(&r.remote_static).cloned() else { return };
+        if now > until {
+            return;
+        }
+        let Ok(hello) = Hello::decode(&r.payload) else { return };
+        let unix = self.clock.unix_s(now);
+        let cert_ok = hello
+            .cert
+            .as_deref()
+            .and_then(|b| Certificate::verify(b, &self.cfg.authority).ok())
+            .is_some_and(|c| c.username() == &user && c.check_for(&r.remote_static, unix).is_ok());
+        if !cert_ok {
+            return;
+        }
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            unix_ms: self.unix_ms(now),
+            cert: Some(my_cert),
+        };
+        let Ok(payload) = welcome.encode() else { return };
+        let Ok((transport, msg2)) = r.accept(&payload) else { return };
+        let index = self.index();
+        let mut out = Vec::new();
+        Packet::HandshakeResponse {
+            sender: index,
+            receiver: sender,
+            noise: &msg2,
+        }
+        .encode(&mut out);
+        self.transmits.push_back(Transmit { dst: from, payload: out });
+        let link = Link::new(LinkConfig::peer(), transport, index, sender, from, now);
+        self.add_peer(now, index, user, link);
+    }
+
+    fn flush_links(&mut self) {
+        if let Server::Up { link, .. } = &mut self.server {
+            while let Some(t) = link.poll_transmit() {
+                self.transmits.push_back(t);
+            }
+        }
+        for p in self.peers.values_mut() {
+            while let Some(t) = p.link.poll_transmit() {
+                self.transmits.push_back(t);
+            }
+        }
+    }
+
+    /// Drains link events until quiet.
+    fn process(&mut self, now: Instant) {
+        for _ in 0..64 {
+            let mut any = false;
+            let server_event = match &mut self.server {
+                Server::Up { link, .. } => link.poll_event(),
+                _ => None,
+            };
+            if let Some(e) = server_event {
+                any = true;
+                self.on_server_event(now, e);
+            }
+            let peer_events: Vec<(u32, LinkEvent)> = self
+                .peers
+                .iter_mut()
+                .filter_map(|(i, p)| p.link.poll_event().map(|e| (*i, e)))
+                .collect();
+            for (i, e) in peer_events {
+                any = true;
+                self.on_peer_event(now, i, e);
+            }
+            if !any {
+                break;
+            }
+        }
+        self.flush_links();
+    }
+
+    fn on_server_event(&mut self, now: Instant, e: LinkEvent) {
+        match e {
+            LinkEvent::Request { id, body } => self.on_server_push(now, id, body),
+            LinkEvent::Response { id, body } => {
+                if let Some(purpose) = self.server_reqs.remove(&id) {
+                    self.on_server_response(now, purpose, Some(body));
+                }
+            }
+            LinkEvent::RequestFailed { id } => {
+                self.server_reqs.remove(&id);
+                self.go_offline(now, "the supernode stopped answering", 0);
+                self.start_handshake(now, 0);
+            }
+            LinkEvent::Dead => {
+                self.go_offline(now, "no answer from the supernode", 0);
+            }
+            LinkEvent::Closed => {
+                self.go_offline(now, "the supernode closed the session", 1);
+            }
+        }
+    }
+
+    fn on_server_response(&mut self, now: Instant, purpose: ServerReq, body: Option<Response>) {
+        let Some(body) = body else { return };
+        match purpose {
+            ServerReq::Command(id) => {
+                let result = match body {
+                    Response::Certificate(bytes) => match Certificate::verify(&bytes, &self.cfg.authority) {
+                        Ok(c) if c.repr().noise_key == self.keys.noise_public() => {
+                            self.cert = Some(c);
+                            self.events.push_back(ClientEvent::Certificate(bytes));
+                            if let Server::Up { authed, .. } = &mut self.server {
+                                *authed = true;
+                            }
+                            self.became_online(now);
+                            self.run_queued(now);
+                            CommandResult::Ok
+                        }
+                        _ => CommandResult::error(ErrorCode::BadCertificate, "the supernode sent a certificate that does not verify"),
+                    },
+                    Response::SearchResults { users } => CommandResult::Users(users),
+                    Response::Error { code, detail } => CommandResult::Error { code, detail },
+                    _ => CommandResult::Ok,
+                };
+                self.done(id, result);
+            }
+            ServerReq::ContactPage(id) => match body {
+                Response::Contacts { entries, more } => {
+                    let page = self.contact_pages.entry(id).or_default();
+                    page.extend(entries);
+                    let offset = page.len() as u32;
+                    if more && offset < 100_000 {
+                        if let Err(e) = self.server_request(now, Request::ContactList { offset }, ServerReq::ContactPage(id)) {
+                            self.contact_pages.remove(&id);
+                            self.done(id, e);
+                        }
+                    } else {
+                        let all = self.contact_pages.remove(&id).unwrap_or_default();
+                        self.done(id, CommandResult::Contacts(all));
+                    }
+                }
+                other => {
+                    self.contact_pages.remove(&id);
+                    let r = err_result(&other).unwrap_or(CommandResult::error(ErrorCode::Internal, "unexpected answer"));
+                    self.done(id, r);
+                }
+            },
+            ServerReq::Connect(user) => match body {
+                Response::ConnectAccepted { cert, candidates } => self.dial(now, user, &cert, candidates),
+                Response::Error {
+                    code: ErrorCode::Offline | ErrorCode::Declined,
+                    ..
+                } => self.store_outbox(now, &user),
+                Response::Error { code, detail } => {
+                    for o in self.outbox.remove(&user).unwrap_or_default() {
+                        self.done(o.id, CommandResult::error(code, detail.clone()));
+                    }
+                }
+                _ => self.store_outbox(now, &user),
+            },
+            ServerReq::Store(id) => {
+                let (msg_id, sent_at) = self.pending_store.remove(&id).unwrap_or((0, 0));
+                let r = match body {
+                    Response::Ok => CommandResult::Sent {
+                        via: Via::Offline,
+                        msg_id,
+                        sent_at,
+                    },
+                    other => err_result(&other).unwrap_or(CommandResult::error(ErrorCode::Internal, "unexpected answer")),
+                };
+                self.done(id, r);
+            }
+            ServerReq::Renew => match body {
+                Response::Certificate(bytes) => match Certificate::verify(&bytes, &self.cfg.authority) {
+                    Ok(c) if c.repr().noise_key == self.keys.noise_public() => {
+                        self.cert = Some(c);
+                        self.events.push_back(ClientEvent::Certificate(bytes));
+                        let was = matches!(self.server, Server::Up { authed: true, .. });
+                        if let Server::Up { authed, .. } = &mut self.server {
+                            *authed = true;
+                        }
+                        if was {
+                            self.schedule_renewal(now);
+                        } else {
+                            self.became_online(now);
+                            self.run_queued(now);
+                        }
+                    }
+                    _ => tracing::warn!("renewed certificate does not verify"),
+                },
+                Response::Error { detail, .. } => {
+                    tracing::warn!(%detail, "certificate renewal refused");
+                    self.renew_after = Some(now + Duration::from_secs(600));
+                }
+                _ => {}
+            },
+            ServerReq::Presence => {}
+        }
+    }
+
+    fn dial(&mut self, now: Instant, user: Username, cert: &[u8], candidates: Vec<SocketAddr>) {
+        let unix = self.clock.unix_s(now);
+        let cert = match Certificate::verify(cert, &self.cfg.authority) {
+            Ok(c) if c.username() == &user && c.check_time(unix).is_ok() => c,
+            _ => {
+                tracing::warn!(peer = %user, "contact's certificate does not verify; using the mailbox");
+                return self.store_outbox(now, &user);
+            }
+        };
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            unix_ms: self.unix_ms(now),
+            cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
+        };
+        let seed = self.seed();
+        let Some((hs, msg1)) = hello
+            .encode()
+            .ok()
+            .and_then(|p| Handshake::initiate(&self.keys.noise_private(), &cert.repr().noise_key, seed, &p).ok())
+        else {
+            return self.store_outbox(now, &user);
+        };
+        let index = self.index();
+        let mut packet = Vec::new();
+        Packet::HandshakeInit {
+            sender: index,
+            noise: &msg1,
+        }
+        .encode(&mut packet);
+        let mut cands = candidates;
+        cands.dedup();
+        let d = Dial {
+            user,
+            hs,
+            packet,
+            candidates: cands,
+            next_send: now,
+            deadline: now + self.cfg.dial_timeout,
+        };
+        self.dials.insert(index, d);
+        self.dial_tick(now);
+    }
+
+    /// Sends due handshake probes to every candidate; gives up on expired dials.
+    fn dial_tick(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for (i, d) in self.dials.iter_mut() {
+            if now >= d.deadline {
+                expired.push(*i);
+                continue;
+            }
+            if now >= d.next_send {
+                for c in &d.candidates {
+                    self.transmits.push_back(Transmit {
+                        dst: *c,
+                        payload: d.packet.clone(),
+                    });
+                }
+                d.next_send = now + Duration::from_millis(500);
+            }
+        }
+        for i in expired {
+            if let Some(d) = self.dials.remove(&i) {
+                tracing::debug!(peer = %d.user, "no direct path; using the mailbox");
+                self.store_outbox(now, &d.user);
+            }
+        }
+    }
+
+    fn on_server_push(&mut self, now: Instant, id: u64, body: Request) {
+        let Server::Up { link, .. } = &mut self.server else { return };
+        match body {
+            Request::ContactEvent { user, state, note } => {
+                let _ = link.respond(now, id, Response::Ok);
+                if state != ContactState::Accepted {
+                    if let Some(pi) = self.peer_by_user.remove(&user) {
+                        if let Some(mut p) = self.peers.remove(&pi) {
+                            p.link.close(now);
+                            while let Some(t) = p.link.poll_transmit() {
+                                self.transmits.push_back(t);
+                            }
+                        }
+                    }
+                }
+                self.events.push_back(ClientEvent::Contact { user, state, note });
+            }
+            Request::PresenceEvent { user, presence } => {
+                let _ = link.respond(now, id, Response::Ok);
+                self.events.push_back(ClientEvent::Presence { user, presence });
+            }
+            Request::IncomingConnect { user, cert, candidates: _ } => {
+                let unix = self.clock.unix_s(now);
+                match Certificate::verify(&cert, &self.cfg.authority) {
+                    Ok(c) if c.username() == &user && c.check_time(unix).is_ok() => {
+                        self.expected.retain(|_, (_, t)| *t > now);
+                        self.expected
+                            .insert(c.repr().noise_key, (user, now + Duration::from_secs(30)));
+                        let candidates = self.local_candidates.clone();
+                        let _ = link.respond(now, id, Response::ConnectAnswer { candidates });
+                    }
+                    _ => {
+                        let _ = link.respond(now, id, Response::error(ErrorCode::BadCertificate, "caller certificate invalid"));
+                    }
+                }
+            }
+            Request::Deliver {
+                id: _,
+                from,
+                msg_id,
+                sent_at,
+                text,
+            } => {
+                let token = self.next_ack;
+                self.next_ack += 1;
+                self.acks.insert(token, Ack::Server(id));
+                self.events.push_back(ClientEvent::Message {
+                    token,
+                    from,
+                    msg_id,
+                    sent_at,
+                    text,
+                    via: Via::Offline,
+                });
+            }
+            _ => {
+                let _ = link.respond(now, id, Response::error(ErrorCode::BadRequest, "not a push a client accepts"));
+            }
+        }
+    }
+
+    fn on_peer_event(&mut self, now: Instant, index: u32, e: LinkEvent) {
+        match e {
+            LinkEvent::Request { id, body } => {
+                let Some(p) = self.peers.get_mut(&index) else { return };
+                match body {
+                    Request::Chat { msg_id, sent_at, text } => {
+                        let token = self.next_ack;
+                        self.next_ack += 1;
+                        self.acks.insert(token, Ack::Peer(index, id));
+                        self.events.push_back(ClientEvent::Message {
+                            token,
+                            from: p.user.clone(),
+                            msg_id,
+                            sent_at,
+                            text,
+                            via: Via::Direct,
+                        });
+                    }
+                    _ => {
+                        let _ = p.link.respond(now, id, Response::error(ErrorCode::BadRequest, "not a peer request"));
+                    }
+                }
+            }
+            LinkEvent::Response { id, body } => {
+                if let Some(o) = self.peer_reqs.remove(&(index, id)) {
+                    match body {
+                        Response::Ok => self.done(
+                            o.id,
+                            CommandResult::Sent {
+                                via: Via::Direct,
+                                msg_id: o.msg_id,
+                                sent_at: o.sent_at,
+                            },
+                        ),
+                        other => {
+                            let r = err_result(&other).unwrap_or(CommandResult::error(ErrorCode::Internal, "unexpected answer"));
+                            self.done(o.id, r);
+                        }
+                    }
+                }
+            }
+            LinkEvent::RequestFailed { id } => {
+                // The direct path broke mid-message: fall back to the mailbox (same msg_id,
+                // so the recipient deduplicates if the first copy did arrive).
+                if let Some(o) = self.peer_reqs.remove(&(index, id)) {
+                    self.store_one(now, o);
+                }
+                self.drop_peer(now, index);
+            }
+            LinkEvent::Dead | LinkEvent::Closed => self.drop_peer(now, index),
+        }
+    }
+
+    fn drop_peer(&mut self, now: Instant, index: u32) {
+        if let Some(p) = self.peers.remove(&index) {
+            if self.peer_by_user.get(&p.user) == Some(&index) {
+                self.peer_by_user.remove(&p.user);
+            }
+        }
+        let stranded: Vec<(u32, u64)> = self.peer_reqs.keys().filter(|(i, _)| *i == index).copied().collect();
+        for k in stranded {
+            if let Some(o) = self.peer_reqs.remove(&k) {
+                self.store_one(now, o);
+            }
+        }
+    }
+
+    // ----- timers -----
+
+    /// Runs due timers: handshake retries, reconnection, retransmissions, keepalives,
+    /// dials, command timeouts, certificate renewal.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.server {
+            Server::Offline { retry_at, attempt } => {
+                if now >= *retry_at {
+                    let a = *attempt;
+                    self.start_handshake(now, a);
+                }
+            }
+            Server::Handshaking { deadline, attempt, .. } => {
+                if now >= *deadline {
+                    let a = *attempt;
+                    self.go_offline(now, "supernode unreachable", a);
+                }
+            }
+            Server::Up { link, authed } => {
+                link.handle_timeout(now);
+                if *authed && self.renew_after.is_some_and(|t| now >= t) {
+                    self.renew_after = Some(now + Duration::from_secs(600));
+                    if let Ok(id) = link.send_request(now, Request::RenewCert) {
+                        self.server_reqs.insert(id, ServerReq::Renew);
+                    }
+                }
+            }
+        }
+        for p in self.peers.values_mut() {
+            p.link.handle_timeout(now);
+        }
+        self.dial_tick(now);
+        let expired: Vec<CommandId> = self.queued.iter().filter(|(_, _, d)| now >= *d).map(|(id, _, _)| *id).collect();
+        if !expired.is_empty() {
+            self.queued.retain(|(_, _, d)| now < *d);
+            for id in expired {
+                self.done(
+                    id,
+                    CommandResult::error(ErrorCode::Unavailable, "supernode unreachable: check the address and your network"),
+                );
+            }
+        }
+        self.process(now);
+    }
+
+    /// When [`Client::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t = match &self.server {
+            Server::Offline { retry_at, .. } => Some(*retry_at),
+            Server::Handshaking { deadline, .. } => Some(*deadline),
+            Server::Up { link, authed } => {
+                let l = link.poll_timeout();
+                match (l, self.renew_after.filter(|_| *authed)) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+        };
+        let mut fold = |x: Option<Instant>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |y| y.min(x)));
+            }
+        };
+        for p in self.peers.values() {
+            fold(p.link.poll_timeout());
+        }
+        for d in self.dials.values() {
+            fold(Some(d.next_send.min(d.deadline)));
+        }
+        for (_, _, d) in &self.queued {
+            fold(Some(*d));
+        }
+        t
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+}

@@ -1,0 +1,1007 @@
+//! The supernode core: sessions, authentication, presence, contacts, search, rendezvous and
+//! offline messages, as a sans-IO state machine.
+//!
+//! Drive it with [`Supernode::handle_datagram`], [`Supernode::handle_timeout`] and
+//! [`Supernode::handle_op_result`]; drain [`Supernode::poll_transmit`] (datagrams),
+//! [`Supernode::poll_op`] (storage operations to run, see [`crate::ops`]),
+//! [`Supernode::poll_event`] and [`Supernode::poll_timeout`].
+//!
+//! Privacy: a user's addresses leave the supernode only inside a connection setup between
+//! mutually accepted contacts, and only the callee's own client decides to answer one.
+//! Search results, presence and contact events never carry addresses.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use peerline_crypto::cert::CertRequest;
+use peerline_crypto::noise::Responder;
+use peerline_crypto::{Authority, CertError, Certificate};
+use peerline_wire::msg::{
+    ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome, CONTACTS_PAGE,
+    MAX_CANDIDATES, MAX_SEARCH_RESULTS,
+};
+use peerline_wire::packet::Packet;
+use peerline_wire::{Username, PROTOCOL_VERSION};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::clock::WallClock;
+use crate::directory::{Directory, Location};
+use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
+use crate::ops::{Notice, Op, OpError, OpResult};
+use crate::store::{NewMessage, QueueOutcome, StoredMessage};
+
+/// Bounds and timings of a supernode.
+#[derive(Debug, Clone)]
+pub struct SupernodeConfig {
+    /// This supernode's id in a fleet (0 alone).
+    pub node_id: u32,
+    /// Validity of issued device certificates.
+    pub cert_lifetime: Duration,
+    /// Most sessions (authenticated or not) at once.
+    pub max_sessions: usize,
+    /// Most offline messages waiting per recipient.
+    pub mailbox_quota: usize,
+    /// Offline messages pushed per batch.
+    pub delivery_batch: usize,
+    /// Reset hints sent per second at most (answers to unknown session indexes).
+    pub resets_per_second: u32,
+    /// Storage operations waiting at once; beyond it requests get `Unavailable`.
+    pub max_pending_ops: usize,
+}
+
+impl Default for SupernodeConfig {
+    fn default() -> Self {
+        SupernodeConfig {
+            node_id: 0,
+            cert_lifetime: Duration::from_secs(24 * 3600),
+            max_sessions: 1_000_000,
+            mailbox_quota: 1000,
+            delivery_batch: 32,
+            resets_per_second: 2000,
+            max_pending_ops: 10_000,
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Datagrams received.
+    pub datagrams_in: u64,
+    /// Datagrams sent.
+    pub datagrams_out: u64,
+    /// Datagrams dropped as malformed, forged, replayed or unknown.
+    pub dropped: u64,
+    /// Completed handshakes.
+    pub handshakes: u64,
+    /// Logins (authenticated sessions).
+    pub logins: u64,
+    /// Requests handled.
+    pub requests: u64,
+    /// Offline messages accepted.
+    pub messages_queued: u64,
+    /// Offline messages delivered and acknowledged.
+    pub messages_delivered: u64,
+    /// STUN messages seen.
+    pub stun: u64,
+}
+
+/// Something the driver may log or count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SupernodeEvent {
+    /// A user came online.
+    Login(Username),
+    /// A user went offline.
+    Logout(Username),
+    /// A new account was created.
+    Registered(Username),
+}
+
+#[derive(Debug)]
+enum Auth {
+    Anonymous,
+    Expired,
+    User(Certificate),
+}
+
+#[derive(Debug)]
+struct Session {
+    link: Link,
+    auth: Auth,
+    presence: Presence,
+    /// Mutually accepted contacts (presence fan-out index).
+    contacts: HashSet<Username>,
+    /// Store ids of offline messages pushed and not yet acknowledged.
+    delivering: HashSet<u64>,
+    /// Whether the last delivery batch was full (more may be waiting).
+    more_waiting: bool,
+    scheduled: Option<Instant>,
+}
+
+impl Session {
+    fn user(&self) -> Option<&Username> {
+        match &self.auth {
+            Auth::User(c) => Some(c.username()),
+            _ => None,
+        }
+    }
+}
+
+/// What to do when a storage operation completes.
+#[derive(Debug)]
+enum Waiting {
+    /// Answer request `req` on `session` from the result.
+    Reply { session: u32, req: u64 },
+    /// Certificate issuance (register, enrol, renew).
+    Certify { session: u32, req: u64 },
+    /// Contact change: answer, then push notices.
+    Contact { session: u32, req: u64 },
+    /// Connection setup: after the contact check, ring the callee.
+    Connect { session: u32, req: u64, to: Username, candidates: Vec<SocketAddr> },
+    /// Offline message queued: answer, then deliver if the recipient is online.
+    Queue { session: u32, req: u64, msg: NewMessage },
+    /// Contact list page for `session`.
+    List { session: u32, req: u64 },
+    /// Login fan-out: the user's contacts.
+    Contacts { session: u32 },
+    /// Waiting messages for `session`.
+    Pending { session: u32 },
+    /// Nothing to do (deletes).
+    Nothing,
+}
+
+/// A push (supernode-initiated request) awaiting the client's answer.
+#[derive(Debug)]
+enum Push {
+    Connect { caller: u32, req: u64 },
+    Deliver { id: u64 },
+    Info,
+}
+
+/// The supernode state machine.
+pub struct Supernode {
+    cfg: SupernodeConfig,
+    static_private: [u8; 32],
+    authority: Authority,
+    authority_public: [u8; 32],
+    clock: WallClock,
+    rng: ChaCha20Rng,
+    sessions: HashMap<u32, Session>,
+    directory: Box<dyn Directory>,
+    timers: BinaryHeap<Reverse<(Instant, u32)>>,
+    ops: VecDeque<(u64, Op)>,
+    next_token: u64,
+    waiting: HashMap<u64, Waiting>,
+    pushes: HashMap<(u32, u64), Push>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<SupernodeEvent>,
+    reset_window: (Instant, u32),
+    stats: Stats,
+}
+
+impl std::fmt::Debug for Supernode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Supernode(sessions={})", self.sessions.len())
+    }
+}
+
+fn err(code: ErrorCode, detail: impl Into<String>) -> Response {
+    Response::error(code, detail)
+}
+
+fn op_err(e: OpError) -> Response {
+    Response::error(e.code, e.detail)
+}
+
+impl Supernode {
+    /// A supernode with its Noise static key, the authority key it signs with, an
+    /// injected RNG seed, a directory and a wall-clock anchor.
+    pub fn new(
+        cfg: SupernodeConfig,
+        static_private: [u8; 32],
+        authority: Authority,
+        seed: [u8; 32],
+        directory: Box<dyn Directory>,
+        clock: WallClock,
+        now: Instant,
+    ) -> Self {
+        let authority_public = authority.public();
+        Supernode {
+            cfg,
+            static_private,
+            authority,
+            authority_public,
+            clock,
+            rng: ChaCha20Rng::from_seed(seed),
+            sessions: HashMap::new(),
+            directory,
+            timers: BinaryHeap::new(),
+            ops: VecDeque::new(),
+            next_token: 1,
+            waiting: HashMap::new(),
+            pushes: HashMap::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            reset_window: (now, 0),
+            stats: Stats::default(),
+        }
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Sessions open (authenticated or not).
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Users online.
+    pub fn online_count(&self) -> usize {
+        self.directory.len()
+    }
+
+    /// Index and address of every authenticated session, for a restart snapshot.
+    pub fn snapshot(&self) -> Vec<(u32, SocketAddr)> {
+        self.sessions
+            .iter()
+            .filter(|(_, s)| s.user().is_some())
+            .map(|(i, s)| (*i, s.link.remote_addr()))
+            .collect()
+    }
+
+    /// After a restart: tell the clients of a previous run's sessions to log in again now
+    /// instead of waiting for their keepalive to fail. The driver paces the calls.
+    pub fn send_reset_hint(&mut self, index: u32, addr: SocketAddr) {
+        let mut out = Vec::with_capacity(8);
+        Packet::Reset { receiver: index }.encode(&mut out);
+        self.push_transmit(Transmit { dst: addr, payload: out });
+    }
+
+    fn push_transmit(&mut self, t: Transmit) {
+        self.stats.datagrams_out += 1;
+        self.transmits.push_back(t);
+    }
+
+    /// Next datagram to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next storage operation to run; feed the result to [`Supernode::handle_op_result`].
+    pub fn poll_op(&mut self) -> Option<(u64, Op)> {
+        self.ops.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<SupernodeEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Supernode::handle_timeout`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    fn op(&mut self, op: Op, w: Waiting) -> u64 {
+        let token = self.next_token;
+        self.next_token += 1;
+        self.ops.push_back((token, op));
+        self.waiting.insert(token, w);
+        token
+    }
+
+    fn overloaded(&self) -> bool {
+        self.waiting.len() >= self.cfg.max_pending_ops
+    }
+
+    /// Moves a session's outgoing datagrams and events out, and reschedules its timer.
+    fn flush(&mut self, now: Instant, index: u32) {
+        let mut events = Vec::new();
+        if let Some(s) = self.sessions.get_mut(&index) {
+            while let Some(t) = s.link.poll_transmit() {
+                self.stats.datagrams_out += 1;
+                self.transmits.push_back(t);
+            }
+            while let Some(e) = s.link.poll_event() {
+                events.push(e);
+            }
+            if let Some(t) = s.link.poll_timeout() {
+                if s.scheduled.is_none_or(|old| t < old) {
+                    s.scheduled = Some(t);
+                    self.timers.push(Reverse((t, index)));
+                }
+            }
+        }
+        for e in events {
+            self.on_link_event(now, index, e);
+        }
+    }
+
+    /// Handles one datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.stats.datagrams_in += 1;
+        match Packet::decode(bytes) {
+            Ok(Packet::HandshakeInit { sender, noise }) => self.on_handshake(now, from, sender, noise),
+            Ok(Packet::Transport {
+                receiver,
+                counter,
+                ciphertext,
+            }) => {
+                let ok = match self.sessions.get_mut(&receiver) {
+                    Some(s) => s.link.handle_transport(now, from, counter, ciphertext).is_ok(),
+                    None => {
+                        self.stats.dropped += 1;
+                        self.reset_unknown(now, from, receiver);
+                        return;
+                    }
+                };
+                if !ok {
+                    self.stats.dropped += 1;
+                }
+                self.flush(now, receiver);
+            }
+            Ok(Packet::Stun(_)) => {
+                // STUN Binding service arrives with NAT traversal; count it for now.
+                self.stats.stun += 1;
+            }
+            Ok(Packet::HandshakeResponse { .. }) | Ok(Packet::Reset { .. }) | Err(_) => {
+                self.stats.dropped += 1;
+            }
+        }
+    }
+
+    fn reset_unknown(&mut self, now: Instant, from: SocketAddr, receiver: u32) {
+        if now.saturating_duration_since(self.reset_window.0) >= Duration::from_secs(1) {
+            self.reset_window = (now, 0);
+        }
+        if self.reset_window.1 < self.cfg.resets_per_second {
+            self.reset_window.1 += 1;
+            self.send_reset_hint(receiver, from);
+        }
+    }
+
+    fn fresh_index(&mut self) -> u32 {
+        loop {
+            let i = self.rng.next_u32();
+            if i != 0 && !self.sessions.contains_key(&i) {
+                return i;
+            }
+        }
+    }
+
+    fn on_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+        if self.sessions.len() >= self.cfg.max_sessions {
+            self.stats.dropped += 1;
+            return;
+        }
+        let mut seed = [0u8; 32];
+        self.rng.fill_bytes(&mut seed);
+        let Ok(responder) = Responder::read(&self.static_private, seed, noise) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let Ok(hello) = Hello::decode(&responder.payload) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        if hello.version != PROTOCOL_VERSION {
+            self.stats.dropped += 1;
+            return;
+        }
+        let unix = self.clock.unix_s(now);
+        let auth = match &hello.cert {
+            None => Auth::Anonymous,
+            Some(bytes) => match Certificate::verify(bytes, &self.authority_public) {
+                Ok(cert) => match cert.check_for(&responder.remote_static, unix) {
+                    Ok(()) => Auth::User(cert),
+                    Err(CertError::Expired { .. }) => Auth::Expired,
+                    Err(_) => {
+                        self.stats.dropped += 1;
+                        return;
+                    }
+                },
+                Err(_) => {
+                    self.stats.dropped += 1;
+                    return;
+                }
+            },
+        };
+        let welcome = Welcome {
+            version: PROTOCOL_VERSION,
+            unix_ms: self.clock.unix_ms(now),
+            cert: None,
+        };
+        let Ok(payload) = welcome.encode() else { return };
+        let Ok((transport, msg2)) = responder.accept(&payload) else {
+            self.stats.dropped += 1;
+            return;
+        };
+        let index = self.fresh_index();
+        let mut out = Vec::with_capacity(msg2.len() + 12);
+        Packet::HandshakeResponse {
+            sender: index,
+            receiver: sender,
+            noise: &msg2,
+        }
+        .encode(&mut out);
+        self.push_transmit(Transmit { dst: from, payload: out });
+        self.stats.handshakes += 1;
+        let link = Link::new(LinkConfig::server(), transport, index, sender, from, now);
+        let user = match &auth {
+            Auth::User(c) => Some(c.username().clone()),
+            _ => None,
+        };
+        self.sessions.insert(
+            index,
+            Session {
+                link,
+                auth,
+                presence: Presence::Online,
+                contacts: HashSet::new(),
+                delivering: HashSet::new(),
+                more_waiting: false,
+                scheduled: None,
+            },
+        );
+        if let Some(u) = user {
+            self.login(now, index, u);
+        }
+        self.flush(now, index);
+    }
+
+    /// A session just authenticated as `user`.
+    fn login(&mut self, now: Instant, index: u32, user: Username) {
+        let loc = Location {
+            node: self.cfg.node_id,
+            session: index,
+        };
+        if let Some(old) = self.directory.insert(&user, loc) {
+            // One session per user: the newer login wins.
+            if old.session != index {
+                if let Some(mut s) = self.sessions.remove(&old.session) {
+                    s.link.close(now);
+                    while let Some(t) = s.link.poll_transmit() {
+                        self.push_transmit(t);
+                    }
+                }
+            }
+        }
+        self.stats.logins += 1;
+        tracing::info!(user = %user, "login");
+        self.events.push_back(SupernodeEvent::Login(user.clone()));
+        self.op(Op::Accepted { user: user.clone() }, Waiting::Contacts { session: index });
+        self.op(
+            Op::Pending {
+                to: user,
+                limit: self.cfg.delivery_batch,
+            },
+            Waiting::Pending { session: index },
+        );
+    }
+
+    fn logout(&mut self, now: Instant, index: u32) {
+        let Some(s) = self.sessions.remove(&index) else { return };
+        let Some(user) = s.user().cloned() else { return };
+        let loc = Location {
+            node: self.cfg.node_id,
+            session: index,
+        };
+        if self.directory.remove_if(&user, loc) {
+            tracing::info!(user = %user, "logout");
+            self.events.push_back(SupernodeEvent::Logout(user.clone()));
+            if s.presence != Presence::Invisible {
+                for c in &s.contacts {
+                    self.push_presence(now, c, &user, Presence::Offline);
+                }
+            }
+        }
+        // Callers waiting on this session as callee get an answer.
+        let orphaned: Vec<(u32, u64)> = self.pushes.keys().filter(|(i, _)| *i == index).copied().collect();
+        for key in orphaned {
+            if let Some(Push::Connect { caller, req }) = self.pushes.remove(&key) {
+                self.reply(now, caller, req, err(ErrorCode::Offline, format!("{user} went offline")));
+            }
+        }
+    }
+
+    /// Runs due timers (retransmissions, idle expiry).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((t, index))) = self.timers.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.sessions.get_mut(&index) else { continue };
+            if s.scheduled != Some(t) {
+                continue; // stale entry; a newer one is in the heap
+            }
+            s.scheduled = None;
+            s.link.handle_timeout(now);
+            self.flush(now, index);
+        }
+    }
+
+    fn reply(&mut self, now: Instant, index: u32, req: u64, body: Response) {
+        if let Some(s) = self.sessions.get_mut(&index) {
+            let _ = s.link.respond(now, req, body);
+            self.flush(now, index);
+        }
+    }
+
+    fn push(&mut self, now: Instant, index: u32, body: Request, kind: Push) {
+        let Some(s) = self.sessions.get_mut(&index) else { return };
+        if let Ok(id) = s.link.send_request(now, body) {
+            self.pushes.insert((index, id), kind);
+        }
+        self.flush(now, index);
+    }
+
+    fn session_of(&self, user: &Username) -> Option<u32> {
+        self.directory
+            .get(user)
+            .filter(|l| l.node == self.cfg.node_id)
+            .map(|l| l.session)
+            .filter(|i| self.sessions.contains_key(i))
+    }
+
+    fn push_presence(&mut self, now: Instant, to: &Username, about: &Username, presence: Presence) {
+        if let Some(i) = self.session_of(to) {
+            let body = Request::PresenceEvent {
+                user: about.clone(),
+                presence,
+            };
+            self.push(now, i, body, Push::Info);
+        }
+    }
+
+    /// Presence of `user` as their contacts see it.
+    fn seen_presence(&self, user: &Username) -> Presence {
+        self.session_of(user)
+            .and_then(|i| self.sessions.get(&i))
+            .map_or(Presence::Offline, |s| s.presence.as_seen())
+    }
+
+    fn on_link_event(&mut self, now: Instant, index: u32, e: LinkEvent) {
+        match e {
+            LinkEvent::Request { id, body } => {
+                self.stats.requests += 1;
+                self.on_request(now, index, id, body);
+            }
+            LinkEvent::Response { id, body } => self.on_push_answer(now, index, id, Some(body)),
+            LinkEvent::RequestFailed { id } => self.on_push_answer(now, index, id, None),
+            LinkEvent::Closed | LinkEvent::Dead => self.logout(now, index),
+        }
+    }
+
+    fn on_request(&mut self, now: Instant, index: u32, id: u64, body: Request) {
+        let Some(s) = self.sessions.get(&index) else { return };
+        let noise_key = *s.link.remote_static();
+        let remote = s.link.remote_addr();
+        let user = s.user().cloned();
+        if self.overloaded() {
+            self.reply(now, index, id, err(ErrorCode::Unavailable, "supernode busy: try again shortly"));
+            return;
+        }
+        let mut device_id = [0u8; 16];
+        self.rng.fill_bytes(&mut device_id);
+        let session = index;
+        let req = id;
+        match (body, user) {
+            (Request::Register { username, password, sign_key }, None) => {
+                if !matches!(s.auth, Auth::Anonymous) {
+                    return self.reply(now, index, id, err(ErrorCode::BadRequest, "this device is already enrolled"));
+                }
+                let unix = self.clock.unix_s(now);
+                self.op(
+                    Op::Register {
+                        username,
+                        password,
+                        noise_key,
+                        sign_key,
+                        device_id,
+                        now: unix,
+                    },
+                    Waiting::Certify { session, req },
+                );
+            }
+            (Request::Enroll { username, password, sign_key }, None) => {
+                self.op(
+                    Op::Enroll {
+                        username,
+                        password,
+                        noise_key,
+                        sign_key,
+                        device_id,
+                    },
+                    Waiting::Certify { session, req },
+                );
+            }
+            (Request::RenewCert, _) => {
+                if matches!(s.auth, Auth::Anonymous) {
+                    return self.reply(now, index, id, err(ErrorCode::NotAuthenticated, "log in with a certificate first"));
+                }
+                self.op(Op::Renew { noise_key }, Waiting::Certify { session, req });
+            }
+            (Request::Register { .. } | Request::Enroll { .. }, Some(_)) => {
+                self.reply(now, index, id, err(ErrorCode::BadRequest, "already logged in"));
+            }
+            (_, None) => {
+                self.reply(
+                    now,
+                    index,
+                    id,
+                    err(ErrorCode::NotAuthenticated, "not logged in: register or renew the certificate first"),
+                );
+            }
+            (Request::SetPresence(p), Some(me)) => {
+                if p == Presence::Offline {
+                    return self.reply(now, index, id, err(ErrorCode::BadRequest, "to go offline, disconnect"));
+                }
+                let contacts: Vec<Username> = match self.sessions.get_mut(&index) {
+                    Some(s) => {
+                        s.presence = p;
+                        s.contacts.iter().cloned().collect()
+                    }
+                    None => return,
+                };
+                self.reply(now, index, id, Response::Ok);
+                for c in contacts {
+                    self.push_presence(now, &c, &me, p.as_seen());
+                }
+            }
+            (Request::ContactAdd { user, note }, Some(me)) => {
+                self.op(Op::ContactAdd { from: me, to: user, note }, Waiting::Contact { session, req });
+            }
+            (Request::ContactReply { user, action }, Some(me)) => {
+                self.op(
+                    Op::ContactReply {
+                        owner: me,
+                        peer: user,
+                        action,
+                    },
+                    Waiting::Contact { session, req },
+                );
+            }
+            (Request::ContactRemove { user }, Some(me)) => {
+                if let Some(s) = self.sessions.get_mut(&index) {
+                    s.contacts.remove(&user);
+                }
+                if let Some(other) = self.session_of(&user) {
+                    if let Some(o) = self.sessions.get_mut(&other) {
+                        o.contacts.remove(&me);
+                    }
+                }
+                self.op(Op::ContactRemove { owner: me, peer: user }, Waiting::Contact { session, req });
+            }
+            (Request::ContactList { offset }, Some(me)) => {
+                self.op(
+                    Op::ContactList {
+                        owner: me,
+                        offset: offset as usize,
+                        limit: CONTACTS_PAGE + 1,
+                    },
+                    Waiting::List { session, req },
+                );
+            }
+            (Request::Search { prefix }, Some(_)) => {
+                match peerline_wire::name::parse_prefix(&prefix) {
+                    Ok(prefix) => {
+                        self.op(
+                            Op::Search {
+                                prefix,
+                                limit: MAX_SEARCH_RESULTS,
+                            },
+                            Waiting::Reply { session, req },
+                        );
+                    }
+                    Err(e) => self.reply(now, index, id, err(ErrorCode::BadRequest, e.to_string())),
+                }
+            }
+            (Request::Connect { user, mut candidates }, Some(me)) => {
+                // The address we see is the caller's best candidate behind a NAT.
+                if !candidates.contains(&remote) {
+                    candidates.insert(0, remote);
+                    candidates.truncate(MAX_CANDIDATES);
+                }
+                self.op(
+                    Op::CheckContact {
+                        from: me,
+                        to: user.clone(),
+                    },
+                    Waiting::Connect {
+                        session,
+                        req,
+                        to: user,
+                        candidates,
+                    },
+                );
+            }
+            (
+                Request::StoreMessage {
+                    to,
+                    msg_id,
+                    sent_at,
+                    text,
+                },
+                Some(me),
+            ) => {
+                let msg = NewMessage {
+                    from: me,
+                    to,
+                    msg_id,
+                    sent_at,
+                    text,
+                };
+                self.op(
+                    Op::Queue {
+                        msg: msg.clone(),
+                        quota: self.cfg.mailbox_quota,
+                    },
+                    Waiting::Queue { session, req, msg },
+                );
+            }
+            (
+                Request::ContactEvent { .. }
+                | Request::PresenceEvent { .. }
+                | Request::IncomingConnect { .. }
+                | Request::Deliver { .. }
+                | Request::Chat { .. },
+                Some(_),
+            ) => {
+                self.reply(now, index, id, err(ErrorCode::BadRequest, "not a request a supernode accepts"));
+            }
+        }
+    }
+
+    fn on_push_answer(&mut self, now: Instant, index: u32, id: u64, body: Option<Response>) {
+        let Some(kind) = self.pushes.remove(&(index, id)) else { return };
+        match kind {
+            Push::Info => {}
+            Push::Connect { caller, req } => {
+                let callee = self.sessions.get(&index);
+                let answer = match (body, callee) {
+                    (Some(Response::ConnectAnswer { mut candidates }), Some(s)) => {
+                        let cert = match &s.auth {
+                            Auth::User(c) => c.as_bytes().to_vec(),
+                            _ => Vec::new(),
+                        };
+                        let seen = s.link.remote_addr();
+                        if !candidates.contains(&seen) {
+                            candidates.insert(0, seen);
+                            candidates.truncate(MAX_CANDIDATES);
+                        }
+                        Response::ConnectAccepted { cert, candidates }
+                    }
+                    (Some(Response::Error { .. }), _) => err(ErrorCode::Declined, "the contact declined the connection"),
+                    _ => err(ErrorCode::Offline, "the contact did not answer"),
+                };
+                self.reply(now, caller, req, answer);
+            }
+            Push::Deliver { id: store_id } => {
+                let Some(s) = self.sessions.get_mut(&index) else { return };
+                s.delivering.remove(&store_id);
+                let Some(user) = s.user().cloned() else { return };
+                if matches!(body, Some(Response::Ok)) {
+                    self.stats.messages_delivered += 1;
+                    self.op(Op::Delete { to: user.clone(), id: store_id }, Waiting::Nothing);
+                }
+                let s = self.sessions.get_mut(&index);
+                if let Some(s) = s {
+                    if s.delivering.is_empty() && s.more_waiting {
+                        s.more_waiting = false;
+                        self.op(
+                            Op::Pending {
+                                to: user,
+                                limit: self.cfg.delivery_batch,
+                            },
+                            Waiting::Pending { session: index },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&mut self, now: Instant, index: u32, m: StoredMessage) {
+        let Some(s) = self.sessions.get_mut(&index) else { return };
+        if !s.delivering.insert(m.id) {
+            return;
+        }
+        let body = Request::Deliver {
+            id: m.id,
+            from: m.msg.from,
+            msg_id: m.msg.msg_id,
+            sent_at: m.msg.sent_at,
+            text: m.msg.text,
+        };
+        self.push(now, index, body, Push::Deliver { id: m.id });
+    }
+
+    fn notify(&mut self, now: Instant, n: Notice) {
+        // Keep the fan-out index in step with accepted contacts.
+        let accepted = n.state == ContactState::Accepted;
+        for (who, other) in [(&n.to, &n.about), (&n.about, &n.to)] {
+            if let Some(i) = self.session_of(who) {
+                if let Some(s) = self.sessions.get_mut(&i) {
+                    if accepted {
+                        s.contacts.insert(other.clone());
+                    } else if n.state == ContactState::None {
+                        s.contacts.remove(other);
+                    }
+                }
+            }
+        }
+        if let Some(i) = self.session_of(&n.to) {
+            let body = Request::ContactEvent {
+                user: n.about.clone(),
+                state: n.state,
+                note: n.note.clone(),
+            };
+            self.push(now, i, body, Push::Info);
+        }
+        if accepted {
+            let (a, b) = (self.seen_presence(&n.about), self.seen_presence(&n.to));
+            if a != Presence::Offline {
+                self.push_presence(now, &n.to, &n.about, a);
+            }
+            if b != Presence::Offline {
+                self.push_presence(now, &n.about, &n.to, b);
+            }
+        }
+    }
+
+    /// Feeds back the result of a storage operation from [`Supernode::poll_op`].
+    pub fn handle_op_result(&mut self, now: Instant, token: u64, result: OpResult) {
+        let Some(w) = self.waiting.remove(&token) else { return };
+        match (w, result) {
+            (Waiting::Nothing, _) => {}
+            (Waiting::Reply { session, req }, OpResult::Users(r)) => {
+                let body = match r {
+                    Ok(users) => Response::SearchResults { users },
+                    Err(e) => op_err(e),
+                };
+                self.reply(now, session, req, body);
+            }
+            (Waiting::Certify { session, req }, OpResult::Device(r)) => match r {
+                Ok((device, serial)) => {
+                    let unix = self.clock.unix_s(now);
+                    let cert = self.authority.issue(
+                        &CertRequest {
+                            username: device.username.clone(),
+                            device_id: device.device_id,
+                            noise_key: device.noise_key,
+                            sign_key: device.sign_key,
+                        },
+                        serial,
+                        unix,
+                        self.cfg.cert_lifetime.as_secs(),
+                    );
+                    let bytes = cert.as_bytes().to_vec();
+                    let Some(s) = self.sessions.get_mut(&session) else { return };
+                    let was_user = s.user().is_some();
+                    let registered = matches!(s.auth, Auth::Anonymous);
+                    s.auth = Auth::User(cert);
+                    if registered {
+                        self.events.push_back(SupernodeEvent::Registered(device.username.clone()));
+                    }
+                    if !was_user {
+                        self.login(now, session, device.username);
+                    }
+                    self.reply(now, session, req, Response::Certificate(bytes));
+                }
+                Err(e) => self.reply(now, session, req, op_err(e)),
+            },
+            (Waiting::Contact { session, req }, OpResult::Contact(r)) => match r {
+                Ok(notices) => {
+                    self.reply(now, session, req, Response::Ok);
+                    for n in notices {
+                        self.notify(now, n);
+                    }
+                }
+                Err(e) => self.reply(now, session, req, op_err(e)),
+            },
+            (Waiting::List { session, req }, OpResult::Contacts(r)) => {
+                let body = match r {
+                    Ok(mut rows) => {
+                        let more = rows.len() > CONTACTS_PAGE;
+                        rows.truncate(CONTACTS_PAGE);
+                        let contacts = self.sessions.get(&session).map(|s| s.contacts.clone()).unwrap_or_default();
+                        let entries = rows
+                            .into_iter()
+                            .map(|r| ContactEntry {
+                                presence: if contacts.contains(&r.peer) {
+                                    self.seen_presence(&r.peer)
+                                } else {
+                                    Presence::Offline
+                                },
+                                user: r.peer,
+                                state: r.state,
+                            })
+                            .collect();
+                        Response::Contacts { entries, more }
+                    }
+                    Err(e) => op_err(e),
+                };
+                self.reply(now, session, req, body);
+            }
+            (Waiting::Contacts { session }, OpResult::Users(Ok(contacts))) => {
+                let Some(s) = self.sessions.get_mut(&session) else { return };
+                let Some(me) = s.user().cloned() else { return };
+                s.contacts = contacts.iter().cloned().collect();
+                let mine = s.presence.as_seen();
+                for c in contacts {
+                    if mine != Presence::Offline {
+                        self.push_presence(now, &c, &me, mine);
+                    }
+                    let theirs = self.seen_presence(&c);
+                    if theirs != Presence::Offline {
+                        self.push_presence(now, &me, &c, theirs);
+                    }
+                }
+            }
+            (
+                Waiting::Connect {
+                    session,
+                    req,
+                    to,
+                    candidates,
+                },
+                OpResult::Done(r),
+            ) => {
+                if let Err(e) = r {
+                    return self.reply(now, session, req, op_err(e));
+                }
+                let Some(caller) = self.sessions.get(&session) else { return };
+                let (Some(me), Auth::User(cert)) = (caller.user().cloned(), &caller.auth) else { return };
+                let cert = cert.as_bytes().to_vec();
+                match self.session_of(&to) {
+                    Some(callee) => {
+                        let body = Request::IncomingConnect {
+                            user: me,
+                            cert,
+                            candidates,
+                        };
+                        self.push(now, callee, body, Push::Connect { caller: session, req });
+                    }
+                    None => self.reply(now, session, req, err(ErrorCode::Offline, format!("{to} is offline"))),
+                }
+            }
+            (Waiting::Queue { session, req, msg }, OpResult::Queued(r)) => match r {
+                Ok(QueueOutcome::Queued(id)) | Ok(QueueOutcome::Duplicate(id)) => {
+                    self.stats.messages_queued += 1;
+                    self.reply(now, session, req, Response::Ok);
+                    if let Some(i) = self.session_of(&msg.to) {
+                        self.deliver(now, i, StoredMessage { id, msg });
+                    }
+                }
+                Ok(QueueOutcome::MailboxFull) => self.reply(
+                    now,
+                    session,
+                    req,
+                    err(ErrorCode::MailboxFull, format!("{}'s mailbox is full: try again later", msg.to)),
+                ),
+                Err(e) => self.reply(now, session, req, op_err(e)),
+            },
+            (Waiting::Pending { session }, OpResult::Messages(Ok(msgs))) => {
+                let full = msgs.len() >= self.cfg.delivery_batch;
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    s.more_waiting = full;
+                }
+                for m in msgs {
+                    self.deliver(now, session, m);
+                }
+            }
+            (Waiting::Contacts { .. } | Waiting::Pending { .. }, _) => {
+                tracing::warn!("login fan-out lookup failed");
+            }
+            (w, r) => {
+                tracing::error!(?w, ?r, "storage result does not match its operation");
+            }
+        }
+    }
+}
