@@ -92,8 +92,9 @@ pub struct StoredMessage {
 pub enum QueueOutcome {
     /// Committed under this id.
     Queued(u64),
-    /// `(from, msg_id)` was already queued (or already delivered and deleted is *not*
-    /// detected: ids are remembered only while queued); nothing changed.
+    /// `(from, msg_id)` is already queued; nothing changed. Ids are remembered only while
+    /// the message waits: once delivered and deleted, the same id could be queued again
+    /// (the recipient's client deduplicates on `(from, msg_id)`).
     Duplicate(u64),
     /// The recipient already has `quota` messages waiting; nothing changed.
     MailboxFull,

@@ -1,0 +1,112 @@
+//! Drives a [`Client`] core on a UDP socket for the user's agent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use peerline_core::client::{Client, ClientEvent, Command, CommandId, CommandResult};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the agent asks of the driver.
+#[derive(Debug)]
+pub enum Input {
+    /// Run a command and send its result back.
+    Command(Command, oneshot::Sender<CommandResult>),
+    /// A received message was saved: acknowledge it.
+    Saved(u64),
+    /// Report whether online, the user and direct peers.
+    Status(oneshot::Sender<Status>),
+    /// Close sessions and stop.
+    Shutdown,
+}
+
+/// A snapshot of the client's state.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Logged in.
+    pub online: bool,
+    /// Certified username.
+    pub user: Option<String>,
+    /// Chosen presence.
+    pub presence: &'static str,
+    /// Users with a direct session.
+    pub direct_peers: Vec<String>,
+    /// The local UDP address.
+    pub local: Option<SocketAddr>,
+}
+
+/// The addresses a peer could reach this socket at: the interface used towards the
+/// supernode, with the socket's port.
+pub fn local_candidates(socket: &UdpSocket, server: SocketAddr) -> Vec<SocketAddr> {
+    let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
+    vec![SocketAddr::new(crate::route_source(server), port)]
+}
+
+/// Runs the client until `Input::Shutdown` or the input channel closes. Events other than
+/// command completions go to `events`.
+pub async fn run_client(
+    mut client: Client,
+    socket: UdpSocket,
+    mut input: mpsc::Receiver<Input>,
+    events: mpsc::Sender<ClientEvent>,
+) {
+    let mut waiting: HashMap<CommandId, oneshot::Sender<CommandResult>> = HashMap::new();
+    let mut buf = vec![0u8; 2048];
+    client.connect(Instant::now());
+    loop {
+        while let Some(t) = client.poll_transmit() {
+            if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+                tracing::debug!(error = %e, "send failed");
+            }
+        }
+        while let Some(e) = client.poll_event() {
+            match e {
+                ClientEvent::CommandDone { id, result } => {
+                    if let Some(tx) = waiting.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                other => {
+                    if events.send(other).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let deadline = client
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    client.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => client.handle_timeout(Instant::now()),
+            i = input.recv() => match i {
+                Some(Input::Command(cmd, tx)) => {
+                    let id = client.command(Instant::now(), cmd);
+                    waiting.insert(id, tx);
+                }
+                Some(Input::Saved(token)) => client.message_saved(Instant::now(), token),
+                Some(Input::Status(tx)) => {
+                    let _ = tx.send(Status {
+                        online: client.is_online(),
+                        user: client.username().map(|u| u.to_string()),
+                        presence: client.presence().as_str(),
+                        direct_peers: client.direct_peers().iter().map(|u| u.to_string()).collect(),
+                        local: socket.local_addr().ok(),
+                    });
+                }
+                Some(Input::Shutdown) | None => {
+                    client.shutdown(Instant::now());
+                    while let Some(t) = client.poll_transmit() {
+                        let _ = socket.send_to(&t.payload, t.dst).await;
+                    }
+                    return;
+                }
+            },
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Drives a [`Supernode`] core on a UDP socket, with storage on its own thread.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use peerline_core::clock::WallClock;
+use peerline_core::directory::MemoryDirectory;
+use peerline_core::ops::{execute, Op, OpResult};
+use peerline_core::store::Store;
+use peerline_core::supernode::{Supernode, SupernodeConfig, SupernodeEvent};
+use peerline_crypto::Authority;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::admin::MetricsText;
+
+/// Everything the supernode driver needs.
+pub struct SupernodeRuntime {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Noise static private key.
+    pub node_private: [u8; 32],
+    /// Authority signing key bytes.
+    pub authority: [u8; 32],
+    /// Core configuration.
+    pub config: SupernodeConfig,
+    /// Where to keep the session snapshot used to wake clients after a restart.
+    pub snapshot_path: Option<PathBuf>,
+    /// Metrics text for the admin endpoint.
+    pub metrics: MetricsText,
+}
+
+/// A driver failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetError {
+    /// Could not bind the UDP port.
+    #[error("cannot listen on {addr}: {source} (is another supernode running on this port?)")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// The storage thread stopped.
+    #[error("the storage thread stopped unexpectedly")]
+    StoreGone,
+}
+
+/// Hint pacing after a restart: this many reset hints per 10 ms tick.
+const HINTS_PER_TICK: usize = 50;
+
+fn read_snapshot(path: &PathBuf) -> VecDeque<(u32, SocketAddr)> {
+    let Ok(text) = std::fs::read_to_string(path) else { return VecDeque::new() };
+    text.lines()
+        .filter_map(|l| {
+            let (i, a) = l.split_once(' ')?;
+            Some((i.parse().ok()?, a.parse().ok()?))
+        })
+        .collect()
+}
+
+fn write_snapshot(path: &PathBuf, entries: &[(u32, SocketAddr)]) {
+    let mut text = String::with_capacity(entries.len() * 28);
+    for (i, a) in entries {
+        text.push_str(&format!("{i} {a}\n"));
+    }
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+        tracing::warn!(path = %path.display(), "could not write the session snapshot");
+    }
+}
+
+fn render_metrics(sn: &Supernode) -> String {
+    let s = sn.stats();
+    let mut out = String::new();
+    let mut m = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP peerline_{name} {help}\n# TYPE peerline_{name} {kind}\npeerline_{name} {v}\n"));
+    };
+    m("sessions", "gauge", "Open client sessions.", sn.session_count() as u64);
+    m("online_users", "gauge", "Users online.", sn.online_count() as u64);
+    m("datagrams_in_total", "counter", "Datagrams received.", s.datagrams_in);
+    m("datagrams_out_total", "counter", "Datagrams sent.", s.datagrams_out);
+    m("dropped_total", "counter", "Datagrams dropped (malformed, forged, replayed, unknown).", s.dropped);
+    m("handshakes_total", "counter", "Completed handshakes.", s.handshakes);
+    m("logins_total", "counter", "Authenticated logins.", s.logins);
+    m("requests_total", "counter", "Requests handled.", s.requests);
+    m("messages_queued_total", "counter", "Offline messages accepted.", s.messages_queued);
+    m("messages_delivered_total", "counter", "Offline messages delivered and acknowledged.", s.messages_delivered);
+    m("stun_total", "counter", "STUN messages received.", s.stun);
+    out
+}
+
+/// Runs the supernode until `shutdown` resolves.
+pub async fn run_supernode(
+    rt: SupernodeRuntime,
+    mut store: Box<dyn Store>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NetError> {
+    let socket = UdpSocket::bind(rt.listen).await.map_err(|source| NetError::Bind {
+        addr: rt.listen,
+        source,
+    })?;
+    let local = socket.local_addr().unwrap_or(rt.listen);
+    tracing::info!(listen = %local, "supernode listening");
+
+    // Storage runs on its own thread: SQLite blocks, and an offline message is
+    // acknowledged only after its transaction committed there. The queue is bounded by
+    // the core's `max_pending_ops`.
+    let (op_tx, op_rx) = std::sync::mpsc::channel::<(u64, Op)>();
+    let (res_tx, mut res_rx) = mpsc::channel::<(u64, OpResult)>(1024);
+    let storage = std::thread::Builder::new()
+        .name("peerline-store".into())
+        .spawn(move || {
+            let mut rng = rand_core::OsRng;
+            while let Ok((token, op)) = op_rx.recv() {
+                let r = execute(store.as_mut(), op, &mut rng);
+                if res_tx.blocking_send((token, r)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|_| NetError::StoreGone)?;
+
+    let start = Instant::now();
+    let mut sn = Supernode::new(
+        rt.config,
+        rt.node_private,
+        Authority::from_bytes(&rt.authority),
+        crate::os_seed(),
+        Box::new(MemoryDirectory::new()),
+        WallClock::new(start, crate::unix_ms_now()),
+        start,
+    );
+
+    let mut hints = rt.snapshot_path.as_ref().map(read_snapshot).unwrap_or_default();
+    if !hints.is_empty() {
+        tracing::info!(clients = hints.len(), "waking the previous run's clients");
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_snapshot = Instant::now();
+    let mut snapshot_dirty = true;
+    let mut buf = vec![0u8; 2048];
+    tokio::pin!(shutdown);
+
+    loop {
+        // Perform everything the core asked for.
+        while let Some(t) = sn.poll_transmit() {
+            if let Err(e) = socket.send_to(&t.payload, t.dst).await {
+                tracing::debug!(error = %e, "send failed");
+            }
+        }
+        while let Some(op) = sn.poll_op() {
+            if op_tx.send(op).is_err() {
+                return Err(NetError::StoreGone);
+            }
+        }
+        while let Some(e) = sn.poll_event() {
+            snapshot_dirty = true;
+            if let SupernodeEvent::Registered(u) = e {
+                tracing::info!(user = %u, "account registered");
+            }
+        }
+        let deadline = sn.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                if let Ok((n, from)) = r {
+                    sn.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
+            }
+            r = res_rx.recv() => {
+                match r {
+                    Some((token, result)) => sn.handle_op_result(Instant::now(), token, result),
+                    None => return Err(NetError::StoreGone),
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => sn.handle_timeout(Instant::now()),
+            _ = tick.tick() => {
+                for _ in 0..HINTS_PER_TICK {
+                    let Some((i, a)) = hints.pop_front() else { break };
+                    sn.send_reset_hint(i, a);
+                }
+                if last_snapshot.elapsed() >= Duration::from_secs(1) {
+                    last_snapshot = Instant::now();
+                    rt.metrics.set(render_metrics(&sn));
+                    if snapshot_dirty && hints.is_empty() {
+                        snapshot_dirty = false;
+                        if let Some(p) = &rt.snapshot_path {
+                            write_snapshot(p, &sn.snapshot());
+                        }
+                    }
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    tracing::info!("supernode stopping");
+    if let Some(p) = &rt.snapshot_path {
+        write_snapshot(p, &sn.snapshot());
+    }
+    drop(op_tx);
+    drop(res_rx);
+    let _ = storage.join();
+    Ok(())
+}

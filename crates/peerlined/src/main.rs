@@ -1,0 +1,176 @@
+//! `peerlined`: the operator's daemon (supernode and authority).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use peerline_net::admin::MetricsText;
+use peerline_net::supernode::{run_supernode, SupernodeRuntime};
+use peerlined::{init, load, BOOTSTRAP_FILE, PID_FILE, SNAPSHOT_FILE, STORE_FILE};
+
+/// Peerline supernode and authority.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create keys, a commented config and the bootstrap entry in a new data dir.
+    Init {
+        /// Data directory (created with mode 0700).
+        #[arg(long)]
+        data: PathBuf,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7000")]
+        listen: SocketAddr,
+        /// HOST:PORT clients should use, if not the listen address (e.g. a public name).
+        #[arg(long)]
+        public: Option<String>,
+        /// Admin HTTP address for metrics.
+        #[arg(long, default_value = "127.0.0.1:7001")]
+        admin: SocketAddr,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the supernode until SIGINT or SIGTERM.
+    Run {
+        /// Data directory made by `init`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Override the config's listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Override the config's admin address.
+        #[arg(long)]
+        admin: Option<SocketAddr>,
+        /// Log format: text or json (overrides the config).
+        #[arg(long)]
+        log_format: Option<String>,
+    },
+    /// Print the bootstrap entry of a data dir.
+    Bootstrap {
+        /// Data directory.
+        #[arg(long)]
+        data: PathBuf,
+    },
+}
+
+fn logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn signals() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Init {
+            data,
+            listen,
+            public,
+            admin,
+            json,
+        } => {
+            let r = init(&data, listen, public.as_deref(), Some(admin))?;
+            if json {
+                println!("{{\"data\":{:?},\"bootstrap\":{:?}}}", r.data.display().to_string(), r.bootstrap);
+            } else {
+                println!("initialised {}", r.data.display());
+                println!("bootstrap entry (give it to users): {}", r.bootstrap);
+                println!("start it with: peerlined run --data {}", r.data.display());
+            }
+            Ok(())
+        }
+        Cmd::Bootstrap { data } => {
+            let p = data.join(BOOTSTRAP_FILE);
+            let b = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}: is this a data dir?", p.display()))?;
+            println!("{}", b.trim());
+            Ok(())
+        }
+        Cmd::Run {
+            data,
+            listen,
+            admin,
+            log_format,
+        } => {
+            let loaded = load(&data)?;
+            let mut cfg = loaded.config;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if admin.is_some() {
+                cfg.admin = admin;
+            }
+            logging(log_format.as_deref().unwrap_or(&cfg.log_format));
+            let store_path = data.join(STORE_FILE);
+            let store = peerline_store::SqliteStore::open(&store_path)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let pid_path = data.join(PID_FILE);
+            std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write {}", pid_path.display()))?;
+            let metrics = MetricsText::default();
+            let result = rt.block_on(async {
+                if let Some(a) = cfg.admin {
+                    let m = metrics.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = peerline_net::admin::serve(a, m).await {
+                            tracing::warn!(error = %e, admin = %a, "admin endpoint failed");
+                        }
+                    });
+                }
+                run_supernode(
+                    SupernodeRuntime {
+                        listen: cfg.listen,
+                        node_private: loaded.node_private,
+                        authority: loaded.authority,
+                        config: cfg.supernode(),
+                        snapshot_path: Some(data.join(SNAPSHOT_FILE)),
+                        metrics,
+                    },
+                    Box::new(store),
+                    signals(),
+                )
+                .await
+            });
+            let _ = std::fs::remove_file(&pid_path);
+            result?;
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peerlined: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
