@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 use peerline_crypto::noise::{Handshake, Responder};
 use peerline_crypto::{Certificate, DeviceKeys};
 use peerline_wire::msg::{
-    ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome, MAX_CANDIDATES,
+    ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response,
+    Welcome, MAX_CANDIDATES,
 };
 use peerline_wire::packet::Packet;
 use peerline_wire::{Username, PROTOCOL_VERSION};
@@ -231,9 +232,20 @@ pub enum ClientEvent {
 /// Connection state towards the supernode.
 #[derive(Debug)]
 enum Server {
-    Offline { retry_at: Instant, attempt: u32 },
-    Handshaking { hs: Handshake, index: u32, deadline: Instant, attempt: u32 },
-    Up { link: Box<Link>, authed: bool },
+    Offline {
+        retry_at: Instant,
+        attempt: u32,
+    },
+    Handshaking {
+        hs: Handshake,
+        index: u32,
+        deadline: Instant,
+        attempt: u32,
+    },
+    Up {
+        link: Box<Link>,
+        authed: bool,
+    },
 }
 
 /// What a supernode request of ours was for.
@@ -428,10 +440,9 @@ impl Client {
         };
         let seed = self.seed();
         let index = self.index();
-        let started = hello
-            .encode()
-            .ok()
-            .and_then(|p| Handshake::initiate(&self.keys.noise_private(), &self.cfg.server_key, seed, &p).ok());
+        let started = hello.encode().ok().and_then(|p| {
+            Handshake::initiate(&self.keys.noise_private(), &self.cfg.server_key, seed, &p).ok()
+        });
         let Some((hs, msg1)) = started else {
             self.server = Server::Offline {
                 retry_at: now + self.cfg.max_backoff,
@@ -477,9 +488,17 @@ impl Client {
             match r {
                 ServerReq::Command(id) | ServerReq::ContactPage(id) | ServerReq::Store(id) => {
                     self.contact_pages.remove(&id);
-                    self.done(id, CommandResult::error(ErrorCode::Unavailable, "lost the supernode; try again"));
+                    self.done(
+                        id,
+                        CommandResult::error(
+                            ErrorCode::Unavailable,
+                            "lost the supernode; try again",
+                        ),
+                    );
                 }
-                ServerReq::Connect(user) => self.fail_outbox(&user, "lost the supernode; try again"),
+                ServerReq::Connect(user) => {
+                    self.fail_outbox(&user, "lost the supernode; try again")
+                }
                 ServerReq::Renew | ServerReq::Presence => {}
             }
         }
@@ -492,7 +511,9 @@ impl Client {
     }
 
     fn on_server_up(&mut self, now: Instant) {
-        let Server::Up { link, authed } = &mut self.server else { return };
+        let Server::Up { link, authed } = &mut self.server else {
+            return;
+        };
         let needs_renewal = self
             .cert
             .as_ref()
@@ -550,18 +571,23 @@ impl Client {
         self.next_command += 1;
         if let Command::SetPresence(p) = cmd {
             if p == Presence::Offline {
-                self.done(id, CommandResult::error(ErrorCode::BadRequest, "use `down` to go offline"));
+                self.done(
+                    id,
+                    CommandResult::error(ErrorCode::BadRequest, "use `down` to go offline"),
+                );
                 return id;
             }
             self.presence = p;
         }
-        self.queued.push_back((id, cmd, now + self.cfg.command_timeout));
+        self.queued
+            .push_back((id, cmd, now + self.cfg.command_timeout));
         self.run_queued(now);
         id
     }
 
     fn done(&mut self, id: CommandId, result: CommandResult) {
-        self.events.push_back(ClientEvent::CommandDone { id, result });
+        self.events
+            .push_back(ClientEvent::CommandDone { id, result });
     }
 
     fn run_queued(&mut self, now: Instant) {
@@ -580,7 +606,10 @@ impl Client {
         while let Some((id, cmd, deadline)) = self.queued.pop_front() {
             let enrolment = matches!(cmd, Command::Register { .. } | Command::Enroll { .. });
             if enrolment && self.cert.is_some() {
-                self.done(id, CommandResult::error(ErrorCode::BadRequest, "this device is already enrolled"));
+                self.done(
+                    id,
+                    CommandResult::error(ErrorCode::BadRequest, "this device is already enrolled"),
+                );
             } else if enrolment || authed {
                 self.run(now, id, cmd);
             } else {
@@ -590,9 +619,17 @@ impl Client {
         self.queued = keep;
     }
 
-    fn server_request(&mut self, now: Instant, body: Request, purpose: ServerReq) -> Result<(), CommandResult> {
+    fn server_request(
+        &mut self,
+        now: Instant,
+        body: Request,
+        purpose: ServerReq,
+    ) -> Result<(), CommandResult> {
         let Server::Up { link, .. } = &mut self.server else {
-            return Err(CommandResult::error(ErrorCode::Unavailable, "not connected to the supernode"));
+            return Err(CommandResult::error(
+                ErrorCode::Unavailable,
+                "not connected to the supernode",
+            ));
         };
         match link.send_request(now, body) {
             Ok(rid) => {
@@ -622,7 +659,11 @@ impl Client {
             Command::ContactRemove { user } => Request::ContactRemove { user },
             Command::ContactList => {
                 self.contact_pages.insert(id, Vec::new());
-                if let Err(e) = self.server_request(now, Request::ContactList { offset: 0 }, ServerReq::ContactPage(id)) {
+                if let Err(e) = self.server_request(
+                    now,
+                    Request::ContactList { offset: 0 },
+                    ServerReq::ContactPage(id),
+                ) {
                     self.contact_pages.remove(&id);
                     self.done(id, e);
                 }
@@ -649,7 +690,10 @@ impl Client {
 
     fn send_message(&mut self, now: Instant, out: Outgoing) {
         if self.username() == Some(&out.to) {
-            return self.done(out.id, CommandResult::error(ErrorCode::BadRequest, "you cannot message yourself"));
+            return self.done(
+                out.id,
+                CommandResult::error(ErrorCode::BadRequest, "you cannot message yourself"),
+            );
         }
         if let Some(&pi) = self.peer_by_user.get(&out.to) {
             if let Some(p) = self.peers.get_mut(&pi) {
@@ -669,8 +713,13 @@ impl Client {
         self.outbox.entry(to.clone()).or_default().push(out);
         if !dialing {
             let candidates = self.local_candidates.clone();
-            let body = Request::Connect { user: to.clone(), candidates };
-            if let Err(CommandResult::Error { detail, .. }) = self.server_request(now, body, ServerReq::Connect(to.clone())) {
+            let body = Request::Connect {
+                user: to.clone(),
+                candidates,
+            };
+            if let Err(CommandResult::Error { detail, .. }) =
+                self.server_request(now, body, ServerReq::Connect(to.clone()))
+            {
                 self.fail_outbox(&to, &detail);
             }
         }
@@ -678,7 +727,10 @@ impl Client {
 
     fn fail_outbox(&mut self, user: &Username, detail: &str) {
         for o in self.outbox.remove(user).unwrap_or_default() {
-            self.done(o.id, CommandResult::error(ErrorCode::Unavailable, detail.to_string()));
+            self.done(
+                o.id,
+                CommandResult::error(ErrorCode::Unavailable, detail.to_string()),
+            );
         }
     }
 
@@ -738,8 +790,14 @@ impl Client {
     /// Handles a datagram from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         match Packet::decode(bytes) {
-            Ok(Packet::HandshakeResponse { sender, receiver, noise }) => self.on_handshake_response(now, from, sender, receiver, noise),
-            Ok(Packet::HandshakeInit { sender, noise }) => self.on_peer_handshake(now, from, sender, noise),
+            Ok(Packet::HandshakeResponse {
+                sender,
+                receiver,
+                noise,
+            }) => self.on_handshake_response(now, from, sender, receiver, noise),
+            Ok(Packet::HandshakeInit { sender, noise }) => {
+                self.on_peer_handshake(now, from, sender, noise)
+            }
             Ok(Packet::Transport {
                 receiver,
                 counter,
@@ -759,7 +817,9 @@ impl Client {
             Ok(Packet::Reset { receiver }) => {
                 // The supernode lost our session (it restarted): log in again now.
                 let ours = match &self.server {
-                    Server::Up { link, .. } => link.remote_index() == receiver && from == self.cfg.server,
+                    Server::Up { link, .. } => {
+                        link.remote_index() == receiver && from == self.cfg.server
+                    }
                     _ => false,
                 };
                 if ours {
@@ -771,11 +831,25 @@ impl Client {
         }
     }
 
-    fn on_handshake_response(&mut self, now: Instant, from: SocketAddr, sender: u32, receiver: u32, noise: &[u8]) {
+    fn on_handshake_response(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sender: u32,
+        receiver: u32,
+        noise: &[u8],
+    ) {
         if let Server::Handshaking { index, .. } = &self.server {
             if *index == receiver && from == self.cfg.server {
-                let Server::Handshaking { hs, index, attempt, .. } =
-                    std::mem::replace(&mut self.server, Server::Offline { retry_at: now, attempt: 0 })
+                let Server::Handshaking {
+                    hs, index, attempt, ..
+                } = std::mem::replace(
+                    &mut self.server,
+                    Server::Offline {
+                        retry_at: now,
+                        attempt: 0,
+                    },
+                )
                 else {
                     return;
                 };
@@ -784,7 +858,8 @@ impl Client {
                         if Welcome::decode(&payload).is_err() {
                             return self.go_offline(now, "bad welcome from supernode", attempt);
                         }
-                        let link = Link::new(LinkConfig::client(), transport, index, sender, from, now);
+                        let link =
+                            Link::new(LinkConfig::client(), transport, index, sender, from, now);
                         self.server = Server::Up {
                             link: Box::new(link),
                             authed: false,
@@ -792,19 +867,26 @@ impl Client {
                         self.on_server_up(now);
                         self.process(now);
                     }
-                    Err(_) => self.go_offline(now, "supernode handshake failed (wrong supernode key?)", attempt),
+                    Err(_) => self.go_offline(
+                        now,
+                        "supernode handshake failed (wrong supernode key?)",
+                        attempt,
+                    ),
                 }
                 return;
             }
         }
         if self.dials.contains_key(&receiver) {
-            let Some(d) = self.dials.remove(&receiver) else { return };
+            let Some(d) = self.dials.remove(&receiver) else {
+                return;
+            };
             match d.hs.finish(noise) {
                 Ok((transport, payload)) => {
                     if Welcome::decode(&payload).is_err() {
                         return self.store_outbox(now, &d.user);
                     }
-                    let link = Link::new(LinkConfig::peer(), transport, receiver, sender, from, now);
+                    let link =
+                        Link::new(LinkConfig::peer(), transport, receiver, sender, from, now);
                     self.add_peer(now, receiver, d.user.clone(), link);
                     let waiting = self.outbox.remove(&d.user).unwrap_or_default();
                     for o in waiting {
@@ -831,15 +913,23 @@ impl Client {
     }
 
     fn on_peer_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
-        let Some(my_cert) = self.cert.as_ref().map(|c| c.as_bytes().to_vec()) else { return };
+        let Some(my_cert) = self.cert.as_ref().map(|c| c.as_bytes().to_vec()) else {
+            return;
+        };
         let seed = self.seed();
-        let Ok(r) = Responder::read(&self.keys.noise_private(), seed, noise) else { return };
+        let Ok(r) = Responder::read(&self.keys.noise_private(), seed, noise) else {
+            return;
+        };
         // Only a contact whose connection setup we agreed to may open a session.
-        let Some((user, until)) = self.expected.get(&r.remote_static).cloned() else { return };
+        let Some((user, until)) = self.expected.get(&r.remote_static).cloned() else {
+            return;
+        };
         if now > until {
             return;
         }
-        let Ok(hello) = Hello::decode(&r.payload) else { return };
+        let Ok(hello) = Hello::decode(&r.payload) else {
+            return;
+        };
         let unix = self.clock.unix_s(now);
         let cert_ok = hello
             .cert
@@ -854,8 +944,12 @@ impl Client {
             unix_ms: self.unix_ms(now),
             cert: Some(my_cert),
         };
-        let Ok(payload) = welcome.encode() else { return };
-        let Ok((transport, msg2)) = r.accept(&payload) else { return };
+        let Ok(payload) = welcome.encode() else {
+            return;
+        };
+        let Ok((transport, msg2)) = r.accept(&payload) else {
+            return;
+        };
         let index = self.index();
         let mut out = Vec::new();
         Packet::HandshakeResponse {
@@ -864,7 +958,10 @@ impl Client {
             noise: &msg2,
         }
         .encode(&mut out);
-        self.transmits.push_back(Transmit { dst: from, payload: out });
+        self.transmits.push_back(Transmit {
+            dst: from,
+            payload: out,
+        });
         let link = Link::new(LinkConfig::peer(), transport, index, sender, from, now);
         self.add_peer(now, index, user, link);
     }
@@ -937,19 +1034,24 @@ impl Client {
         match purpose {
             ServerReq::Command(id) => {
                 let result = match body {
-                    Response::Certificate(bytes) => match Certificate::verify(&bytes, &self.cfg.authority) {
-                        Ok(c) if c.repr().noise_key == self.keys.noise_public() => {
-                            self.cert = Some(c);
-                            self.events.push_back(ClientEvent::Certificate(bytes));
-                            if let Server::Up { authed, .. } = &mut self.server {
-                                *authed = true;
+                    Response::Certificate(bytes) => {
+                        match Certificate::verify(&bytes, &self.cfg.authority) {
+                            Ok(c) if c.repr().noise_key == self.keys.noise_public() => {
+                                self.cert = Some(c);
+                                self.events.push_back(ClientEvent::Certificate(bytes));
+                                if let Server::Up { authed, .. } = &mut self.server {
+                                    *authed = true;
+                                }
+                                self.became_online(now);
+                                self.run_queued(now);
+                                CommandResult::Ok
                             }
-                            self.became_online(now);
-                            self.run_queued(now);
-                            CommandResult::Ok
+                            _ => CommandResult::error(
+                                ErrorCode::BadCertificate,
+                                "the supernode sent a certificate that does not verify",
+                            ),
                         }
-                        _ => CommandResult::error(ErrorCode::BadCertificate, "the supernode sent a certificate that does not verify"),
-                    },
+                    }
                     Response::SearchResults { users } => CommandResult::Users(users),
                     Response::Error { code, detail } => CommandResult::Error { code, detail },
                     _ => CommandResult::Ok,
@@ -962,7 +1064,11 @@ impl Client {
                     page.extend(entries);
                     let offset = page.len() as u32;
                     if more && offset < 100_000 {
-                        if let Err(e) = self.server_request(now, Request::ContactList { offset }, ServerReq::ContactPage(id)) {
+                        if let Err(e) = self.server_request(
+                            now,
+                            Request::ContactList { offset },
+                            ServerReq::ContactPage(id),
+                        ) {
                             self.contact_pages.remove(&id);
                             self.done(id, e);
                         }
@@ -973,12 +1079,17 @@ impl Client {
                 }
                 other => {
                     self.contact_pages.remove(&id);
-                    let r = err_result(&other).unwrap_or(CommandResult::error(ErrorCode::Internal, "unexpected answer"));
+                    let r = err_result(&other).unwrap_or(CommandResult::error(
+                        ErrorCode::Internal,
+                        "unexpected answer",
+                    ));
                     self.done(id, r);
                 }
             },
             ServerReq::Connect(user) => match body {
-                Response::ConnectAccepted { cert, candidates } => self.dial(now, user, &cert, candidates),
+                Response::ConnectAccepted { cert, candidates } => {
+                    self.dial(now, user, &cert, candidates)
+                }
                 Response::Error {
                     code: ErrorCode::Offline | ErrorCode::Declined,
                     ..
@@ -998,28 +1109,33 @@ impl Client {
                         msg_id,
                         sent_at,
                     },
-                    other => err_result(&other).unwrap_or(CommandResult::error(ErrorCode::Internal, "unexpected answer")),
+                    other => err_result(&other).unwrap_or(CommandResult::error(
+                        ErrorCode::Internal,
+                        "unexpected answer",
+                    )),
                 };
                 self.done(id, r);
             }
             ServerReq::Renew => match body {
-                Response::Certificate(bytes) => match Certificate::verify(&bytes, &self.cfg.authority) {
-                    Ok(c) if c.repr().noise_key == self.keys.noise_public() => {
-                        self.cert = Some(c);
-                        self.events.push_back(ClientEvent::Certificate(bytes));
-                        let was = matches!(self.server, Server::Up { authed: true, .. });
-                        if let Server::Up { authed, .. } = &mut self.server {
-                            *authed = true;
+                Response::Certificate(bytes) => {
+                    match Certificate::verify(&bytes, &self.cfg.authority) {
+                        Ok(c) if c.repr().noise_key == self.keys.noise_public() => {
+                            self.cert = Some(c);
+                            self.events.push_back(ClientEvent::Certificate(bytes));
+                            let was = matches!(self.server, Server::Up { authed: true, .. });
+                            if let Server::Up { authed, .. } = &mut self.server {
+                                *authed = true;
+                            }
+                            if was {
+                                self.schedule_renewal(now);
+                            } else {
+                                self.became_online(now);
+                                self.run_queued(now);
+                            }
                         }
-                        if was {
-                            self.schedule_renewal(now);
-                        } else {
-                            self.became_online(now);
-                            self.run_queued(now);
-                        }
+                        _ => tracing::warn!("renewed certificate does not verify"),
                     }
-                    _ => tracing::warn!("renewed certificate does not verify"),
-                },
+                }
                 Response::Error { detail, .. } => {
                     tracing::warn!(%detail, "certificate renewal refused");
                     self.renew_after = Some(now + Duration::from_secs(600));
@@ -1045,11 +1161,9 @@ impl Client {
             cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
         };
         let seed = self.seed();
-        let Some((hs, msg1)) = hello
-            .encode()
-            .ok()
-            .and_then(|p| Handshake::initiate(&self.keys.noise_private(), &cert.repr().noise_key, seed, &p).ok())
-        else {
+        let Some((hs, msg1)) = hello.encode().ok().and_then(|p| {
+            Handshake::initiate(&self.keys.noise_private(), &cert.repr().noise_key, seed, &p).ok()
+        }) else {
             return self.store_outbox(now, &user);
         };
         let index = self.index();
@@ -1100,7 +1214,9 @@ impl Client {
     }
 
     fn on_server_push(&mut self, now: Instant, id: u64, body: Request) {
-        let Server::Up { link, .. } = &mut self.server else { return };
+        let Server::Up { link, .. } = &mut self.server else {
+            return;
+        };
         match body {
             Request::ContactEvent { user, state, note } => {
                 let _ = link.respond(now, id, Response::Ok);
@@ -1114,13 +1230,19 @@ impl Client {
                         }
                     }
                 }
-                self.events.push_back(ClientEvent::Contact { user, state, note });
+                self.events
+                    .push_back(ClientEvent::Contact { user, state, note });
             }
             Request::PresenceEvent { user, presence } => {
                 let _ = link.respond(now, id, Response::Ok);
-                self.events.push_back(ClientEvent::Presence { user, presence });
+                self.events
+                    .push_back(ClientEvent::Presence { user, presence });
             }
-            Request::IncomingConnect { user, cert, candidates: _ } => {
+            Request::IncomingConnect {
+                user,
+                cert,
+                candidates: _,
+            } => {
                 let unix = self.clock.unix_s(now);
                 match Certificate::verify(&cert, &self.cfg.authority) {
                     Ok(c) if c.username() == &user && c.check_time(unix).is_ok() => {
@@ -1131,7 +1253,14 @@ impl Client {
                         let _ = link.respond(now, id, Response::ConnectAnswer { candidates });
                     }
                     _ => {
-                        let _ = link.respond(now, id, Response::error(ErrorCode::BadCertificate, "caller certificate invalid"));
+                        let _ = link.respond(
+                            now,
+                            id,
+                            Response::error(
+                                ErrorCode::BadCertificate,
+                                "caller certificate invalid",
+                            ),
+                        );
                     }
                 }
             }
@@ -1155,7 +1284,11 @@ impl Client {
                 });
             }
             _ => {
-                let _ = link.respond(now, id, Response::error(ErrorCode::BadRequest, "not a push a client accepts"));
+                let _ = link.respond(
+                    now,
+                    id,
+                    Response::error(ErrorCode::BadRequest, "not a push a client accepts"),
+                );
             }
         }
     }
@@ -1163,9 +1296,15 @@ impl Client {
     fn on_peer_event(&mut self, now: Instant, index: u32, e: LinkEvent) {
         match e {
             LinkEvent::Request { id, body } => {
-                let Some(p) = self.peers.get_mut(&index) else { return };
+                let Some(p) = self.peers.get_mut(&index) else {
+                    return;
+                };
                 match body {
-                    Request::Chat { msg_id, sent_at, text } => {
+                    Request::Chat {
+                        msg_id,
+                        sent_at,
+                        text,
+                    } => {
                         let token = self.next_ack;
                         self.next_ack += 1;
                         self.acks.insert(token, Ack::Peer(index, id));
@@ -1179,7 +1318,11 @@ impl Client {
                         });
                     }
                     _ => {
-                        let _ = p.link.respond(now, id, Response::error(ErrorCode::BadRequest, "not a peer request"));
+                        let _ = p.link.respond(
+                            now,
+                            id,
+                            Response::error(ErrorCode::BadRequest, "not a peer request"),
+                        );
                     }
                 }
             }
@@ -1195,7 +1338,10 @@ impl Client {
                             },
                         ),
                         other => {
-                            let r = err_result(&other).unwrap_or(CommandResult::error(ErrorCode::Internal, "unexpected answer"));
+                            let r = err_result(&other).unwrap_or(CommandResult::error(
+                                ErrorCode::Internal,
+                                "unexpected answer",
+                            ));
                             self.done(o.id, r);
                         }
                     }
@@ -1219,7 +1365,12 @@ impl Client {
                 self.peer_by_user.remove(&p.user);
             }
         }
-        let stranded: Vec<(u32, u64)> = self.peer_reqs.keys().filter(|(i, _)| *i == index).copied().collect();
+        let stranded: Vec<(u32, u64)> = self
+            .peer_reqs
+            .keys()
+            .filter(|(i, _)| *i == index)
+            .copied()
+            .collect();
         for k in stranded {
             if let Some(o) = self.peer_reqs.remove(&k) {
                 self.store_one(now, o);
@@ -1239,7 +1390,9 @@ impl Client {
                     self.start_handshake(now, a);
                 }
             }
-            Server::Handshaking { deadline, attempt, .. } => {
+            Server::Handshaking {
+                deadline, attempt, ..
+            } => {
                 if now >= *deadline {
                     let a = *attempt;
                     self.go_offline(now, "supernode unreachable", a);
@@ -1259,13 +1412,21 @@ impl Client {
             p.link.handle_timeout(now);
         }
         self.dial_tick(now);
-        let expired: Vec<CommandId> = self.queued.iter().filter(|(_, _, d)| now >= *d).map(|(id, _, _)| *id).collect();
+        let expired: Vec<CommandId> = self
+            .queued
+            .iter()
+            .filter(|(_, _, d)| now >= *d)
+            .map(|(id, _, _)| *id)
+            .collect();
         if !expired.is_empty() {
             self.queued.retain(|(_, _, d)| now < *d);
             for id in expired {
                 self.done(
                     id,
-                    CommandResult::error(ErrorCode::Unavailable, "supernode unreachable: check the address and your network"),
+                    CommandResult::error(
+                        ErrorCode::Unavailable,
+                        "supernode unreachable: check the address and your network",
+                    ),
                 );
             }
         }
@@ -1304,6 +1465,10 @@ impl Client {
 
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        if self.transmits.is_empty() {
+            // Requests sealed by `command` wait in their link until drained here.
+            self.flush_links();
+        }
         self.transmits.pop_front()
     }
 

@@ -22,7 +22,8 @@ impl WallClock {
     /// Unix milliseconds at `now`.
     pub fn unix_ms(&self, now: Instant) -> u64 {
         let d = now.saturating_duration_since(self.at).as_millis();
-        self.unix_ms.saturating_add(u64::try_from(d).unwrap_or(u64::MAX))
+        self.unix_ms
+            .saturating_add(u64::try_from(d).unwrap_or(u64::MAX))
     }
 
     /// Unix seconds at `now`.

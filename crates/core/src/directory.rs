@@ -73,8 +73,14 @@ mod tests {
     fn remove_if_keeps_newer_login() {
         let mut d = MemoryDirectory::new();
         let u = Username::parse("alice").unwrap();
-        let old = Location { node: 0, session: 1 };
-        let new = Location { node: 0, session: 2 };
+        let old = Location {
+            node: 0,
+            session: 1,
+        };
+        let new = Location {
+            node: 0,
+            session: 2,
+        };
         assert_eq!(d.insert(&u, old), None);
         assert_eq!(d.insert(&u, new), Some(old));
         assert!(!d.remove_if(&u, old));

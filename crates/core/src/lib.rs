@@ -5,15 +5,15 @@
 //! calls, and takes its randomness from the caller. The tokio glue lives in `peerline-net`.
 #![deny(missing_docs)]
 
+pub mod client;
+pub mod clock;
+pub mod directory;
+pub mod link;
 pub mod memstore;
+pub mod ops;
+#[doc(hidden)]
+pub mod sim;
 pub mod store;
 #[doc(hidden)]
 pub mod store_conformance;
-pub mod link;
-#[doc(hidden)]
-pub mod sim;
-pub mod clock;
-pub mod directory;
-pub mod ops;
 pub mod supernode;
-pub mod client;

@@ -262,7 +262,10 @@ impl Link {
                 // rather than leaving the peer retransmitting forever.
                 let fallback = Frame::Response {
                     id,
-                    body: Response::error(peerline_wire::msg::ErrorCode::Internal, "answer too large"),
+                    body: Response::error(
+                        peerline_wire::msg::ErrorCode::Internal,
+                        "answer too large",
+                    ),
                 };
                 let p = fallback.encode()?;
                 tracing::warn!(error = %e, "response did not encode");
@@ -319,7 +322,9 @@ impl Link {
             Frame::Request { id, body } => {
                 if let Some(answer) = self.answered.get(&id).cloned() {
                     self.seal(now, &answer)?;
-                } else if self.in_progress.len() < self.config.max_in_flight * 4 && self.in_progress.insert(id) {
+                } else if self.in_progress.len() < self.config.max_in_flight * 4
+                    && self.in_progress.insert(id)
+                {
                     self.events.push_back(LinkEvent::Request { id, body });
                 }
                 // else: still being worked on, or too many: the peer will retransmit.
@@ -350,7 +355,9 @@ impl Link {
             .map(|(id, _)| *id)
             .collect();
         for id in due {
-            let Some(p) = self.pending.get_mut(&id) else { continue };
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
             if p.attempts >= self.config.max_attempts {
                 self.pending.remove(&id);
                 self.events.push_back(LinkEvent::RequestFailed { id });
@@ -419,7 +426,12 @@ mod tests {
             }
             for (from, t) in net.deliver(now) {
                 let dst = if t.dst == b_addr() { &mut *b } else { &mut *a };
-                if let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&t.payload) {
+                if let Ok(Packet::Transport {
+                    counter,
+                    ciphertext,
+                    ..
+                }) = Packet::decode(&t.payload)
+                {
                     let _ = dst.handle_transport(now, from, counter, ciphertext);
                 }
             }
@@ -438,13 +450,27 @@ mod tests {
         let t0 = Instant::now();
         let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
         let mut net = Net::perfect(1);
-        let id = a.send_request(t0, Request::SetPresence(Presence::Away)).unwrap();
+        let id = a
+            .send_request(t0, Request::SetPresence(Presence::Away))
+            .unwrap();
         pump(&mut net, t0, &mut a, &mut b);
         let ev = drain(&mut b);
-        assert_eq!(ev, vec![LinkEvent::Request { id, body: Request::SetPresence(Presence::Away) }]);
+        assert_eq!(
+            ev,
+            vec![LinkEvent::Request {
+                id,
+                body: Request::SetPresence(Presence::Away)
+            }]
+        );
         b.respond(t0, id, Response::Ok).unwrap();
         pump(&mut net, t0, &mut a, &mut b);
-        assert_eq!(drain(&mut a), vec![LinkEvent::Response { id, body: Response::Ok }]);
+        assert_eq!(
+            drain(&mut a),
+            vec![LinkEvent::Response {
+                id,
+                body: Response::Ok
+            }]
+        );
         assert_eq!(a.in_flight(), 0);
     }
 
@@ -455,12 +481,19 @@ mod tests {
         for seed in 0..20 {
             let mut t = Instant::now();
             // Enough attempts that giving up is not what this test is about.
-            let patient = LinkConfig { max_attempts: 30, ..LinkConfig::client() };
-            let (mut a, mut b) = link_pair_cfg(t, a_addr(), b_addr(), patient, LinkConfig::server());
+            let patient = LinkConfig {
+                max_attempts: 30,
+                ..LinkConfig::client()
+            };
+            let (mut a, mut b) =
+                link_pair_cfg(t, a_addr(), b_addr(), patient, LinkConfig::server());
             let mut net = Net::lossy(seed, 0.3, 0.2, Duration::from_millis(80));
             let mut sent = Vec::new();
             for i in 0..10 {
-                sent.push(a.send_request(t, Request::ContactList { offset: i }).unwrap());
+                sent.push(
+                    a.send_request(t, Request::ContactList { offset: i })
+                        .unwrap(),
+                );
             }
             let mut executed = Vec::new();
             let mut answered = Vec::new();
@@ -516,13 +549,29 @@ mod tests {
         assert_eq!(a.poll_timeout(), Some(t0 + KEEPALIVE));
         a.handle_timeout(t0 + KEEPALIVE);
         let k = a.poll_transmit().expect("keepalive sent");
-        let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&k.payload) else { panic!() };
-        b.handle_transport(t0 + KEEPALIVE, a_addr(), counter, ciphertext).unwrap();
+        let Ok(Packet::Transport {
+            counter,
+            ciphertext,
+            ..
+        }) = Packet::decode(&k.payload)
+        else {
+            panic!()
+        };
+        b.handle_transport(t0 + KEEPALIVE, a_addr(), counter, ciphertext)
+            .unwrap();
         assert!(drain(&mut b).is_empty(), "keepalive raises no event");
         // The server echoes it, so the client knows its supernode is alive.
         let echo = b.poll_transmit().expect("keepalive echoed");
-        let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&echo.payload) else { panic!() };
-        a.handle_transport(t0 + KEEPALIVE, b_addr(), counter, ciphertext).unwrap();
+        let Ok(Packet::Transport {
+            counter,
+            ciphertext,
+            ..
+        }) = Packet::decode(&echo.payload)
+        else {
+            panic!()
+        };
+        a.handle_transport(t0 + KEEPALIVE, b_addr(), counter, ciphertext)
+            .unwrap();
         assert!(a.poll_transmit().is_none(), "the client does not echo back");
         // The server side never sends keepalives; it expires after 90 s of silence.
         let idle = t0 + KEEPALIVE + LinkConfig::server().idle_timeout;
@@ -538,8 +587,16 @@ mod tests {
         let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
         a.send_request(t0, Request::RenewCert).unwrap();
         let p = a.poll_transmit().unwrap();
-        let Ok(Packet::Transport { counter, ciphertext, .. }) = Packet::decode(&p.payload) else { panic!() };
-        b.handle_transport(t0, a_addr(), counter, ciphertext).unwrap();
+        let Ok(Packet::Transport {
+            counter,
+            ciphertext,
+            ..
+        }) = Packet::decode(&p.payload)
+        else {
+            panic!()
+        };
+        b.handle_transport(t0, a_addr(), counter, ciphertext)
+            .unwrap();
         assert!(matches!(
             b.handle_transport(t0, a_addr(), counter, ciphertext),
             Err(LinkError::Noise(NoiseError::Replay(_)))

@@ -12,7 +12,9 @@ use peerline_wire::msg::{ContactAction, ContactState, ErrorCode, MIN_PASSWORD};
 use peerline_wire::Username;
 use rand_core::{CryptoRng, RngCore};
 
-use crate::store::{Account, ContactRow, Device, NewMessage, QueueOutcome, Store, StoreError, StoredMessage};
+use crate::store::{
+    Account, ContactRow, Device, NewMessage, QueueOutcome, Store, StoreError, StoredMessage,
+};
 
 /// A storage operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +149,10 @@ impl OpError {
 impl From<StoreError> for OpError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, "store operation failed");
-        OpError::new(ErrorCode::Internal, "storage error on the supernode; try again")
+        OpError::new(
+            ErrorCode::Internal,
+            "storage error on the supernode; try again",
+        )
     }
 }
 
@@ -193,7 +198,11 @@ fn hash_password<R: RngCore + CryptoRng>(password: &str, rng: &mut R) -> Result<
 
 fn verify_password(password: &str, phc: &str) -> bool {
     PasswordHash::new(phc)
-        .map(|h| Argon2::default().verify_password(password.as_bytes(), &h).is_ok())
+        .map(|h| {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        })
         .unwrap_or(false)
 }
 
@@ -212,13 +221,18 @@ fn exists(store: &mut dyn Store, user: &Username) -> Result<bool, OpError> {
     Ok(store.account(user)?.is_some())
 }
 
-fn state(store: &mut dyn Store, owner: &Username, peer: &Username) -> Result<Option<ContactState>, OpError> {
+fn state(
+    store: &mut dyn Store,
+    owner: &Username,
+    peer: &Username,
+) -> Result<Option<ContactState>, OpError> {
     Ok(store.contact(owner, peer)?.map(|r| r.state))
 }
 
 /// Whether `a` and `b` have both accepted each other.
 pub fn mutual(store: &mut dyn Store, a: &Username, b: &Username) -> Result<bool, OpError> {
-    Ok(state(store, a, b)? == Some(ContactState::Accepted) && state(store, b, a)? == Some(ContactState::Accepted))
+    Ok(state(store, a, b)? == Some(ContactState::Accepted)
+        && state(store, b, a)? == Some(ContactState::Accepted))
 }
 
 /// Runs one operation against the store. `rng` salts password hashes.
@@ -260,7 +274,10 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                 Err(StoreError::Exists) => {
                     return Err(OpError::new(
                         ErrorCode::UsernameTaken,
-                        format!("username {} is taken (or this device is already enrolled)", account.username),
+                        format!(
+                            "username {} is taken (or this device is already enrolled)",
+                            account.username
+                        ),
                     ))
                 }
                 r => r?,
@@ -287,7 +304,10 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                 if d.username == username && !d.revoked {
                     return Ok((d, store.next_serial()?));
                 }
-                return Err(OpError::new(ErrorCode::BadRequest, "this device key is enrolled elsewhere"));
+                return Err(OpError::new(
+                    ErrorCode::BadRequest,
+                    "this device key is enrolled elsewhere",
+                ));
             }
             let device = Device {
                 username,
@@ -299,23 +319,44 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
             store.add_device(&device)?;
             Ok((device, store.next_serial()?))
         })()),
-        Op::Renew { noise_key } => OpResult::Device((|| match store.device_by_noise_key(&noise_key)? {
-            Some(d) if !d.revoked => Ok((d, store.next_serial()?)),
-            Some(_) => Err(OpError::new(ErrorCode::BadCertificate, "this device was revoked: enrol it again")),
-            None => Err(OpError::new(ErrorCode::BadCertificate, "this device is not enrolled: register or enrol it")),
-        })()),
-        Op::ContactAdd { from, to, note } => OpResult::Contact(contact_add(store, &from, &to, &note)),
-        Op::ContactReply { owner, peer, action } => OpResult::Contact(contact_reply(store, &owner, &peer, action)),
+        Op::Renew { noise_key } => {
+            OpResult::Device((|| match store.device_by_noise_key(&noise_key)? {
+                Some(d) if !d.revoked => Ok((d, store.next_serial()?)),
+                Some(_) => Err(OpError::new(
+                    ErrorCode::BadCertificate,
+                    "this device was revoked: enrol it again",
+                )),
+                None => Err(OpError::new(
+                    ErrorCode::BadCertificate,
+                    "this device is not enrolled: register or enrol it",
+                )),
+            })())
+        }
+        Op::ContactAdd { from, to, note } => {
+            OpResult::Contact(contact_add(store, &from, &to, &note))
+        }
+        Op::ContactReply {
+            owner,
+            peer,
+            action,
+        } => OpResult::Contact(contact_reply(store, &owner, &peer, action)),
         Op::ContactRemove { owner, peer } => OpResult::Contact((|| {
             let theirs = state(store, &peer, &owner)?;
             if state(store, &owner, &peer)?.is_none() && theirs.is_none() {
-                return Err(OpError::new(ErrorCode::BadRequest, format!("{peer} is not in your contacts")));
+                return Err(OpError::new(
+                    ErrorCode::BadRequest,
+                    format!("{peer} is not in your contacts"),
+                ));
             }
             // A block the other side placed stays in place: removing never unblocks oneself.
-            let keep = (theirs == Some(ContactState::Blocked)).then_some((ContactState::Blocked, ""));
+            let keep =
+                (theirs == Some(ContactState::Blocked)).then_some((ContactState::Blocked, ""));
             store.set_contact_pair(&owner, None, &peer, keep)?;
             let mut notices = Vec::new();
-            if matches!(theirs, Some(ContactState::Accepted) | Some(ContactState::Incoming)) {
+            if matches!(
+                theirs,
+                Some(ContactState::Accepted) | Some(ContactState::Incoming)
+            ) {
                 notices.push(Notice {
                     to: peer,
                     about: owner,
@@ -325,7 +366,11 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
             }
             Ok(notices)
         })()),
-        Op::ContactList { owner, offset, limit } => OpResult::Contacts(store.contacts(&owner, offset, limit).map_err(Into::into)),
+        Op::ContactList {
+            owner,
+            offset,
+            limit,
+        } => OpResult::Contacts(store.contacts(&owner, offset, limit).map_err(Into::into)),
         Op::Accepted { user } => OpResult::Users((|| {
             let mut out = Vec::new();
             for peer in store.accepted_contacts(&user)? {
@@ -336,7 +381,9 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
             }
             Ok(out)
         })()),
-        Op::Search { prefix, limit } => OpResult::Users(store.search_prefix(&prefix, limit).map_err(Into::into)),
+        Op::Search { prefix, limit } => {
+            OpResult::Users(store.search_prefix(&prefix, limit).map_err(Into::into))
+        }
         Op::CheckContact { from, to } => OpResult::Done((|| {
             if !exists(store, &to)? {
                 return Err(unknown(&to));
@@ -355,14 +402,29 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
             }
             Ok(store.queue_message(&msg, quota)?)
         })()),
-        Op::Pending { to, limit } => OpResult::Messages(store.pending_messages(&to, limit).map_err(Into::into)),
-        Op::Delete { to, id } => OpResult::Done(store.delete_message(&to, id).map(|_| ()).map_err(Into::into)),
+        Op::Pending { to, limit } => {
+            OpResult::Messages(store.pending_messages(&to, limit).map_err(Into::into))
+        }
+        Op::Delete { to, id } => OpResult::Done(
+            store
+                .delete_message(&to, id)
+                .map(|_| ())
+                .map_err(Into::into),
+        ),
     }
 }
 
-fn contact_add(store: &mut dyn Store, from: &Username, to: &Username, note: &str) -> Result<Vec<Notice>, OpError> {
+fn contact_add(
+    store: &mut dyn Store,
+    from: &Username,
+    to: &Username,
+    note: &str,
+) -> Result<Vec<Notice>, OpError> {
     if from == to {
-        return Err(OpError::new(ErrorCode::BadRequest, "you cannot add yourself"));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "you cannot add yourself",
+        ));
     }
     if !exists(store, to)? {
         return Err(unknown(to));
@@ -373,12 +435,22 @@ fn contact_add(store: &mut dyn Store, from: &Username, to: &Username, note: &str
         (Some(ContactState::Accepted), Some(ContactState::Accepted)) => Ok(Vec::new()),
         // They blocked us: look like a pending request, tell them nothing.
         (_, Some(ContactState::Blocked)) => {
-            store.set_contact_pair(from, Some((ContactState::Requested, note)), to, Some((ContactState::Blocked, "")))?;
+            store.set_contact_pair(
+                from,
+                Some((ContactState::Requested, note)),
+                to,
+                Some((ContactState::Blocked, "")),
+            )?;
             Ok(Vec::new())
         }
         // They already asked us: adding them back is accepting.
         (_, Some(ContactState::Requested)) => {
-            store.set_contact_pair(from, Some((ContactState::Accepted, "")), to, Some((ContactState::Accepted, "")))?;
+            store.set_contact_pair(
+                from,
+                Some((ContactState::Accepted, "")),
+                to,
+                Some((ContactState::Accepted, "")),
+            )?;
             Ok(vec![Notice {
                 to: to.clone(),
                 about: from.clone(),
@@ -387,7 +459,12 @@ fn contact_add(store: &mut dyn Store, from: &Username, to: &Username, note: &str
             }])
         }
         _ => {
-            store.set_contact_pair(from, Some((ContactState::Requested, note)), to, Some((ContactState::Incoming, note)))?;
+            store.set_contact_pair(
+                from,
+                Some((ContactState::Requested, note)),
+                to,
+                Some((ContactState::Incoming, note)),
+            )?;
             Ok(vec![Notice {
                 to: to.clone(),
                 about: from.clone(),
@@ -398,9 +475,17 @@ fn contact_add(store: &mut dyn Store, from: &Username, to: &Username, note: &str
     }
 }
 
-fn contact_reply(store: &mut dyn Store, owner: &Username, peer: &Username, action: ContactAction) -> Result<Vec<Notice>, OpError> {
+fn contact_reply(
+    store: &mut dyn Store,
+    owner: &Username,
+    peer: &Username,
+    action: ContactAction,
+) -> Result<Vec<Notice>, OpError> {
     if owner == peer {
-        return Err(OpError::new(ErrorCode::BadRequest, "you cannot answer yourself"));
+        return Err(OpError::new(
+            ErrorCode::BadRequest,
+            "you cannot answer yourself",
+        ));
     }
     let mine = state(store, owner, peer)?;
     match action {
@@ -410,7 +495,8 @@ fn contact_reply(store: &mut dyn Store, owner: &Username, peer: &Username, actio
             }
             let theirs = state(store, peer, owner)?;
             // They keep a "requested" row if they had one, so the block is not revealed.
-            let their_row = matches!(theirs, Some(ContactState::Requested)).then_some((ContactState::Requested, ""));
+            let their_row = matches!(theirs, Some(ContactState::Requested))
+                .then_some((ContactState::Requested, ""));
             store.set_contact_pair(owner, Some((ContactState::Blocked, "")), peer, their_row)?;
             let notices = if theirs == Some(ContactState::Accepted) {
                 vec![Notice {
@@ -432,7 +518,12 @@ fn contact_reply(store: &mut dyn Store, owner: &Username, peer: &Username, actio
                 ));
             }
             if action == ContactAction::Accept {
-                store.set_contact_pair(owner, Some((ContactState::Accepted, "")), peer, Some((ContactState::Accepted, "")))?;
+                store.set_contact_pair(
+                    owner,
+                    Some((ContactState::Accepted, "")),
+                    peer,
+                    Some((ContactState::Accepted, "")),
+                )?;
                 Ok(vec![Notice {
                     to: peer.clone(),
                     about: owner.clone(),

@@ -29,7 +29,14 @@ impl Net {
     }
 
     pub fn lossy(seed: u64, loss: f64, dup: f64, max_delay: Duration) -> Self {
-        Net { rng: ChaCha20Rng::seed_from_u64(seed), loss, dup, max_delay, in_flight: Vec::new(), sent: 0 }
+        Net {
+            rng: ChaCha20Rng::seed_from_u64(seed),
+            loss,
+            dup,
+            max_delay,
+            in_flight: Vec::new(),
+            sent: 0,
+        }
     }
 
     fn unit(&mut self) -> f64 {
@@ -70,16 +77,29 @@ impl Net {
 
 /// Two links joined by a completed handshake (client-style `a`, server-style `b`).
 pub fn link_pair(now: Instant, a_addr: SocketAddr, b_addr: SocketAddr) -> (Link, Link) {
-    link_pair_cfg(now, a_addr, b_addr, LinkConfig::client(), LinkConfig::server())
+    link_pair_cfg(
+        now,
+        a_addr,
+        b_addr,
+        LinkConfig::client(),
+        LinkConfig::server(),
+    )
 }
 
 /// As [`link_pair`] with explicit configurations.
-pub fn link_pair_cfg(now: Instant, a_addr: SocketAddr, b_addr: SocketAddr, ca: LinkConfig, cb: LinkConfig) -> (Link, Link) {
+pub fn link_pair_cfg(
+    now: Instant,
+    a_addr: SocketAddr,
+    b_addr: SocketAddr,
+    ca: LinkConfig,
+    cb: LinkConfig,
+) -> (Link, Link) {
     use peerline_crypto::noise::{Handshake, Responder};
     use peerline_crypto::DeviceKeys;
     let ka = DeviceKeys::generate(&mut ChaCha20Rng::seed_from_u64(100));
     let kb = DeviceKeys::generate(&mut ChaCha20Rng::seed_from_u64(200));
-    let (hs, m1) = Handshake::initiate(&ka.noise_private(), &kb.noise_public(), [1; 32], b"").unwrap();
+    let (hs, m1) =
+        Handshake::initiate(&ka.noise_private(), &kb.noise_public(), [1; 32], b"").unwrap();
     let r = Responder::read(&kb.noise_private(), [2; 32], &m1).unwrap();
     let (tb, m2) = r.accept(b"").unwrap();
     let (ta, _) = hs.finish(&m2).unwrap();

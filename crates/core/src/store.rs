@@ -121,7 +121,11 @@ pub trait Store: Send {
     /// Usernames starting with `prefix` (already lowercase), sorted, at most `limit`.
     fn search_prefix(&mut self, prefix: &str, limit: usize) -> Result<Vec<Username>, StoreError>;
     /// The row `owner -> peer`, if any.
-    fn contact(&mut self, owner: &Username, peer: &Username) -> Result<Option<ContactRow>, StoreError>;
+    fn contact(
+        &mut self,
+        owner: &Username,
+        peer: &Username,
+    ) -> Result<Option<ContactRow>, StoreError>;
     /// Sets both directed rows between `a` and `b` in one transaction. `None` deletes a row.
     fn set_contact_pair(
         &mut self,
@@ -131,13 +135,23 @@ pub trait Store: Send {
         b_row: Option<(ContactState, &str)>,
     ) -> Result<(), StoreError>;
     /// A page of `owner`'s rows sorted by peer name.
-    fn contacts(&mut self, owner: &Username, offset: usize, limit: usize) -> Result<Vec<ContactRow>, StoreError>;
+    fn contacts(
+        &mut self,
+        owner: &Username,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<ContactRow>, StoreError>;
     /// All peers `owner` has in state `Accepted` (for presence fan-out).
     fn accepted_contacts(&mut self, owner: &Username) -> Result<Vec<Username>, StoreError>;
     /// Queues a message unless the recipient already has `quota` waiting.
-    fn queue_message(&mut self, msg: &NewMessage, quota: usize) -> Result<QueueOutcome, StoreError>;
+    fn queue_message(&mut self, msg: &NewMessage, quota: usize)
+        -> Result<QueueOutcome, StoreError>;
     /// The oldest `limit` messages waiting for `to`, oldest first.
-    fn pending_messages(&mut self, to: &Username, limit: usize) -> Result<Vec<StoredMessage>, StoreError>;
+    fn pending_messages(
+        &mut self,
+        to: &Username,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
     /// Deletes a delivered message; `Ok(false)` if it was not there (already deleted).
     fn delete_message(&mut self, to: &Username, id: u64) -> Result<bool, StoreError>;
 }

@@ -19,8 +19,8 @@ use peerline_crypto::cert::CertRequest;
 use peerline_crypto::noise::Responder;
 use peerline_crypto::{Authority, CertError, Certificate};
 use peerline_wire::msg::{
-    ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome, CONTACTS_PAGE,
-    MAX_CANDIDATES, MAX_SEARCH_RESULTS,
+    ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome,
+    CONTACTS_PAGE, MAX_CANDIDATES, MAX_SEARCH_RESULTS,
 };
 use peerline_wire::packet::Packet;
 use peerline_wire::{Username, PROTOCOL_VERSION};
@@ -140,9 +140,18 @@ enum Waiting {
     /// Contact change: answer, then push notices.
     Contact { session: u32, req: u64 },
     /// Connection setup: after the contact check, ring the callee.
-    Connect { session: u32, req: u64, to: Username, candidates: Vec<SocketAddr> },
+    Connect {
+        session: u32,
+        req: u64,
+        to: Username,
+        candidates: Vec<SocketAddr>,
+    },
     /// Offline message queued: answer, then deliver if the recipient is online.
-    Queue { session: u32, req: u64, msg: NewMessage },
+    Queue {
+        session: u32,
+        req: u64,
+        msg: NewMessage,
+    },
     /// Contact list page for `session`.
     List { session: u32, req: u64 },
     /// Login fan-out: the user's contacts.
@@ -259,7 +268,10 @@ impl Supernode {
     pub fn send_reset_hint(&mut self, index: u32, addr: SocketAddr) {
         let mut out = Vec::with_capacity(8);
         Packet::Reset { receiver: index }.encode(&mut out);
-        self.push_transmit(Transmit { dst: addr, payload: out });
+        self.push_transmit(Transmit {
+            dst: addr,
+            payload: out,
+        });
     }
 
     fn push_transmit(&mut self, t: Transmit) {
@@ -326,14 +338,19 @@ impl Supernode {
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.stats.datagrams_in += 1;
         match Packet::decode(bytes) {
-            Ok(Packet::HandshakeInit { sender, noise }) => self.on_handshake(now, from, sender, noise),
+            Ok(Packet::HandshakeInit { sender, noise }) => {
+                self.on_handshake(now, from, sender, noise)
+            }
             Ok(Packet::Transport {
                 receiver,
                 counter,
                 ciphertext,
             }) => {
                 let ok = match self.sessions.get_mut(&receiver) {
-                    Some(s) => s.link.handle_transport(now, from, counter, ciphertext).is_ok(),
+                    Some(s) => s
+                        .link
+                        .handle_transport(now, from, counter, ciphertext)
+                        .is_ok(),
                     None => {
                         self.stats.dropped += 1;
                         self.reset_unknown(now, from, receiver);
@@ -416,7 +433,9 @@ impl Supernode {
             unix_ms: self.clock.unix_ms(now),
             cert: None,
         };
-        let Ok(payload) = welcome.encode() else { return };
+        let Ok(payload) = welcome.encode() else {
+            return;
+        };
         let Ok((transport, msg2)) = responder.accept(&payload) else {
             self.stats.dropped += 1;
             return;
@@ -429,7 +448,10 @@ impl Supernode {
             noise: &msg2,
         }
         .encode(&mut out);
-        self.push_transmit(Transmit { dst: from, payload: out });
+        self.push_transmit(Transmit {
+            dst: from,
+            payload: out,
+        });
         self.stats.handshakes += 1;
         let link = Link::new(LinkConfig::server(), transport, index, sender, from, now);
         let user = match &auth {
@@ -474,7 +496,10 @@ impl Supernode {
         self.stats.logins += 1;
         tracing::info!(user = %user, "login");
         self.events.push_back(SupernodeEvent::Login(user.clone()));
-        self.op(Op::Accepted { user: user.clone() }, Waiting::Contacts { session: index });
+        self.op(
+            Op::Accepted { user: user.clone() },
+            Waiting::Contacts { session: index },
+        );
         self.op(
             Op::Pending {
                 to: user,
@@ -485,8 +510,12 @@ impl Supernode {
     }
 
     fn logout(&mut self, now: Instant, index: u32) {
-        let Some(s) = self.sessions.remove(&index) else { return };
-        let Some(user) = s.user().cloned() else { return };
+        let Some(s) = self.sessions.remove(&index) else {
+            return;
+        };
+        let Some(user) = s.user().cloned() else {
+            return;
+        };
         let loc = Location {
             node: self.cfg.node_id,
             session: index,
@@ -501,10 +530,20 @@ impl Supernode {
             }
         }
         // Callers waiting on this session as callee get an answer.
-        let orphaned: Vec<(u32, u64)> = self.pushes.keys().filter(|(i, _)| *i == index).copied().collect();
+        let orphaned: Vec<(u32, u64)> = self
+            .pushes
+            .keys()
+            .filter(|(i, _)| *i == index)
+            .copied()
+            .collect();
         for key in orphaned {
             if let Some(Push::Connect { caller, req }) = self.pushes.remove(&key) {
-                self.reply(now, caller, req, err(ErrorCode::Offline, format!("{user} went offline")));
+                self.reply(
+                    now,
+                    caller,
+                    req,
+                    err(ErrorCode::Offline, format!("{user} went offline")),
+                );
             }
         }
     }
@@ -516,7 +555,9 @@ impl Supernode {
                 break;
             }
             self.timers.pop();
-            let Some(s) = self.sessions.get_mut(&index) else { continue };
+            let Some(s) = self.sessions.get_mut(&index) else {
+                continue;
+            };
             if s.scheduled != Some(t) {
                 continue; // stale entry; a newer one is in the heap
             }
@@ -534,7 +575,9 @@ impl Supernode {
     }
 
     fn push(&mut self, now: Instant, index: u32, body: Request, kind: Push) {
-        let Some(s) = self.sessions.get_mut(&index) else { return };
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
         if let Ok(id) = s.link.send_request(now, body) {
             self.pushes.insert((index, id), kind);
         }
@@ -579,12 +622,19 @@ impl Supernode {
     }
 
     fn on_request(&mut self, now: Instant, index: u32, id: u64, body: Request) {
-        let Some(s) = self.sessions.get(&index) else { return };
+        let Some(s) = self.sessions.get(&index) else {
+            return;
+        };
         let noise_key = *s.link.remote_static();
         let remote = s.link.remote_addr();
         let user = s.user().cloned();
         if self.overloaded() {
-            self.reply(now, index, id, err(ErrorCode::Unavailable, "supernode busy: try again shortly"));
+            self.reply(
+                now,
+                index,
+                id,
+                err(ErrorCode::Unavailable, "supernode busy: try again shortly"),
+            );
             return;
         }
         let mut device_id = [0u8; 16];
@@ -592,9 +642,21 @@ impl Supernode {
         let session = index;
         let req = id;
         match (body, user) {
-            (Request::Register { username, password, sign_key }, None) => {
+            (
+                Request::Register {
+                    username,
+                    password,
+                    sign_key,
+                },
+                None,
+            ) => {
                 if !matches!(s.auth, Auth::Anonymous) {
-                    return self.reply(now, index, id, err(ErrorCode::BadRequest, "this device is already enrolled"));
+                    return self.reply(
+                        now,
+                        index,
+                        id,
+                        err(ErrorCode::BadRequest, "this device is already enrolled"),
+                    );
                 }
                 let unix = self.clock.unix_s(now);
                 self.op(
@@ -609,7 +671,14 @@ impl Supernode {
                     Waiting::Certify { session, req },
                 );
             }
-            (Request::Enroll { username, password, sign_key }, None) => {
+            (
+                Request::Enroll {
+                    username,
+                    password,
+                    sign_key,
+                },
+                None,
+            ) => {
                 self.op(
                     Op::Enroll {
                         username,
@@ -623,24 +692,45 @@ impl Supernode {
             }
             (Request::RenewCert, _) => {
                 if matches!(s.auth, Auth::Anonymous) {
-                    return self.reply(now, index, id, err(ErrorCode::NotAuthenticated, "log in with a certificate first"));
+                    return self.reply(
+                        now,
+                        index,
+                        id,
+                        err(
+                            ErrorCode::NotAuthenticated,
+                            "log in with a certificate first",
+                        ),
+                    );
                 }
                 self.op(Op::Renew { noise_key }, Waiting::Certify { session, req });
             }
             (Request::Register { .. } | Request::Enroll { .. }, Some(_)) => {
-                self.reply(now, index, id, err(ErrorCode::BadRequest, "already logged in"));
+                self.reply(
+                    now,
+                    index,
+                    id,
+                    err(ErrorCode::BadRequest, "already logged in"),
+                );
             }
             (_, None) => {
                 self.reply(
                     now,
                     index,
                     id,
-                    err(ErrorCode::NotAuthenticated, "not logged in: register or renew the certificate first"),
+                    err(
+                        ErrorCode::NotAuthenticated,
+                        "not logged in: register or renew the certificate first",
+                    ),
                 );
             }
             (Request::SetPresence(p), Some(me)) => {
                 if p == Presence::Offline {
-                    return self.reply(now, index, id, err(ErrorCode::BadRequest, "to go offline, disconnect"));
+                    return self.reply(
+                        now,
+                        index,
+                        id,
+                        err(ErrorCode::BadRequest, "to go offline, disconnect"),
+                    );
                 }
                 let contacts: Vec<Username> = match self.sessions.get_mut(&index) {
                     Some(s) => {
@@ -655,7 +745,14 @@ impl Supernode {
                 }
             }
             (Request::ContactAdd { user, note }, Some(me)) => {
-                self.op(Op::ContactAdd { from: me, to: user, note }, Waiting::Contact { session, req });
+                self.op(
+                    Op::ContactAdd {
+                        from: me,
+                        to: user,
+                        note,
+                    },
+                    Waiting::Contact { session, req },
+                );
             }
             (Request::ContactReply { user, action }, Some(me)) => {
                 self.op(
@@ -676,7 +773,13 @@ impl Supernode {
                         o.contacts.remove(&me);
                     }
                 }
-                self.op(Op::ContactRemove { owner: me, peer: user }, Waiting::Contact { session, req });
+                self.op(
+                    Op::ContactRemove {
+                        owner: me,
+                        peer: user,
+                    },
+                    Waiting::Contact { session, req },
+                );
             }
             (Request::ContactList { offset }, Some(me)) => {
                 self.op(
@@ -702,7 +805,13 @@ impl Supernode {
                     Err(e) => self.reply(now, index, id, err(ErrorCode::BadRequest, e.to_string())),
                 }
             }
-            (Request::Connect { user, mut candidates }, Some(me)) => {
+            (
+                Request::Connect {
+                    user,
+                    mut candidates,
+                },
+                Some(me),
+            ) => {
                 // The address we see is the caller's best candidate behind a NAT.
                 if !candidates.contains(&remote) {
                     candidates.insert(0, remote);
@@ -753,13 +862,20 @@ impl Supernode {
                 | Request::Chat { .. },
                 Some(_),
             ) => {
-                self.reply(now, index, id, err(ErrorCode::BadRequest, "not a request a supernode accepts"));
+                self.reply(
+                    now,
+                    index,
+                    id,
+                    err(ErrorCode::BadRequest, "not a request a supernode accepts"),
+                );
             }
         }
     }
 
     fn on_push_answer(&mut self, now: Instant, index: u32, id: u64, body: Option<Response>) {
-        let Some(kind) = self.pushes.remove(&(index, id)) else { return };
+        let Some(kind) = self.pushes.remove(&(index, id)) else {
+            return;
+        };
         match kind {
             Push::Info => {}
             Push::Connect { caller, req } => {
@@ -777,18 +893,30 @@ impl Supernode {
                         }
                         Response::ConnectAccepted { cert, candidates }
                     }
-                    (Some(Response::Error { .. }), _) => err(ErrorCode::Declined, "the contact declined the connection"),
+                    (Some(Response::Error { .. }), _) => {
+                        err(ErrorCode::Declined, "the contact declined the connection")
+                    }
                     _ => err(ErrorCode::Offline, "the contact did not answer"),
                 };
                 self.reply(now, caller, req, answer);
             }
             Push::Deliver { id: store_id } => {
-                let Some(s) = self.sessions.get_mut(&index) else { return };
+                let Some(s) = self.sessions.get_mut(&index) else {
+                    return;
+                };
                 s.delivering.remove(&store_id);
-                let Some(user) = s.user().cloned() else { return };
+                let Some(user) = s.user().cloned() else {
+                    return;
+                };
                 if matches!(body, Some(Response::Ok)) {
                     self.stats.messages_delivered += 1;
-                    self.op(Op::Delete { to: user.clone(), id: store_id }, Waiting::Nothing);
+                    self.op(
+                        Op::Delete {
+                            to: user.clone(),
+                            id: store_id,
+                        },
+                        Waiting::Nothing,
+                    );
                 }
                 let s = self.sessions.get_mut(&index);
                 if let Some(s) = s {
@@ -808,7 +936,9 @@ impl Supernode {
     }
 
     fn deliver(&mut self, now: Instant, index: u32, m: StoredMessage) {
-        let Some(s) = self.sessions.get_mut(&index) else { return };
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
         if !s.delivering.insert(m.id) {
             return;
         }
@@ -857,7 +987,9 @@ impl Supernode {
 
     /// Feeds back the result of a storage operation from [`Supernode::poll_op`].
     pub fn handle_op_result(&mut self, now: Instant, token: u64, result: OpResult) {
-        let Some(w) = self.waiting.remove(&token) else { return };
+        let Some(w) = self.waiting.remove(&token) else {
+            return;
+        };
         match (w, result) {
             (Waiting::Nothing, _) => {}
             (Waiting::Reply { session, req }, OpResult::Users(r)) => {
@@ -882,12 +1014,15 @@ impl Supernode {
                         self.cfg.cert_lifetime.as_secs(),
                     );
                     let bytes = cert.as_bytes().to_vec();
-                    let Some(s) = self.sessions.get_mut(&session) else { return };
+                    let Some(s) = self.sessions.get_mut(&session) else {
+                        return;
+                    };
                     let was_user = s.user().is_some();
                     let registered = matches!(s.auth, Auth::Anonymous);
                     s.auth = Auth::User(cert);
                     if registered {
-                        self.events.push_back(SupernodeEvent::Registered(device.username.clone()));
+                        self.events
+                            .push_back(SupernodeEvent::Registered(device.username.clone()));
                     }
                     if !was_user {
                         self.login(now, session, device.username);
@@ -910,7 +1045,11 @@ impl Supernode {
                     Ok(mut rows) => {
                         let more = rows.len() > CONTACTS_PAGE;
                         rows.truncate(CONTACTS_PAGE);
-                        let contacts = self.sessions.get(&session).map(|s| s.contacts.clone()).unwrap_or_default();
+                        let contacts = self
+                            .sessions
+                            .get(&session)
+                            .map(|s| s.contacts.clone())
+                            .unwrap_or_default();
                         let entries = rows
                             .into_iter()
                             .map(|r| ContactEntry {
@@ -930,7 +1069,9 @@ impl Supernode {
                 self.reply(now, session, req, body);
             }
             (Waiting::Contacts { session }, OpResult::Users(Ok(contacts))) => {
-                let Some(s) = self.sessions.get_mut(&session) else { return };
+                let Some(s) = self.sessions.get_mut(&session) else {
+                    return;
+                };
                 let Some(me) = s.user().cloned() else { return };
                 s.contacts = contacts.iter().cloned().collect();
                 let mine = s.presence.as_seen();
@@ -956,8 +1097,12 @@ impl Supernode {
                 if let Err(e) = r {
                     return self.reply(now, session, req, op_err(e));
                 }
-                let Some(caller) = self.sessions.get(&session) else { return };
-                let (Some(me), Auth::User(cert)) = (caller.user().cloned(), &caller.auth) else { return };
+                let Some(caller) = self.sessions.get(&session) else {
+                    return;
+                };
+                let (Some(me), Auth::User(cert)) = (caller.user().cloned(), &caller.auth) else {
+                    return;
+                };
                 let cert = cert.as_bytes().to_vec();
                 match self.session_of(&to) {
                     Some(callee) => {
@@ -966,9 +1111,22 @@ impl Supernode {
                             cert,
                             candidates,
                         };
-                        self.push(now, callee, body, Push::Connect { caller: session, req });
+                        self.push(
+                            now,
+                            callee,
+                            body,
+                            Push::Connect {
+                                caller: session,
+                                req,
+                            },
+                        );
                     }
-                    None => self.reply(now, session, req, err(ErrorCode::Offline, format!("{to} is offline"))),
+                    None => self.reply(
+                        now,
+                        session,
+                        req,
+                        err(ErrorCode::Offline, format!("{to} is offline")),
+                    ),
                 }
             }
             (Waiting::Queue { session, req, msg }, OpResult::Queued(r)) => match r {
@@ -983,7 +1141,10 @@ impl Supernode {
                     now,
                     session,
                     req,
-                    err(ErrorCode::MailboxFull, format!("{}'s mailbox is full: try again later", msg.to)),
+                    err(
+                        ErrorCode::MailboxFull,
+                        format!("{}'s mailbox is full: try again later", msg.to),
+                    ),
                 ),
                 Err(e) => self.reply(now, session, req, op_err(e)),
             },

@@ -5,7 +5,9 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use peerline_core::client::{Client, ClientConfig, ClientEvent, Command, CommandId, CommandResult, Via};
+use peerline_core::client::{
+    Client, ClientConfig, ClientEvent, Command, CommandId, CommandResult, Via,
+};
 use peerline_core::clock::WallClock;
 use peerline_core::directory::MemoryDirectory;
 use peerline_core::link::Transmit;
@@ -66,7 +68,12 @@ impl World {
         }
     }
 
-    fn make_supernode(keys: &DeviceKeys, authority: &[u8; 32], seed: u64, now: Instant) -> Supernode {
+    fn make_supernode(
+        keys: &DeviceKeys,
+        authority: &[u8; 32],
+        seed: u64,
+        now: Instant,
+    ) -> Supernode {
         Supernode::new(
             SupernodeConfig::default(),
             keys.noise_private(),
@@ -100,11 +107,24 @@ impl World {
 
     fn add_client(&mut self, cert: Option<Vec<u8>>, keys: Option<DeviceKeys>) -> usize {
         let i = self.clients.len();
-        let addr: SocketAddr = format!("198.51.100.{}:{}", i + 10, 5000 + i).parse().unwrap();
+        let addr: SocketAddr = format!("198.51.100.{}:{}", i + 10, 5000 + i)
+            .parse()
+            .unwrap();
         let keys = keys.unwrap_or_else(|| DeviceKeys::generate(&mut self.rng));
-        let cfg = ClientConfig::new(sn_addr(), self.sn_keys.noise_public(), Authority::from_bytes(&self.authority_bytes).public());
+        let cfg = ClientConfig::new(
+            sn_addr(),
+            self.sn_keys.noise_public(),
+            Authority::from_bytes(&self.authority_bytes).public(),
+        );
         let elapsed = self.now.duration_since(self.t0).as_millis() as u64;
-        let mut c = Client::new(cfg, keys, cert.as_deref(), [i as u8 + 1; 32], WallClock::new(self.now, UNIX_START_MS + elapsed), self.now);
+        let mut c = Client::new(
+            cfg,
+            keys,
+            cert.as_deref(),
+            [i as u8 + 1; 32],
+            WallClock::new(self.now, UNIX_START_MS + elapsed),
+            self.now,
+        );
         c.set_local_candidates(vec![addr]);
         c.connect(self.now);
         self.clients.push((addr, c));
@@ -183,7 +203,13 @@ impl World {
     }
 
     fn register(&mut self, i: usize, name: &str) {
-        let r = self.command(i, Command::Register { username: user(name), password: "correct horse".into() });
+        let r = self.command(
+            i,
+            Command::Register {
+                username: user(name),
+                password: "correct horse".into(),
+            },
+        );
         assert_eq!(r, CommandResult::Ok, "register {name}");
         assert!(self.clients[i].1.is_online());
     }
@@ -192,15 +218,35 @@ impl World {
         self.events[i]
             .iter()
             .filter_map(|e| match e {
-                ClientEvent::Message { from, text, via, .. } => Some((from.clone(), text.clone(), *via)),
+                ClientEvent::Message {
+                    from, text, via, ..
+                } => Some((from.clone(), text.clone(), *via)),
                 _ => None,
             })
             .collect()
     }
 
     fn befriend(&mut self, a: usize, b: usize, bname: &str, aname: &str) {
-        assert_eq!(self.command(a, Command::ContactAdd { user: user(bname), note: "hi".into() }), CommandResult::Ok);
-        assert_eq!(self.command(b, Command::ContactReply { user: user(aname), action: ContactAction::Accept }), CommandResult::Ok);
+        assert_eq!(
+            self.command(
+                a,
+                Command::ContactAdd {
+                    user: user(bname),
+                    note: "hi".into()
+                }
+            ),
+            CommandResult::Ok
+        );
+        assert_eq!(
+            self.command(
+                b,
+                Command::ContactReply {
+                    user: user(aname),
+                    action: ContactAction::Accept
+                }
+            ),
+            CommandResult::Ok
+        );
     }
 }
 
@@ -212,63 +258,147 @@ fn sent_via(r: &CommandResult) -> Via {
 }
 
 fn full_scenario(w: &mut World) {
-    let (a, b, c) = (w.add_client(None, None), w.add_client(None, None), w.add_client(None, None));
+    let (a, b, c) = (
+        w.add_client(None, None),
+        w.add_client(None, None),
+        w.add_client(None, None),
+    );
     w.register(a, "alice");
     w.register(b, "bob");
     w.register(c, "carol");
 
     // Usernames are case-insensitive and unique.
     let d = w.add_client(None, None);
-    match w.command(d, Command::Register { username: user("ALICE"), password: "another one".into() }) {
-        CommandResult::Error { code: ErrorCode::UsernameTaken, .. } => {}
+    match w.command(
+        d,
+        Command::Register {
+            username: user("ALICE"),
+            password: "another one".into(),
+        },
+    ) {
+        CommandResult::Error {
+            code: ErrorCode::UsernameTaken,
+            ..
+        } => {}
         other => panic!("expected UsernameTaken, got {other:?}"),
     }
 
     // Contact request, then accept; the requester hears about it.
-    assert_eq!(w.command(a, Command::ContactAdd { user: user("bob"), note: "it's alice".into() }), CommandResult::Ok);
+    assert_eq!(
+        w.command(
+            a,
+            Command::ContactAdd {
+                user: user("bob"),
+                note: "it's alice".into()
+            }
+        ),
+        CommandResult::Ok
+    );
     w.run_for(Duration::from_millis(500));
     assert!(w.events[b].iter().any(|e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Incoming, note } if u.as_str() == "alice" && note == "it's alice")));
     // Not yet accepted: no messaging.
-    match w.command(a, Command::SendMessage { to: user("bob"), text: "too early".into() }) {
-        CommandResult::Error { code: ErrorCode::NotContact, .. } => {}
+    match w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "too early".into(),
+        },
+    ) {
+        CommandResult::Error {
+            code: ErrorCode::NotContact,
+            ..
+        } => {}
         other => panic!("expected NotContact, got {other:?}"),
     }
-    assert_eq!(w.command(b, Command::ContactReply { user: user("alice"), action: ContactAction::Accept }), CommandResult::Ok);
+    assert_eq!(
+        w.command(
+            b,
+            Command::ContactReply {
+                user: user("alice"),
+                action: ContactAction::Accept
+            }
+        ),
+        CommandResult::Ok
+    );
     w.run_for(Duration::from_millis(500));
     assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Accepted, .. } if u.as_str() == "bob")));
     // Presence of a new contact is pushed.
     assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Online } if u.as_str() == "bob")));
 
     // Online message goes direct.
-    let r = w.command(a, Command::SendMessage { to: user("bob"), text: "hello bob".into() });
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "hello bob".into(),
+        },
+    );
     assert_eq!(sent_via(&r), Via::Direct);
-    assert!(w.messages(b).contains(&(user("alice"), "hello bob".into(), Via::Direct)));
+    assert!(w
+        .messages(b)
+        .contains(&(user("alice"), "hello bob".into(), Via::Direct)));
     // And back, over the same session.
-    let r = w.command(b, Command::SendMessage { to: user("alice"), text: "hi alice".into() });
+    let r = w.command(
+        b,
+        Command::SendMessage {
+            to: user("alice"),
+            text: "hi alice".into(),
+        },
+    );
     assert_eq!(sent_via(&r), Via::Direct);
-    assert!(w.messages(a).contains(&(user("bob"), "hi alice".into(), Via::Direct)));
+    assert!(w
+        .messages(a)
+        .contains(&(user("bob"), "hi alice".into(), Via::Direct)));
 
     // A non-contact is refused with a reason and nothing is delivered.
-    match w.command(c, Command::SendMessage { to: user("alice"), text: "spam".into() }) {
-        CommandResult::Error { code: ErrorCode::NotContact, detail } => assert!(detail.contains("alice")),
+    match w.command(
+        c,
+        Command::SendMessage {
+            to: user("alice"),
+            text: "spam".into(),
+        },
+    ) {
+        CommandResult::Error {
+            code: ErrorCode::NotContact,
+            detail,
+        } => assert!(detail.contains("alice")),
         other => panic!("expected NotContact, got {other:?}"),
     }
     // Unknown user is named in the error.
-    match w.command(a, Command::SendMessage { to: user("nobody"), text: "x".into() }) {
-        CommandResult::Error { code: ErrorCode::UnknownUser, detail } => assert!(detail.contains("nobody")),
+    match w.command(
+        a,
+        Command::SendMessage {
+            to: user("nobody"),
+            text: "x".into(),
+        },
+    ) {
+        CommandResult::Error {
+            code: ErrorCode::UnknownUser,
+            detail,
+        } => assert!(detail.contains("nobody")),
         other => panic!("expected UnknownUser, got {other:?}"),
     }
     w.run_for(Duration::from_secs(1));
     assert!(!w.messages(a).iter().any(|(_, t, _)| t == "spam"));
 
     // Presence goes to contacts only.
-    assert_eq!(w.command(b, Command::SetPresence(Presence::Busy)), CommandResult::Ok);
+    assert_eq!(
+        w.command(b, Command::SetPresence(Presence::Busy)),
+        CommandResult::Ok
+    );
     w.run_for(Duration::from_millis(500));
     assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Busy } if u.as_str() == "bob")));
-    assert!(!w.events[c].iter().any(|e| matches!(e, ClientEvent::Presence { .. })));
+    assert!(!w.events[c]
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Presence { .. })));
 
     // Search by prefix: names only.
-    match w.command(c, Command::Search { prefix: "BO".into() }) {
+    match w.command(
+        c,
+        Command::Search {
+            prefix: "BO".into(),
+        },
+    ) {
         CommandResult::Users(u) => assert_eq!(u, vec![user("bob")]),
         other => panic!("{other:?}"),
     }
@@ -311,7 +441,10 @@ fn offline_delivery_on_next_login() {
     let mut w = World::new(4, Net::perfect(4));
     let mut rng = ChaCha20Rng::seed_from_u64(77);
     let bob_keys = DeviceKeys::generate(&mut rng);
-    let (a, b) = (w.add_client(None, None), w.add_client(None, Some(bob_keys.clone())));
+    let (a, b) = (
+        w.add_client(None, None),
+        w.add_client(None, Some(bob_keys.clone())),
+    );
     w.register(a, "alice");
     w.register(b, "bob");
     w.befriend(a, b, "bob", "alice");
@@ -322,14 +455,23 @@ fn offline_delivery_on_next_login() {
     w.clients.remove(b);
     w.events.remove(b);
     w.run_for(Duration::from_millis(200));
-    let r = w.command(a, Command::SendMessage { to: user("bob"), text: "see you".into() });
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "see you".into(),
+        },
+    );
     assert_eq!(sent_via(&r), Via::Offline);
     assert_eq!(w.store_pending("bob"), 1);
 
     let b2 = w.add_client(Some(bob_cert), Some(bob_keys));
     w.run_for(Duration::from_secs(2));
     assert!(w.clients[b2].1.is_online());
-    assert_eq!(w.messages(b2), vec![(user("alice"), "see you".to_string(), Via::Offline)]);
+    assert_eq!(
+        w.messages(b2),
+        vec![(user("alice"), "see you".to_string(), Via::Offline)]
+    );
     // Acknowledged by the client, so deleted from the store.
     assert_eq!(w.store_pending("bob"), 0);
 }
@@ -345,8 +487,16 @@ fn clients_reconnect_by_themselves_after_a_supernode_crash() {
     // The restarted supernode's hints bring both back well within 10 s.
     w.run_for(Duration::from_secs(5));
     assert!(w.clients[a].1.is_online() && w.clients[b].1.is_online());
-    assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Offline { .. })));
-    let r = w.command(a, Command::SendMessage { to: user("bob"), text: "after the crash".into() });
+    assert!(w.events[a]
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Offline { .. })));
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "after the crash".into(),
+        },
+    );
     assert!(matches!(sent_via(&r), Via::Direct));
 }
 
@@ -383,6 +533,9 @@ fn idle_session_costs_only_keepalives() {
     w.run_for(Duration::from_secs(100));
     let per_client = (w.sn_datagrams - before) as f64 / 2.0;
     // 100 s / 25 s keepalive = 4 per client.
-    assert!(per_client <= 5.0, "supernode received {per_client} datagrams per idle client in 100 s");
+    assert!(
+        per_client <= 5.0,
+        "supernode received {per_client} datagrams per idle client in 100 s"
+    );
     assert!(w.clients[a].1.is_online());
 }

@@ -221,7 +221,10 @@ mod tests {
         let mut b = c.as_bytes().to_vec();
         let last = b.len() - 70;
         b[last] ^= 1; // inside not_after
-        assert_eq!(Certificate::verify(&b, &auth.public()), Err(CertError::BadSignature));
+        assert_eq!(
+            Certificate::verify(&b, &auth.public()),
+            Err(CertError::BadSignature)
+        );
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
         let other = Authority::generate(&mut rng);
         assert_eq!(

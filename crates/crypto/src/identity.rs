@@ -65,7 +65,11 @@ impl DeviceKeys {
 
 impl std::fmt::Debug for DeviceKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DeviceKeys(noise={})", crate::cert::short_hex(&self.noise_public()))
+        write!(
+            f,
+            "DeviceKeys(noise={})",
+            crate::cert::short_hex(&self.noise_public())
+        )
     }
 }
 
@@ -82,6 +86,9 @@ mod tests {
         assert_eq!(back.noise_public(), k.noise_public());
         assert_eq!(back.sign_public(), k.sign_public());
         let mut rng2 = rand_chacha::ChaCha20Rng::seed_from_u64(1);
-        assert_eq!(DeviceKeys::generate(&mut rng2).noise_public(), k.noise_public());
+        assert_eq!(
+            DeviceKeys::generate(&mut rng2).noise_public(),
+            k.noise_public()
+        );
     }
 }

@@ -64,7 +64,9 @@ struct SeededResolver([u8; 32]);
 
 impl CryptoResolver for SeededResolver {
     fn resolve_rng(&self) -> Option<Box<dyn snow::types::Random>> {
-        Some(Box::new(SeededRng(rand_chacha::ChaCha20Rng::from_seed(self.0))))
+        Some(Box::new(SeededRng(rand_chacha::ChaCha20Rng::from_seed(
+            self.0,
+        ))))
     }
     fn resolve_dh(&self, _: &snow::params::DHChoice) -> Option<Box<dyn snow::types::Dh>> {
         None
@@ -72,7 +74,10 @@ impl CryptoResolver for SeededResolver {
     fn resolve_hash(&self, _: &snow::params::HashChoice) -> Option<Box<dyn snow::types::Hash>> {
         None
     }
-    fn resolve_cipher(&self, _: &snow::params::CipherChoice) -> Option<Box<dyn snow::types::Cipher>> {
+    fn resolve_cipher(
+        &self,
+        _: &snow::params::CipherChoice,
+    ) -> Option<Box<dyn snow::types::Cipher>> {
         None
     }
 }
@@ -84,7 +89,10 @@ fn builder<'a>(seed: [u8; 32]) -> snow::Builder<'a> {
     // Seeded RNG first; ring for ChaChaPoly (fast); the default resolver for 25519 and BLAKE2s.
     let resolver = FallbackResolver::new(
         Box::new(SeededResolver(seed)),
-        Box::new(FallbackResolver::new(Box::new(RingResolver), Box::new(DefaultResolver))),
+        Box::new(FallbackResolver::new(
+            Box::new(RingResolver),
+            Box::new(DefaultResolver),
+        )),
     );
     snow::Builder::with_resolver(params, Box::new(resolver))
 }
@@ -158,7 +166,11 @@ impl std::fmt::Debug for Responder {
 
 impl Responder {
     /// Reads Noise message 1 (costs two Diffie-Hellman operations).
-    pub fn read(local_private: &[u8; 32], seed: [u8; 32], msg1: &[u8]) -> Result<Responder, NoiseError> {
+    pub fn read(
+        local_private: &[u8; 32],
+        seed: [u8; 32],
+        msg1: &[u8],
+    ) -> Result<Responder, NoiseError> {
         let mut hs = builder(seed)
             .local_private_key(local_private)?
             .prologue(PROLOGUE)?
@@ -263,7 +275,8 @@ mod tests {
 
     fn pair() -> (Transport, Transport) {
         let (a, b) = (keys(1), keys(2));
-        let (hs, m1) = Handshake::initiate(&a.noise_private(), &b.noise_public(), [1; 32], b"hello").unwrap();
+        let (hs, m1) =
+            Handshake::initiate(&a.noise_private(), &b.noise_public(), [1; 32], b"hello").unwrap();
         let r = Responder::read(&b.noise_private(), [2; 32], &m1).unwrap();
         assert_eq!(r.payload, b"hello");
         assert_eq!(r.remote_static, a.noise_public());
@@ -303,15 +316,18 @@ mod tests {
     #[test]
     fn wrong_responder_key_fails() {
         let (a, b, c) = (keys(1), keys(2), keys(3));
-        let (_hs, m1) = Handshake::initiate(&a.noise_private(), &b.noise_public(), [1; 32], b"").unwrap();
+        let (_hs, m1) =
+            Handshake::initiate(&a.noise_private(), &b.noise_public(), [1; 32], b"").unwrap();
         assert!(Responder::read(&c.noise_private(), [2; 32], &m1).is_err());
     }
 
     #[test]
     fn same_seed_same_bytes() {
         let (a, b) = (keys(1), keys(2));
-        let (_, m1) = Handshake::initiate(&a.noise_private(), &b.noise_public(), [5; 32], b"x").unwrap();
-        let (_, m2) = Handshake::initiate(&a.noise_private(), &b.noise_public(), [5; 32], b"x").unwrap();
+        let (_, m1) =
+            Handshake::initiate(&a.noise_private(), &b.noise_public(), [5; 32], b"x").unwrap();
+        let (_, m2) =
+            Handshake::initiate(&a.noise_private(), &b.noise_public(), [5; 32], b"x").unwrap();
         assert_eq!(m1, m2);
     }
 }

@@ -34,7 +34,9 @@ pub async fn serve(addr: SocketAddr, metrics: MetricsText) -> std::io::Result<()
         let m = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf)).await {
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
+                .await
+            {
                 Ok(Ok(n)) => n,
                 _ => return,
             };

@@ -28,7 +28,9 @@ pub enum BootstrapError {
     #[error("bootstrap entry must look like HOST:PORT#KEY (copy it from the supernode's data dir, file `bootstrap`)")]
     Format,
     /// The key part does not decode to 64 bytes.
-    #[error("bootstrap key is not valid: copy the whole entry from the supernode's `bootstrap` file")]
+    #[error(
+        "bootstrap key is not valid: copy the whole entry from the supernode's `bootstrap` file"
+    )]
     Key,
     /// The host does not resolve.
     #[error("cannot resolve supernode address {0}")]
@@ -42,7 +44,9 @@ impl Bootstrap {
         if host.is_empty() || !host.contains(':') {
             return Err(BootstrapError::Format);
         }
-        let raw = URL_SAFE_NO_PAD.decode(key).map_err(|_| BootstrapError::Key)?;
+        let raw = URL_SAFE_NO_PAD
+            .decode(key)
+            .map_err(|_| BootstrapError::Key)?;
         if raw.len() != 64 {
             return Err(BootstrapError::Key);
         }
@@ -87,7 +91,10 @@ mod tests {
         };
         assert_eq!(Bootstrap::parse(&b.encode()).unwrap(), b);
         assert_eq!(Bootstrap::parse("nohash"), Err(BootstrapError::Format));
-        assert_eq!(Bootstrap::parse("127.0.0.1:1#abc"), Err(BootstrapError::Key));
+        assert_eq!(
+            Bootstrap::parse("127.0.0.1:1#abc"),
+            Err(BootstrapError::Key)
+        );
         assert_eq!(b.addr().unwrap(), "127.0.0.1:7000".parse().unwrap());
     }
 }

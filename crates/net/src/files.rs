@@ -7,7 +7,10 @@ use std::path::Path;
 
 /// Creates `dir` (and parents) with mode 0700, or tightens an existing one to 0700.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
 }
 
@@ -37,10 +40,16 @@ mod tests {
         let d = std::env::temp_dir().join(format!("peerline-files-{}", std::process::id()));
         let sub = d.join("profile");
         create_private_dir(&sub).unwrap();
-        assert_eq!(fs::metadata(&sub).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&sub).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let f = sub.join("key");
         write_private_file(&f, b"secret").unwrap();
-        assert_eq!(fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(fs::read(&f).unwrap(), b"secret");
         fs::remove_dir_all(&d).unwrap();
     }

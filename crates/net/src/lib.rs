@@ -36,7 +36,9 @@ pub fn route_source(dst: SocketAddr) -> IpAddr {
     let any: SocketAddr = if dst.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
-        "[::]:0".parse().unwrap_or((Ipv4Addr::UNSPECIFIED, 0).into())
+        "[::]:0"
+            .parse()
+            .unwrap_or((Ipv4Addr::UNSPECIFIED, 0).into())
     };
     std::net::UdpSocket::bind(any)
         .and_then(|s| {

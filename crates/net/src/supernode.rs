@@ -54,7 +54,9 @@ pub enum NetError {
 const HINTS_PER_TICK: usize = 50;
 
 fn read_snapshot(path: &PathBuf) -> VecDeque<(u32, SocketAddr)> {
-    let Ok(text) = std::fs::read_to_string(path) else { return VecDeque::new() };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return VecDeque::new();
+    };
     text.lines()
         .filter_map(|l| {
             let (i, a) = l.split_once(' ')?;
@@ -69,7 +71,10 @@ fn write_snapshot(path: &PathBuf, entries: &[(u32, SocketAddr)]) {
         text.push_str(&format!("{i} {a}\n"));
     }
     let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, path)).is_err() {
+    if std::fs::write(&tmp, text)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .is_err()
+    {
         tracing::warn!(path = %path.display(), "could not write the session snapshot");
     }
 }
@@ -78,18 +83,60 @@ fn render_metrics(sn: &Supernode) -> String {
     let s = sn.stats();
     let mut out = String::new();
     let mut m = |name: &str, kind: &str, help: &str, v: u64| {
-        out.push_str(&format!("# HELP peerline_{name} {help}\n# TYPE peerline_{name} {kind}\npeerline_{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP peerline_{name} {help}\n# TYPE peerline_{name} {kind}\npeerline_{name} {v}\n"
+        ));
     };
-    m("sessions", "gauge", "Open client sessions.", sn.session_count() as u64);
-    m("online_users", "gauge", "Users online.", sn.online_count() as u64);
-    m("datagrams_in_total", "counter", "Datagrams received.", s.datagrams_in);
-    m("datagrams_out_total", "counter", "Datagrams sent.", s.datagrams_out);
-    m("dropped_total", "counter", "Datagrams dropped (malformed, forged, replayed, unknown).", s.dropped);
-    m("handshakes_total", "counter", "Completed handshakes.", s.handshakes);
+    m(
+        "sessions",
+        "gauge",
+        "Open client sessions.",
+        sn.session_count() as u64,
+    );
+    m(
+        "online_users",
+        "gauge",
+        "Users online.",
+        sn.online_count() as u64,
+    );
+    m(
+        "datagrams_in_total",
+        "counter",
+        "Datagrams received.",
+        s.datagrams_in,
+    );
+    m(
+        "datagrams_out_total",
+        "counter",
+        "Datagrams sent.",
+        s.datagrams_out,
+    );
+    m(
+        "dropped_total",
+        "counter",
+        "Datagrams dropped (malformed, forged, replayed, unknown).",
+        s.dropped,
+    );
+    m(
+        "handshakes_total",
+        "counter",
+        "Completed handshakes.",
+        s.handshakes,
+    );
     m("logins_total", "counter", "Authenticated logins.", s.logins);
     m("requests_total", "counter", "Requests handled.", s.requests);
-    m("messages_queued_total", "counter", "Offline messages accepted.", s.messages_queued);
-    m("messages_delivered_total", "counter", "Offline messages delivered and acknowledged.", s.messages_delivered);
+    m(
+        "messages_queued_total",
+        "counter",
+        "Offline messages accepted.",
+        s.messages_queued,
+    );
+    m(
+        "messages_delivered_total",
+        "counter",
+        "Offline messages delivered and acknowledged.",
+        s.messages_delivered,
+    );
     m("stun_total", "counter", "STUN messages received.", s.stun);
     out
 }
@@ -100,10 +147,12 @@ pub async fn run_supernode(
     mut store: Box<dyn Store>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NetError> {
-    let socket = UdpSocket::bind(rt.listen).await.map_err(|source| NetError::Bind {
-        addr: rt.listen,
-        source,
-    })?;
+    let socket = UdpSocket::bind(rt.listen)
+        .await
+        .map_err(|source| NetError::Bind {
+            addr: rt.listen,
+            source,
+        })?;
     let local = socket.local_addr().unwrap_or(rt.listen);
     tracing::info!(listen = %local, "supernode listening");
 
@@ -136,7 +185,11 @@ pub async fn run_supernode(
         start,
     );
 
-    let mut hints = rt.snapshot_path.as_ref().map(read_snapshot).unwrap_or_default();
+    let mut hints = rt
+        .snapshot_path
+        .as_ref()
+        .map(read_snapshot)
+        .unwrap_or_default();
     if !hints.is_empty() {
         tracing::info!(clients = hints.len(), "waking the previous run's clients");
     }
@@ -165,7 +218,9 @@ pub async fn run_supernode(
                 tracing::info!(user = %u, "account registered");
             }
         }
-        let deadline = sn.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let deadline = sn
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {

@@ -1,1 +1,15 @@
-fn main() {}
+//! `peerline`: the user's command-line client and agent.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    match peerline::cli::run(peerline::cli::Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("peerline: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

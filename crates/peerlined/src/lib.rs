@@ -149,7 +149,12 @@ pub struct InitReport {
 }
 
 /// Creates keys, config and bootstrap entry in `data`.
-pub fn init(data: &Path, listen: SocketAddr, public: Option<&str>, admin: Option<SocketAddr>) -> Result<InitReport, DaemonError> {
+pub fn init(
+    data: &Path,
+    listen: SocketAddr,
+    public: Option<&str>,
+    admin: Option<SocketAddr>,
+) -> Result<InitReport, DaemonError> {
     if data.join(NODE_KEY_FILE).exists() {
         return Err(DaemonError::AlreadyInitialised(data.to_path_buf()));
     }
@@ -158,12 +163,16 @@ pub fn init(data: &Path, listen: SocketAddr, public: Option<&str>, admin: Option
     let node = DeviceKeys::generate(&mut rng);
     let authority = Authority::generate(&mut rng);
     let node_path = data.join(NODE_KEY_FILE);
-    write_private_file(&node_path, STANDARD.encode(node.noise_private()).as_bytes()).map_err(io(&node_path))?;
+    write_private_file(&node_path, STANDARD.encode(node.noise_private()).as_bytes())
+        .map_err(io(&node_path))?;
     let auth_path = data.join(AUTHORITY_KEY_FILE);
-    write_private_file(&auth_path, STANDARD.encode(authority.to_bytes()).as_bytes()).map_err(io(&auth_path))?;
+    write_private_file(&auth_path, STANDARD.encode(authority.to_bytes()).as_bytes())
+        .map_err(io(&auth_path))?;
     let cfg_path = data.join(CONFIG_FILE);
     write_private_file(&cfg_path, template(listen, admin).as_bytes()).map_err(io(&cfg_path))?;
-    let host = public.map(str::to_string).unwrap_or_else(|| listen.to_string());
+    let host = public
+        .map(str::to_string)
+        .unwrap_or_else(|| listen.to_string());
     let bootstrap = Bootstrap {
         host,
         node_key: node.noise_public(),
@@ -180,8 +189,11 @@ pub fn init(data: &Path, listen: SocketAddr, public: Option<&str>, admin: Option
 
 fn read_key(path: &Path) -> Result<[u8; 32], DaemonError> {
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let raw = STANDARD.decode(text.trim()).map_err(|_| DaemonError::BadKey(path.to_path_buf()))?;
-    raw.try_into().map_err(|_| DaemonError::BadKey(path.to_path_buf()))
+    let raw = STANDARD
+        .decode(text.trim())
+        .map_err(|_| DaemonError::BadKey(path.to_path_buf()))?;
+    raw.try_into()
+        .map_err(|_| DaemonError::BadKey(path.to_path_buf()))
 }
 
 /// A data dir's keys and settings.
@@ -230,7 +242,10 @@ mod tests {
         let l = load(&d).unwrap();
         assert_eq!(l.config.listen, "127.0.0.1:7400".parse().unwrap());
         assert_eq!(Authority::from_bytes(&l.authority).public(), b.authority);
-        assert!(matches!(init(&d, "127.0.0.1:1".parse().unwrap(), None, None), Err(DaemonError::AlreadyInitialised(_))));
+        assert!(matches!(
+            init(&d, "127.0.0.1:1".parse().unwrap(), None, None),
+            Err(DaemonError::AlreadyInitialised(_))
+        ));
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

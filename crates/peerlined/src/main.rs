@@ -64,7 +64,9 @@ enum Cmd {
 fn logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -95,7 +97,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let r = init(&data, listen, public.as_deref(), Some(admin))?;
             if json {
-                println!("{{\"data\":{:?},\"bootstrap\":{:?}}}", r.data.display().to_string(), r.bootstrap);
+                println!(
+                    "{{\"data\":{:?},\"bootstrap\":{:?}}}",
+                    r.data.display().to_string(),
+                    r.bootstrap
+                );
             } else {
                 println!("initialised {}", r.data.display());
                 println!("bootstrap entry (give it to users): {}", r.bootstrap);
@@ -105,7 +111,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bootstrap { data } => {
             let p = data.join(BOOTSTRAP_FILE);
-            let b = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}: is this a data dir?", p.display()))?;
+            let b = std::fs::read_to_string(&p)
+                .with_context(|| format!("cannot read {}: is this a data dir?", p.display()))?;
             println!("{}", b.trim());
             Ok(())
         }

@@ -73,7 +73,10 @@ impl CertRepr {
     /// Decodes a certificate. Total; checks exact length and the username's validity.
     pub fn decode(b: &[u8]) -> Result<Self, Error> {
         if b.len() < 2 {
-            return Err(Error::Truncated { needed: 2, got: b.len() });
+            return Err(Error::Truncated {
+                needed: 2,
+                got: b.len(),
+            });
         }
         if b[0] != CERT_VERSION {
             return Err(Error::Version(b[0]));
@@ -81,12 +84,16 @@ impl CertRepr {
         let n = b[1] as usize;
         let total = FIXED + n;
         if b.len() < total {
-            return Err(Error::Truncated { needed: total, got: b.len() });
+            return Err(Error::Truncated {
+                needed: total,
+                got: b.len(),
+            });
         }
         if b.len() > total {
             return Err(Error::Trailing(b.len() - total));
         }
-        let name = std::str::from_utf8(&b[2..2 + n]).map_err(|_| Error::Malformed("username not UTF-8"))?;
+        let name = std::str::from_utf8(&b[2..2 + n])
+            .map_err(|_| Error::Malformed("username not UTF-8"))?;
         let username = Username::parse(name).map_err(|_| Error::Malformed("invalid username"))?;
         if username.as_str() != name {
             return Err(Error::Malformed("username not canonical"));

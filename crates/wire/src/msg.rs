@@ -79,7 +79,11 @@ impl std::str::FromStr for Presence {
             "busy" => Presence::Busy,
             "invisible" => Presence::Invisible,
             "offline" => Presence::Offline,
-            _ => return Err(format!("unknown presence {s:?}: use online, away, busy or invisible")),
+            _ => {
+                return Err(format!(
+                    "unknown presence {s:?}: use online, away, busy or invisible"
+                ))
+            }
         })
     }
 }
@@ -406,7 +410,10 @@ pub struct Welcome {
 fn check_len(s: &str, limit: usize, what: &'static str) -> Result<(), Error> {
     if s.len() > limit {
         let _ = what;
-        return Err(Error::TooLarge { len: s.len(), limit });
+        return Err(Error::TooLarge {
+            len: s.len(),
+            limit,
+        });
     }
     Ok(())
 }
@@ -429,11 +436,14 @@ impl Request {
                 check_len(note, MAX_NOTE, "note")
             }
             Request::Search { prefix } => {
-                crate::name::parse_prefix(prefix).map_err(|_| Error::Malformed("invalid search prefix"))?;
+                crate::name::parse_prefix(prefix)
+                    .map_err(|_| Error::Malformed("invalid search prefix"))?;
                 Ok(())
             }
             Request::Connect { candidates, .. } => check_count(candidates.len(), MAX_CANDIDATES),
-            Request::IncomingConnect { cert, candidates, .. } => {
+            Request::IncomingConnect {
+                cert, candidates, ..
+            } => {
                 check_count(cert.len(), MAX_CERT)?;
                 check_count(candidates.len(), MAX_CANDIDATES)
             }
@@ -565,38 +575,106 @@ mod tests {
         let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let v6: SocketAddr = "[::1]:5".parse().unwrap();
         let reqs = vec![
-            Request::Register { username: user("alice"), password: "hunter22".into(), sign_key: [1; 32] },
-            Request::Enroll { username: user("alice"), password: "hunter22".into(), sign_key: [1; 32] },
+            Request::Register {
+                username: user("alice"),
+                password: "hunter22".into(),
+                sign_key: [1; 32],
+            },
+            Request::Enroll {
+                username: user("alice"),
+                password: "hunter22".into(),
+                sign_key: [1; 32],
+            },
             Request::RenewCert,
             Request::SetPresence(Presence::Busy),
-            Request::ContactAdd { user: user("bob"), note: "hi".into() },
-            Request::ContactReply { user: user("bob"), action: ContactAction::Block },
+            Request::ContactAdd {
+                user: user("bob"),
+                note: "hi".into(),
+            },
+            Request::ContactReply {
+                user: user("bob"),
+                action: ContactAction::Block,
+            },
             Request::ContactRemove { user: user("bob") },
             Request::ContactList { offset: 25 },
-            Request::Search { prefix: "bo".into() },
-            Request::Connect { user: user("bob"), candidates: vec![addr, v6] },
-            Request::StoreMessage { to: user("bob"), msg_id: 7, sent_at: 9, text: "later".into() },
-            Request::ContactEvent { user: user("bob"), state: ContactState::Incoming, note: "x".into() },
-            Request::PresenceEvent { user: user("bob"), presence: Presence::Away },
-            Request::IncomingConnect { user: user("bob"), cert: vec![1, 2, 3], candidates: vec![addr] },
-            Request::Deliver { id: 1, from: user("bob"), msg_id: 3, sent_at: 4, text: "t".into() },
-            Request::Chat { msg_id: 1, sent_at: 2, text: "hello ✓".into() },
+            Request::Search {
+                prefix: "bo".into(),
+            },
+            Request::Connect {
+                user: user("bob"),
+                candidates: vec![addr, v6],
+            },
+            Request::StoreMessage {
+                to: user("bob"),
+                msg_id: 7,
+                sent_at: 9,
+                text: "later".into(),
+            },
+            Request::ContactEvent {
+                user: user("bob"),
+                state: ContactState::Incoming,
+                note: "x".into(),
+            },
+            Request::PresenceEvent {
+                user: user("bob"),
+                presence: Presence::Away,
+            },
+            Request::IncomingConnect {
+                user: user("bob"),
+                cert: vec![1, 2, 3],
+                candidates: vec![addr],
+            },
+            Request::Deliver {
+                id: 1,
+                from: user("bob"),
+                msg_id: 3,
+                sent_at: 4,
+                text: "t".into(),
+            },
+            Request::Chat {
+                msg_id: 1,
+                sent_at: 2,
+                text: "hello ✓".into(),
+            },
         ];
         let resps = vec![
             Response::Ok,
             Response::error(ErrorCode::NotContact, "bob is not your contact"),
             Response::Certificate(vec![9; 100]),
             Response::Contacts {
-                entries: vec![ContactEntry { user: user("bob"), state: ContactState::Accepted, presence: Presence::Online }],
+                entries: vec![ContactEntry {
+                    user: user("bob"),
+                    state: ContactState::Accepted,
+                    presence: Presence::Online,
+                }],
                 more: false,
             },
-            Response::SearchResults { users: vec![user("bob"), user("bobby")] },
-            Response::ConnectAccepted { cert: vec![1; 10], candidates: vec![addr] },
-            Response::ConnectAnswer { candidates: vec![v6] },
+            Response::SearchResults {
+                users: vec![user("bob"), user("bobby")],
+            },
+            Response::ConnectAccepted {
+                cert: vec![1; 10],
+                candidates: vec![addr],
+            },
+            Response::ConnectAnswer {
+                candidates: vec![v6],
+            },
         ];
         let mut out = vec![Frame::Keepalive, Frame::Close];
-        out.extend(reqs.into_iter().enumerate().map(|(i, body)| Frame::Request { id: i as u64, body }));
-        out.extend(resps.into_iter().enumerate().map(|(i, body)| Frame::Response { id: i as u64 + 1000, body }));
+        out.extend(
+            reqs.into_iter()
+                .enumerate()
+                .map(|(i, body)| Frame::Request { id: i as u64, body }),
+        );
+        out.extend(
+            resps
+                .into_iter()
+                .enumerate()
+                .map(|(i, body)| Frame::Response {
+                    id: i as u64 + 1000,
+                    body,
+                }),
+        );
         out
     }
 
@@ -616,11 +694,25 @@ mod tests {
 
     #[test]
     fn oversized_fields_are_refused_both_ways() {
-        let f = Frame::Request { id: 1, body: Request::Chat { msg_id: 1, sent_at: 1, text: "x".repeat(MAX_TEXT + 1) } };
+        let f = Frame::Request {
+            id: 1,
+            body: Request::Chat {
+                msg_id: 1,
+                sent_at: 1,
+                text: "x".repeat(MAX_TEXT + 1),
+            },
+        };
         assert!(matches!(f.encode(), Err(Error::TooLarge { .. })));
         let raw = postcard::to_allocvec(&f).unwrap();
         assert!(matches!(Frame::decode(&raw), Err(Error::TooLarge { .. })));
-        let ok = Frame::Request { id: u64::MAX, body: Request::Chat { msg_id: u64::MAX, sent_at: u64::MAX, text: "é".repeat(MAX_TEXT / 2) } };
+        let ok = Frame::Request {
+            id: u64::MAX,
+            body: Request::Chat {
+                msg_id: u64::MAX,
+                sent_at: u64::MAX,
+                text: "é".repeat(MAX_TEXT / 2),
+            },
+        };
         assert!(ok.encode().unwrap().len() <= MAX_TRANSPORT_PLAINTEXT);
     }
 
@@ -633,9 +725,17 @@ mod tests {
 
     #[test]
     fn handshake_payloads_roundtrip() {
-        let h = Hello { version: 1, unix_ms: 5, cert: Some(vec![1; 50]) };
+        let h = Hello {
+            version: 1,
+            unix_ms: 5,
+            cert: Some(vec![1; 50]),
+        };
         assert_eq!(Hello::decode(&h.encode().unwrap()).unwrap(), h);
-        let w = Welcome { version: 1, unix_ms: 5, cert: None };
+        let w = Welcome {
+            version: 1,
+            unix_ms: 5,
+            cert: None,
+        };
         assert_eq!(Welcome::decode(&w.encode().unwrap()).unwrap(), w);
     }
 

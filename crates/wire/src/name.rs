@@ -120,14 +120,23 @@ mod tests {
 
     #[test]
     fn case_folds_and_validates() {
-        assert_eq!(Username::parse("Alice.B_1-x").unwrap().as_str(), "alice.b_1-x");
+        assert_eq!(
+            Username::parse("Alice.B_1-x").unwrap().as_str(),
+            "alice.b_1-x"
+        );
         assert!(matches!(Username::parse("ab"), Err(NameError::TooShort(_))));
-        assert!(matches!(Username::parse(&"a".repeat(33)), Err(NameError::TooLong(33))));
+        assert!(matches!(
+            Username::parse(&"a".repeat(33)),
+            Err(NameError::TooLong(33))
+        ));
         assert!(matches!(
             Username::parse("al ice"),
             Err(NameError::BadChar { ch: ' ', .. })
         ));
-        assert!(matches!(Username::parse("zoë"), Err(NameError::BadChar { ch: 'ë', .. })));
+        assert!(matches!(
+            Username::parse("zoë"),
+            Err(NameError::BadChar { ch: 'ë', .. })
+        ));
         assert!(Username::parse(&"a".repeat(32)).is_ok());
     }
 

@@ -107,7 +107,9 @@ fn need(b: &[u8], n: usize) -> Result<(), Error> {
 
 /// True when `b` looks like a STUN message: top two bits zero and the magic cookie.
 pub fn is_stun(b: &[u8]) -> bool {
-    b.len() >= 20 && b[0] & 0xC0 == 0 && u32::from_be_bytes([b[4], b[5], b[6], b[7]]) == STUN_MAGIC_COOKIE
+    b.len() >= 20
+        && b[0] & 0xC0 == 0
+        && u32::from_be_bytes([b[4], b[5], b[6], b[7]]) == STUN_MAGIC_COOKIE
 }
 
 impl<'a> Packet<'a> {
@@ -180,7 +182,8 @@ impl<'a> Packet<'a> {
 
     /// Appends the encoded packet to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let header = |out: &mut Vec<u8>, ty: u8| out.extend_from_slice(&[ty, PROTOCOL_VERSION, 0, 0]);
+        let header =
+            |out: &mut Vec<u8>, ty: u8| out.extend_from_slice(&[ty, PROTOCOL_VERSION, 0, 0]);
         match *self {
             Packet::HandshakeInit { sender, noise } => {
                 header(out, TYPE_HANDSHAKE_INIT);
@@ -242,13 +245,18 @@ mod tests {
         let n1 = [7u8; MIN_IK_MSG1];
         let n2 = [9u8; MIN_IK_MSG2 + 20];
         let ct = [1u8; 40];
-        roundtrip(Packet::HandshakeInit { sender: 1, noise: &n1 });
+        roundtrip(Packet::HandshakeInit {
+            sender: 1,
+            noise: &n1,
+        });
         roundtrip(Packet::HandshakeResponse {
             sender: 2,
             receiver: 3,
             noise: &n2,
         });
-        roundtrip(Packet::Reset { receiver: 0xdead_beef });
+        roundtrip(Packet::Reset {
+            receiver: 0xdead_beef,
+        });
         roundtrip(Packet::Transport {
             receiver: 5,
             counter: u64::MAX,
@@ -279,7 +287,10 @@ mod tests {
     fn every_truncation_is_an_error_not_a_panic() {
         let n1 = [7u8; MIN_IK_MSG1];
         for p in [
-            Packet::HandshakeInit { sender: 1, noise: &n1 },
+            Packet::HandshakeInit {
+                sender: 1,
+                noise: &n1,
+            },
             Packet::Transport {
                 receiver: 5,
                 counter: 1,

@@ -1,0 +1,317 @@
+//! The background agent: keeps the device online, saves what arrives, and serves the
+//! control socket the CLI talks to.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use peerline_core::client::{Client, ClientConfig, ClientEvent, Command, CommandResult};
+use peerline_core::clock::WallClock;
+use peerline_net::client::{local_candidates, run_client, Input};
+use peerline_wire::msg::{ContactAction, Presence};
+use peerline_wire::Username;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::control::{ControlRequest, ControlResponse};
+use crate::history::{Entry, History};
+use crate::profile::{Profile, ProfileError};
+
+/// Why the agent could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Profile problem.
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
+    /// Another agent is serving this profile.
+    #[error("an agent is already running for this profile")]
+    AlreadyRunning,
+    /// Socket or file IO.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// History database.
+    #[error("message history: {0}")]
+    History(#[from] rusqlite::Error),
+}
+
+struct Shared {
+    input: mpsc::Sender<Input>,
+    history: Mutex<History>,
+    me: Username,
+    server: String,
+    stop: Notify,
+}
+
+/// Builds the client core for a registered profile.
+pub fn client_for(
+    profile: &Profile,
+    cert: Option<Vec<u8>>,
+) -> Result<(Client, ClientConfig), ProfileError> {
+    let b = profile.server()?;
+    let addr = b.addr()?;
+    let cfg = ClientConfig::new(addr, b.node_key, b.authority);
+    let now = Instant::now();
+    let client = Client::new(
+        cfg.clone(),
+        profile.keys()?,
+        cert.as_deref(),
+        peerline_net::os_seed(),
+        WallClock::new(now, peerline_net::unix_ms_now()),
+        now,
+    );
+    Ok((client, cfg))
+}
+
+/// Runs the agent for `profile` until asked to stop.
+pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
+    let cert = profile
+        .cert()?
+        .ok_or_else(|| ProfileError::NotRegistered(profile.dir().to_path_buf()))?;
+    let sock_path = profile.socket_path();
+    if sock_path.exists() {
+        if UnixStream::connect(&sock_path).await.is_ok() {
+            return Err(AgentError::AlreadyRunning);
+        }
+        std::fs::remove_file(&sock_path)?;
+    }
+    let (mut client, cfg) = client_for(&profile, Some(cert))?;
+    let me = client
+        .username()
+        .cloned()
+        .ok_or_else(|| ProfileError::Corrupt(profile.dir().join("device.cert")))?;
+    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await?;
+    client.set_local_candidates(local_candidates(&socket, cfg.server));
+    let listener = UnixListener::bind(&sock_path)?;
+    std::fs::write(profile.pid_path(), format!("{}\n", std::process::id()))?;
+
+    let (in_tx, in_rx) = mpsc::channel(256);
+    let (ev_tx, mut ev_rx) = mpsc::channel(256);
+    let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx));
+    let shared = Arc::new(Shared {
+        input: in_tx.clone(),
+        history: Mutex::new(History::open(&profile.history_path())?),
+        me: me.clone(),
+        server: profile.server()?.host,
+        stop: Notify::new(),
+    });
+    tracing::info!(user = %me, "agent started");
+
+    loop {
+        tokio::select! {
+            ev = ev_rx.recv() => {
+                let Some(ev) = ev else { break };
+                on_event(&profile, &shared, ev).await;
+            }
+            conn = listener.accept() => {
+                if let Ok((stream, _)) = conn {
+                    let sh = shared.clone();
+                    tokio::spawn(async move { serve(sh, stream).await });
+                }
+            }
+            _ = shared.stop.notified() => break,
+        }
+    }
+    tracing::info!("agent stopping");
+    let _ = in_tx.send(Input::Shutdown).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), driver).await;
+    let _ = std::fs::remove_file(&sock_path);
+    let _ = std::fs::remove_file(profile.pid_path());
+    Ok(())
+}
+
+async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
+    match ev {
+        ClientEvent::Message {
+            token,
+            from,
+            msg_id,
+            sent_at,
+            text,
+            via,
+        } => {
+            let entry = Entry {
+                from: from.to_string(),
+                to: shared.me.to_string(),
+                text,
+                time: sent_at,
+                via: via.as_str().into(),
+                msg_id,
+            };
+            let saved = shared
+                .history
+                .lock()
+                .map(|h| h.add(&entry).is_ok())
+                .unwrap_or(false);
+            if saved {
+                tracing::info!(from = %from, via = via.as_str(), "message received");
+                // Only now may the sender (or the supernode's mailbox) forget it.
+                let _ = shared.input.send(Input::Saved(token)).await;
+            } else {
+                tracing::error!("could not save a received message; it will be delivered again");
+            }
+        }
+        ClientEvent::Certificate(bytes) => {
+            if let Err(e) = profile.save_cert(&bytes) {
+                tracing::error!(error = %e, "could not save the renewed certificate");
+            }
+        }
+        ClientEvent::Online => tracing::info!("online"),
+        ClientEvent::Offline { reason } => tracing::warn!(%reason, "offline; reconnecting"),
+        ClientEvent::Contact { user, state, .. } => {
+            tracing::info!(user = %user, state = state.as_str(), "contact")
+        }
+        ClientEvent::Presence { user, presence } => {
+            tracing::info!(user = %user, presence = presence.as_str(), "presence")
+        }
+        ClientEvent::CommandDone { .. } => {}
+    }
+}
+
+async fn serve(shared: Arc<Shared>, stream: UnixStream) {
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    // One request per connection, bounded in size by the line reader's input.
+    let Ok(Some(line)) = lines.next_line().await else {
+        return;
+    };
+    let resp = match serde_json::from_str::<ControlRequest>(&line) {
+        Ok(req) => handle(&shared, req).await,
+        Err(_) => ControlResponse::err("malformed control request"),
+    };
+    let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+    out.push('\n');
+    let _ = w.write_all(out.as_bytes()).await;
+}
+
+fn user(s: &str) -> Result<Username, ControlResponse> {
+    Username::parse(s).map_err(|e| ControlResponse::err(e.to_string()))
+}
+
+async fn command(shared: &Shared, cmd: Command) -> CommandResult {
+    let (tx, rx) = oneshot::channel();
+    if shared.input.send(Input::Command(cmd, tx)).await.is_err() {
+        return CommandResult::Error {
+            code: peerline_wire::msg::ErrorCode::Internal,
+            detail: "the agent is shutting down".into(),
+        };
+    }
+    rx.await.unwrap_or(CommandResult::Error {
+        code: peerline_wire::msg::ErrorCode::Internal,
+        detail: "the agent is shutting down".into(),
+    })
+}
+
+fn to_response(r: CommandResult) -> ControlResponse {
+    match r {
+        CommandResult::Ok => ControlResponse::ok(json!({})),
+        CommandResult::Contacts(entries) => ControlResponse::ok(json!(entries
+            .iter()
+            .map(|e| json!({"user": e.user.as_str(), "state": e.state.as_str(), "presence": e.presence.as_str()}))
+            .collect::<Vec<_>>())),
+        CommandResult::Users(users) => ControlResponse::ok(json!(users.iter().map(|u| u.as_str()).collect::<Vec<_>>())),
+        CommandResult::Sent { via, msg_id, sent_at } => {
+            ControlResponse::ok(json!({"via": via.as_str(), "msg_id": msg_id, "time": sent_at}))
+        }
+        CommandResult::Error { detail, .. } => ControlResponse::err(detail),
+    }
+}
+
+async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
+    let cmd = match req {
+        ControlRequest::Status => {
+            let (tx, rx) = oneshot::channel();
+            if shared.input.send(Input::Status(tx)).await.is_err() {
+                return ControlResponse::err("the agent is shutting down");
+            }
+            return match rx.await {
+                Ok(s) => ControlResponse::ok(json!({
+                    "online": s.online,
+                    "user": s.user,
+                    "supernode": shared.server,
+                    "presence": s.presence,
+                    "direct_peers": s.direct_peers,
+                    "agent_pid": std::process::id(),
+                })),
+                Err(_) => ControlResponse::err("the agent is shutting down"),
+            };
+        }
+        ControlRequest::Down => {
+            shared.stop.notify_one();
+            return ControlResponse::ok(json!({}));
+        }
+        ControlRequest::ContactAdd { user: u, note } => match user(&u) {
+            Ok(u) => Command::ContactAdd { user: u, note },
+            Err(e) => return e,
+        },
+        ControlRequest::ContactReply { user: u, action } => {
+            let action = match action.as_str() {
+                "accept" => ContactAction::Accept,
+                "decline" => ContactAction::Decline,
+                "block" => ContactAction::Block,
+                other => return ControlResponse::err(format!("unknown action {other:?}")),
+            };
+            match user(&u) {
+                Ok(u) => Command::ContactReply { user: u, action },
+                Err(e) => return e,
+            }
+        }
+        ControlRequest::ContactRemove { user: u } => match user(&u) {
+            Ok(u) => Command::ContactRemove { user: u },
+            Err(e) => return e,
+        },
+        ControlRequest::ContactList => Command::ContactList,
+        ControlRequest::Presence { presence } => match presence.parse::<Presence>() {
+            Ok(p) if p != Presence::Offline => Command::SetPresence(p),
+            Ok(_) => {
+                return ControlResponse::err(
+                    "to appear offline use `invisible`; to disconnect use `peerline down`",
+                )
+            }
+            Err(e) => return ControlResponse::err(e),
+        },
+        ControlRequest::Search { prefix } => Command::Search { prefix },
+        ControlRequest::MsgSend { to, text } => {
+            let to = match user(&to) {
+                Ok(u) => u,
+                Err(e) => return e,
+            };
+            if text.len() > peerline_wire::msg::MAX_TEXT {
+                return ControlResponse::err(format!(
+                    "message too long ({} bytes): the limit is {} bytes",
+                    text.len(),
+                    peerline_wire::msg::MAX_TEXT
+                ));
+            }
+            let r = command(
+                shared,
+                Command::SendMessage {
+                    to: to.clone(),
+                    text: text.clone(),
+                },
+            )
+            .await;
+            if let CommandResult::Sent {
+                via,
+                msg_id,
+                sent_at,
+            } = &r
+            {
+                let entry = Entry {
+                    from: shared.me.to_string(),
+                    to: to.to_string(),
+                    text,
+                    time: *sent_at,
+                    via: via.as_str().into(),
+                    msg_id: *msg_id,
+                };
+                if let Ok(h) = shared.history.lock() {
+                    let _ = h.add(&entry);
+                }
+            }
+            return to_response(r);
+        }
+    };
+    to_response(command(shared, cmd).await)
+}

@@ -1,0 +1,614 @@
+//! The command-line front end: flags, and each command as a thin call to the agent (or,
+//! for `register`, `msg list` and `demo`, to the library directly).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, Subcommand};
+use peerline_core::client::{ClientEvent, Command, CommandResult};
+use peerline_net::bootstrap::Bootstrap;
+use peerline_net::client::{local_candidates, run_client, Input};
+use peerline_wire::Username;
+use serde_json::{json, Value};
+
+use crate::control::{call, ControlError, ControlRequest};
+use crate::history::History;
+use crate::profile::Profile;
+
+/// Peerline: peer-to-peer messaging and calls.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+pub struct Cli {
+    /// Profile directory (default: $PEERLINE_PROFILE, else ~/.peerline).
+    #[arg(long, global = true)]
+    pub profile: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Create an account on a supernode with this device (password from $PEERLINE_PASSWORD or a prompt).
+    Register {
+        /// Username: 3 to 32 of a-z 0-9 . _ -
+        user: String,
+        /// The supernode's bootstrap entry HOST:PORT#KEY.
+        #[arg(long)]
+        server: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Enrol this device into an existing account (password from $PEERLINE_PASSWORD or a prompt).
+    Enroll {
+        /// Username.
+        user: String,
+        /// The supernode's bootstrap entry HOST:PORT#KEY.
+        #[arg(long)]
+        server: String,
+    },
+    /// Start the agent in the background; returns once online.
+    Up {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the agent.
+    Down,
+    /// Show whether the agent is online, as whom, on which supernode.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Manage contacts.
+    Contacts {
+        /// Contact command.
+        #[command(subcommand)]
+        cmd: ContactsCmd,
+    },
+    /// Set presence.
+    Presence {
+        /// Presence command.
+        #[command(subcommand)]
+        cmd: PresenceCmd,
+    },
+    /// Find users by username prefix.
+    Search {
+        /// Prefix.
+        query: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send and list messages.
+    Msg {
+        /// Message command.
+        #[command(subcommand)]
+        cmd: MsgCmd,
+    },
+    /// Run a self-contained demo: a supernode and three users on loopback.
+    Demo {
+        /// JSON transcript.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the agent in the foreground (what `up` starts).
+    #[command(hide = true)]
+    Agent,
+}
+
+/// `contacts` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum ContactsCmd {
+    /// Ask USER to become a contact.
+    Add {
+        /// Who.
+        user: String,
+        /// A note shown with the request.
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+    /// Accept USER's request.
+    Accept {
+        /// Who.
+        user: String,
+    },
+    /// Decline USER's request.
+    Decline {
+        /// Who.
+        user: String,
+    },
+    /// Block USER.
+    Block {
+        /// Who.
+        user: String,
+    },
+    /// Remove USER (or withdraw a request, or unblock).
+    Remove {
+        /// Who.
+        user: String,
+    },
+    /// List contacts with their state and presence.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `presence` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum PresenceCmd {
+    /// online, away, busy or invisible.
+    Set {
+        /// The presence.
+        state: String,
+    },
+}
+
+/// `msg` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum MsgCmd {
+    /// Send TEXT to USER; succeeds once delivered or durably queued at the supernode.
+    Send {
+        /// Recipient.
+        user: String,
+        /// Text.
+        text: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List messages (with USER only, if given).
+    List {
+        /// Only with this user.
+        user: Option<String>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn agent(profile: &Profile, req: ControlRequest) -> anyhow::Result<Value> {
+    call(&profile.socket_path(), &req, CALL_TIMEOUT).map_err(|e| anyhow!(e))
+}
+
+fn print_json(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn password() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("PEERLINE_PASSWORD") {
+        return Ok(p);
+    }
+    eprint!("password: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("cannot read the password: set PEERLINE_PASSWORD")?;
+    let p = line.trim_end_matches(['\r', '\n']).to_string();
+    if p.is_empty() {
+        bail!("no password given: set PEERLINE_PASSWORD or type one at the prompt");
+    }
+    Ok(p)
+}
+
+/// Register or enrol this profile's device; the password comes from the environment or a prompt.
+async fn enrol(
+    profile: &Profile,
+    user: &str,
+    server: &str,
+    register: bool,
+) -> anyhow::Result<String> {
+    let username = Username::parse(user)?;
+    let b = Bootstrap::parse(server)?;
+    enrol_with(profile, username, b, None, register).await
+}
+
+/// Register or enrol this profile's device with the supernode in `b`; returns its host.
+pub(crate) async fn enrol_with(
+    profile: &Profile,
+    username: Username,
+    b: Bootstrap,
+    pw: Option<String>,
+    register: bool,
+) -> anyhow::Result<String> {
+    if let Some(c) = profile.cert()? {
+        let name = peerline_crypto::Certificate::verify(&c, &b.authority)
+            .map(|c| c.username().to_string())
+            .unwrap_or_else(|_| "another account".into());
+        bail!(
+            "this profile ({}) is already registered as {name}: use another --profile",
+            profile.dir().display()
+        );
+    }
+    let pw = match pw {
+        Some(p) => p,
+        None => password()?,
+    };
+    profile.save_server(&b)?;
+    let (mut client, cfg) = crate::agent::client_for(profile, None)?;
+    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await?;
+    client.set_local_candidates(local_candidates(&socket, cfg.server));
+    let (in_tx, in_rx) = tokio::sync::mpsc::channel(8);
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel(64);
+    let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx));
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let cmd = if register {
+        Command::Register {
+            username,
+            password: pw,
+        }
+    } else {
+        Command::Enroll {
+            username,
+            password: pw,
+        }
+    };
+    in_tx
+        .send(Input::Command(cmd, tx))
+        .await
+        .map_err(|_| anyhow!("client stopped"))?;
+    let result = rx.await.map_err(|_| anyhow!("client stopped"))?;
+    let mut cert = None;
+    while let Ok(ev) = ev_rx.try_recv() {
+        if let ClientEvent::Certificate(c) = ev {
+            cert = Some(c);
+        }
+    }
+    let _ = in_tx.send(Input::Shutdown).await;
+    let _ = driver.await;
+    match (result, cert) {
+        (CommandResult::Ok, Some(c)) => {
+            profile.save_cert(&c)?;
+            Ok(b.host)
+        }
+        (CommandResult::Error { detail, .. }, _) => {
+            let _ = std::fs::remove_file(profile.dir().join("server"));
+            if detail.contains("unreachable") {
+                bail!(
+                    "supernode unreachable at {}: is it running, and is the bootstrap entry right?",
+                    b.host
+                )
+            }
+            bail!("{detail}")
+        }
+        _ => bail!("the supernode did not issue a certificate"),
+    }
+}
+
+fn agent_running(profile: &Profile) -> bool {
+    std::os::unix::net::UnixStream::connect(profile.socket_path()).is_ok()
+}
+
+fn status_value(profile: &Profile) -> anyhow::Result<Value> {
+    match call(
+        &profile.socket_path(),
+        &ControlRequest::Status,
+        Duration::from_secs(5),
+    ) {
+        Ok(v) => Ok(v),
+        Err(ControlError::NotRunning) => {
+            let server = profile.server().map(|b| b.host).ok();
+            let user = profile
+                .cert()
+                .ok()
+                .flatten()
+                .and_then(|c| peerline_wire::cert::CertRepr::decode(&c).ok())
+                .map(|c| c.username.to_string());
+            Ok(json!({"online": false, "user": user, "supernode": server, "agent": "stopped"}))
+        }
+        Err(e) => Err(anyhow!(e)),
+    }
+}
+
+fn up(profile: &Profile, json_out: bool) -> anyhow::Result<()> {
+    profile
+        .cert()?
+        .ok_or_else(|| crate::profile::ProfileError::NotRegistered(profile.dir().to_path_buf()))?;
+    if !agent_running(profile) {
+        let exe = std::env::current_exe().context("cannot find the peerline executable")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(profile.log_path())
+            .with_context(|| format!("cannot open {}", profile.log_path().display()))?;
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new(exe)
+            .arg("--profile")
+            .arg(profile.dir())
+            .arg("agent")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            // Its own process group: a Ctrl-C in this terminal does not stop the agent.
+            .process_group(0)
+            .spawn()
+            .context("cannot start the agent")?;
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let tail = std::fs::read_to_string(profile.log_path())
+                    .ok()
+                    .and_then(|t| {
+                        t.lines()
+                            .rev()
+                            .find(|l| !l.trim().is_empty())
+                            .map(str::to_string)
+                    })
+                    .unwrap_or_default();
+                bail!("the agent exited ({status}): {tail}");
+            }
+            if let Ok(v) = status_value(profile) {
+                if v["online"] == json!(true) {
+                    break;
+                }
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "not online after 15 s: supernode unreachable? The agent keeps trying in the background (see {}; `peerline down` stops it)",
+                    profile.log_path().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    } else {
+        // Already running: wait briefly for it to be online.
+        let start = Instant::now();
+        while status_value(profile)?["online"] != json!(true) {
+            if start.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "the agent is running but not online: supernode unreachable? (see {})",
+                    profile.log_path().display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let v = status_value(profile)?;
+    if json_out {
+        print_json(&v);
+    } else {
+        println!(
+            "{} is online via {}",
+            v["user"].as_str().unwrap_or("?"),
+            v["supernode"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+fn down(profile: &Profile) -> anyhow::Result<()> {
+    match call(
+        &profile.socket_path(),
+        &ControlRequest::Down,
+        Duration::from_secs(5),
+    ) {
+        Ok(_) => {
+            let start = Instant::now();
+            while agent_running(profile) && start.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            println!("agent stopped");
+            Ok(())
+        }
+        Err(ControlError::NotRunning) => {
+            println!("agent is not running");
+            Ok(())
+        }
+        Err(e) => Err(anyhow!(e)),
+    }
+}
+
+fn time_str(ms: u64) -> String {
+    let s = ms / 1000;
+    let (h, m, sec) = ((s / 3600) % 24, (s / 60) % 60, s % 60);
+    format!("{h:02}:{m:02}:{sec:02}Z")
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let dir = Profile::resolve(cli.profile);
+    if let Cmd::Demo { json } = cli.cmd {
+        return crate::demo::run_demo(json);
+    }
+    let profile = Profile::open(&dir)?;
+    let rt = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")
+    };
+    match cli.cmd {
+        Cmd::Demo { .. } => unreachable!("handled above"),
+        Cmd::Agent => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
+            rt()?.block_on(crate::agent::run_agent(profile))?;
+        }
+        Cmd::Register { user, server, json } => {
+            let host = rt()?.block_on(enrol(&profile, &user, &server, true))?;
+            let user = Username::parse(&user)?;
+            if json {
+                print_json(
+                    &json!({"user": user.as_str(), "supernode": host, "profile": profile.dir()}),
+                );
+            } else {
+                println!(
+                    "registered {user} on {host}; start with: peerline --profile {} up",
+                    profile.dir().display()
+                );
+            }
+        }
+        Cmd::Enroll { user, server } => {
+            let host = rt()?.block_on(enrol(&profile, &user, &server, false))?;
+            println!("enrolled this device as {user} on {host}");
+        }
+        Cmd::Up { json } => up(&profile, json)?,
+        Cmd::Down => down(&profile)?,
+        Cmd::Status { json } => {
+            let v = status_value(&profile)?;
+            if json {
+                print_json(&v);
+            } else if v["online"] == json!(true) {
+                println!(
+                    "{} online via {} ({}); direct sessions: {}",
+                    v["user"].as_str().unwrap_or("?"),
+                    v["supernode"].as_str().unwrap_or("?"),
+                    v["presence"].as_str().unwrap_or("?"),
+                    v["direct_peers"].as_array().map_or(0, |a| a.len())
+                );
+            } else {
+                println!(
+                    "offline (agent {}); user {}",
+                    v["agent"].as_str().unwrap_or("reconnecting"),
+                    v["user"].as_str().unwrap_or("not registered")
+                );
+            }
+        }
+        Cmd::Contacts { cmd } => {
+            let (req, done) = match cmd {
+                ContactsCmd::Add { user, note } => (
+                    ControlRequest::ContactAdd {
+                        user: user.clone(),
+                        note,
+                    },
+                    format!("contact request sent to {user}"),
+                ),
+                ContactsCmd::Accept { user } => (
+                    ControlRequest::ContactReply {
+                        user: user.clone(),
+                        action: "accept".into(),
+                    },
+                    format!("{user} is now a contact"),
+                ),
+                ContactsCmd::Decline { user } => (
+                    ControlRequest::ContactReply {
+                        user: user.clone(),
+                        action: "decline".into(),
+                    },
+                    format!("declined {user}"),
+                ),
+                ContactsCmd::Block { user } => (
+                    ControlRequest::ContactReply {
+                        user: user.clone(),
+                        action: "block".into(),
+                    },
+                    format!("blocked {user}"),
+                ),
+                ContactsCmd::Remove { user } => (
+                    ControlRequest::ContactRemove { user: user.clone() },
+                    format!("removed {user}"),
+                ),
+                ContactsCmd::List { json } => {
+                    let v = agent(&profile, ControlRequest::ContactList)?;
+                    if json {
+                        print_json(&v);
+                    } else if v.as_array().is_none_or(|a| a.is_empty()) {
+                        println!("no contacts yet: `peerline contacts add USER`");
+                    } else {
+                        for c in v.as_array().into_iter().flatten() {
+                            println!(
+                                "{:<32} {:<10} {}",
+                                c["user"].as_str().unwrap_or("?"),
+                                c["state"].as_str().unwrap_or("?"),
+                                c["presence"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                    return Ok(());
+                }
+            };
+            agent(&profile, req)?;
+            println!("{done}");
+        }
+        Cmd::Presence {
+            cmd: PresenceCmd::Set { state },
+        } => {
+            agent(
+                &profile,
+                ControlRequest::Presence {
+                    presence: state.clone(),
+                },
+            )?;
+            println!("presence set to {state}");
+        }
+        Cmd::Search { query, json } => {
+            let v = agent(&profile, ControlRequest::Search { prefix: query })?;
+            if json {
+                print_json(&v);
+            } else {
+                let users: Vec<&str> = v
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|u| u.as_str())
+                    .collect();
+                if users.is_empty() {
+                    println!("no users found");
+                }
+                for u in users {
+                    println!("{u}");
+                }
+            }
+        }
+        Cmd::Msg {
+            cmd: MsgCmd::Send { user, text, json },
+        } => {
+            let v = agent(
+                &profile,
+                ControlRequest::MsgSend {
+                    to: user.clone(),
+                    text,
+                },
+            )?;
+            if json {
+                print_json(&v);
+            } else if v["via"] == json!("offline") {
+                println!("queued for {user} at the supernode (offline delivery)");
+            } else {
+                println!("delivered to {user} ({})", v["via"].as_str().unwrap_or("?"));
+            }
+        }
+        Cmd::Msg {
+            cmd: MsgCmd::List { user, json },
+        } => {
+            let h = History::open(&profile.history_path())
+                .context("cannot open the message history")?;
+            let filter = user.as_deref().map(Username::parse).transpose()?;
+            let entries = h.list(filter.as_ref().map(|u| u.as_str()))?;
+            if json {
+                print_json(&serde_json::to_value(&entries)?);
+            } else if entries.is_empty() {
+                println!("no messages");
+            } else {
+                for e in entries {
+                    println!(
+                        "{} {} -> {} [{}] {}",
+                        time_str(e.time),
+                        e.from,
+                        e.to,
+                        e.via,
+                        e.text
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

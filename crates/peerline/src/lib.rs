@@ -1,0 +1,13 @@
+//! The user's side of Peerline: profile, message history, the background agent with its
+//! local control socket, the command-line front end, and the demo.
+//!
+//! The agent owns the device's sessions (via `peerline-net`'s client driver); the CLI is a
+//! thin client of the agent's control socket.
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod cli;
+pub mod control;
+pub mod demo;
+pub mod history;
+pub mod profile;

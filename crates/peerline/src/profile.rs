@@ -1,0 +1,156 @@
+//! A profile directory: device keys, certificate, supernode entry, history, agent files.
+
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use peerline_crypto::identity::DEVICE_KEYS_LEN;
+use peerline_crypto::DeviceKeys;
+use peerline_net::bootstrap::Bootstrap;
+use peerline_net::files::{create_private_dir, write_private_file};
+
+/// Why a profile could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProfileError {
+    /// IO on a profile file.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// A file is corrupt.
+    #[error("{} is corrupt; remove the profile and register or enrol again", .0.display())]
+    Corrupt(PathBuf),
+    /// No certificate yet.
+    #[error("this profile ({}) is not registered: run `peerline register USER --server BOOTSTRAP` first", .0.display())]
+    NotRegistered(PathBuf),
+    /// Bad bootstrap entry stored.
+    #[error("{0}")]
+    Bootstrap(#[from] peerline_net::bootstrap::BootstrapError),
+}
+
+/// A profile directory.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProfileError + '_ {
+    move |source| ProfileError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Profile {
+    /// The profile dir: `arg`, else `$PEERLINE_PROFILE`, else `~/.peerline`.
+    pub fn resolve(arg: Option<PathBuf>) -> PathBuf {
+        arg.or_else(|| std::env::var_os("PEERLINE_PROFILE").map(PathBuf::from))
+            .unwrap_or_else(|| {
+                std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."))
+                    .join(".peerline")
+            })
+    }
+
+    /// Opens (creating with mode 0700 if needed) the profile at `dir`.
+    pub fn open(dir: &Path) -> Result<Self, ProfileError> {
+        create_private_dir(dir).map_err(io(dir))?;
+        Ok(Profile {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Control socket path.
+    pub fn socket_path(&self) -> PathBuf {
+        self.path("agent.sock")
+    }
+
+    /// Agent pid file.
+    pub fn pid_path(&self) -> PathBuf {
+        self.path("agent.pid")
+    }
+
+    /// Agent log.
+    pub fn log_path(&self) -> PathBuf {
+        self.path("agent.log")
+    }
+
+    /// Message history database.
+    pub fn history_path(&self) -> PathBuf {
+        self.path("history.sqlite")
+    }
+
+    /// The device keys, generated (and saved 0600) on first use.
+    pub fn keys(&self) -> Result<DeviceKeys, ProfileError> {
+        let p = self.path("device.key");
+        match std::fs::read_to_string(&p) {
+            Ok(text) => {
+                let raw = STANDARD
+                    .decode(text.trim())
+                    .map_err(|_| ProfileError::Corrupt(p.clone()))?;
+                let arr: [u8; DEVICE_KEYS_LEN] = raw
+                    .try_into()
+                    .map_err(|_| ProfileError::Corrupt(p.clone()))?;
+                Ok(DeviceKeys::from_bytes(&arr))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k = DeviceKeys::generate(&mut rand_core::OsRng);
+                write_private_file(&p, STANDARD.encode(k.to_bytes()).as_bytes()).map_err(io(&p))?;
+                Ok(k)
+            }
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    /// The device certificate, if registered.
+    pub fn cert(&self) -> Result<Option<Vec<u8>>, ProfileError> {
+        let p = self.path("device.cert");
+        match std::fs::read_to_string(&p) {
+            Ok(text) => Ok(Some(
+                STANDARD
+                    .decode(text.trim())
+                    .map_err(|_| ProfileError::Corrupt(p))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    /// Saves a (renewed) certificate.
+    pub fn save_cert(&self, cert: &[u8]) -> Result<(), ProfileError> {
+        let p = self.path("device.cert");
+        write_private_file(&p, STANDARD.encode(cert).as_bytes()).map_err(io(&p))
+    }
+
+    /// The supernode's bootstrap entry.
+    pub fn server(&self) -> Result<Bootstrap, ProfileError> {
+        let p = self.path("server");
+        match std::fs::read_to_string(&p) {
+            Ok(text) => Ok(Bootstrap::parse(&text)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(ProfileError::NotRegistered(self.dir.clone()))
+            }
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    /// Saves the supernode's bootstrap entry.
+    pub fn save_server(&self, b: &Bootstrap) -> Result<(), ProfileError> {
+        let p = self.path("server");
+        write_private_file(&p, format!("{}\n", b.encode()).as_bytes()).map_err(io(&p))
+    }
+}
