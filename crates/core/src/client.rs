@@ -229,6 +229,18 @@ pub enum ClientEvent {
     },
 }
 
+/// How long a peer's handshake answer is kept for repeated initiations.
+const ANSWERED_INIT_TTL: Duration = Duration::from_secs(10);
+
+/// The first 32 bytes of a Noise IK message 1: the initiator's ephemeral key, unique per
+/// handshake (the packet decoder guarantees at least 96 bytes).
+pub(crate) fn first_32(noise: &[u8]) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    let n = noise.len().min(32);
+    k[..n].copy_from_slice(&noise[..n]);
+    k
+}
+
 /// Connection state towards the supernode.
 #[derive(Debug)]
 enum Server {
@@ -237,7 +249,7 @@ enum Server {
         attempt: u32,
     },
     Handshaking {
-        hs: Handshake,
+        hs: Box<Handshake>,
         index: u32,
         deadline: Instant,
         attempt: u32,
@@ -251,7 +263,7 @@ enum Server {
 /// What a supernode request of ours was for.
 #[derive(Debug)]
 enum ServerReq {
-    Command(CommandId),
+    Command(CommandId, Command),
     ContactPage(CommandId),
     Connect(Username),
     Store(CommandId),
@@ -316,7 +328,11 @@ pub struct Client {
     acks: HashMap<u64, Ack>,
     next_ack: u64,
     /// Mailbox submissions in flight: command -> (msg_id, sent_at).
-    pending_store: HashMap<CommandId, (u64, u64)>,
+    pending_store: HashMap<CommandId, Outgoing>,
+    /// Messages to send again once back online, with their deadline.
+    resend: Vec<(Outgoing, Instant)>,
+    /// Peer initiations answered recently, by initiator ephemeral key.
+    answered_inits: HashMap<[u8; 32], (Vec<u8>, Instant)>,
     renew_after: Option<Instant>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<ClientEvent>,
@@ -374,6 +390,8 @@ impl Client {
             acks: HashMap::new(),
             next_ack: 1,
             pending_store: HashMap::new(),
+            resend: Vec::new(),
+            answered_inits: HashMap::new(),
             renew_after: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -461,7 +479,7 @@ impl Client {
             payload: out,
         });
         self.server = Server::Handshaking {
-            hs,
+            hs: Box::new(hs),
             index,
             deadline: now + self.cfg.handshake_timeout,
             attempt,
@@ -483,21 +501,25 @@ impl Client {
             retry_at: now + delay,
             attempt: attempt + 1,
         };
-        // Requests in flight on the dead session: fail or requeue what they were for.
+        // Requests in flight on the dead session run again once back online (they are
+        // idempotent: messages keep their ids); each still fails after its deadline.
+        let deadline = now + self.cfg.command_timeout;
         for (_, r) in std::mem::take(&mut self.server_reqs) {
             match r {
-                ServerReq::Command(id) | ServerReq::ContactPage(id) | ServerReq::Store(id) => {
+                ServerReq::Command(id, cmd) => self.queued.push_back((id, cmd, deadline)),
+                ServerReq::ContactPage(id) => {
                     self.contact_pages.remove(&id);
-                    self.done(
-                        id,
-                        CommandResult::error(
-                            ErrorCode::Unavailable,
-                            "lost the supernode; try again",
-                        ),
-                    );
+                    self.queued.push_back((id, Command::ContactList, deadline));
+                }
+                ServerReq::Store(id) => {
+                    if let Some(o) = self.pending_store.remove(&id) {
+                        self.resend.push((o, deadline));
+                    }
                 }
                 ServerReq::Connect(user) => {
-                    self.fail_outbox(&user, "lost the supernode; try again")
+                    for o in self.outbox.remove(&user).unwrap_or_default() {
+                        self.resend.push((o, deadline));
+                    }
                 }
                 ServerReq::Renew | ServerReq::Presence => {}
             }
@@ -617,6 +639,11 @@ impl Client {
             }
         }
         self.queued = keep;
+        if authed {
+            for (o, _) in std::mem::take(&mut self.resend) {
+                self.send_message(now, o);
+            }
+        }
     }
 
     fn server_request(
@@ -642,6 +669,7 @@ impl Client {
 
     fn run(&mut self, now: Instant, id: CommandId, cmd: Command) {
         let sign_key = self.keys.sign_public();
+        let kept = cmd.clone();
         let body = match cmd {
             Command::Register { username, password } => Request::Register {
                 username,
@@ -683,7 +711,7 @@ impl Client {
                 return self.send_message(now, out);
             }
         };
-        if let Err(e) = self.server_request(now, body, ServerReq::Command(id)) {
+        if let Err(e) = self.server_request(now, body, ServerReq::Command(id, kept)) {
             self.done(id, e);
         }
     }
@@ -752,7 +780,7 @@ impl Client {
         if let Err(e) = self.server_request(now, body, ServerReq::Store(id)) {
             self.done(id, e);
         } else {
-            self.pending_store.insert(id, (o.msg_id, o.sent_at));
+            self.pending_store.insert(id, o);
         }
     }
 
@@ -916,6 +944,16 @@ impl Client {
         let Some(my_cert) = self.cert.as_ref().map(|c| c.as_bytes().to_vec()) else {
             return;
         };
+        // A repeated initiation (the dialer probes every candidate until it hears back)
+        // gets the same answer again rather than a second session.
+        let ephemeral = first_32(noise);
+        self.answered_inits
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < ANSWERED_INIT_TTL);
+        if let Some((resp, _)) = self.answered_inits.get(&ephemeral) {
+            let payload = resp.clone();
+            self.transmits.push_back(Transmit { dst: from, payload });
+            return;
+        }
         let seed = self.seed();
         let Ok(r) = Responder::read(&self.keys.noise_private(), seed, noise) else {
             return;
@@ -958,6 +996,7 @@ impl Client {
             noise: &msg2,
         }
         .encode(&mut out);
+        self.answered_inits.insert(ephemeral, (out.clone(), now));
         self.transmits.push_back(Transmit {
             dst: from,
             payload: out,
@@ -1032,7 +1071,7 @@ impl Client {
     fn on_server_response(&mut self, now: Instant, purpose: ServerReq, body: Option<Response>) {
         let Some(body) = body else { return };
         match purpose {
-            ServerReq::Command(id) => {
+            ServerReq::Command(id, _) => {
                 let result = match body {
                     Response::Certificate(bytes) => {
                         match Certificate::verify(&bytes, &self.cfg.authority) {
@@ -1102,7 +1141,10 @@ impl Client {
                 _ => self.store_outbox(now, &user),
             },
             ServerReq::Store(id) => {
-                let (msg_id, sent_at) = self.pending_store.remove(&id).unwrap_or((0, 0));
+                let (msg_id, sent_at) = self
+                    .pending_store
+                    .remove(&id)
+                    .map_or((0, 0), |o| (o.msg_id, o.sent_at));
                 let r = match body {
                     Response::Ok => CommandResult::Sent {
                         via: Via::Offline,
@@ -1412,6 +1454,19 @@ impl Client {
             p.link.handle_timeout(now);
         }
         self.dial_tick(now);
+        let (late, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.resend)
+            .into_iter()
+            .partition(|(_, d)| now >= *d);
+        self.resend = keep;
+        for (o, _) in late {
+            self.done(
+                o.id,
+                CommandResult::error(
+                    ErrorCode::Unavailable,
+                    "supernode unreachable: the message was not sent",
+                ),
+            );
+        }
         let expired: Vec<CommandId> = self
             .queued
             .iter()
@@ -1458,6 +1513,9 @@ impl Client {
             fold(Some(d.next_send.min(d.deadline)));
         }
         for (_, _, d) in &self.queued {
+            fold(Some(*d));
+        }
+        for (_, d) in &self.resend {
             fold(Some(*d));
         }
         t

@@ -104,7 +104,7 @@ pub enum SupernodeEvent {
 enum Auth {
     Anonymous,
     Expired,
-    User(Certificate),
+    User(Box<Certificate>),
 }
 
 #[derive(Debug)]
@@ -188,8 +188,13 @@ pub struct Supernode {
     transmits: VecDeque<Transmit>,
     events: VecDeque<SupernodeEvent>,
     reset_window: (Instant, u32),
+    recent_inits: HashSet<[u8; 32]>,
+    recent_order: VecDeque<[u8; 32]>,
     stats: Stats,
 }
+
+/// Handshake initiations remembered to drop exact duplicates.
+const RECENT_INITS: usize = 65_536;
 
 impl std::fmt::Debug for Supernode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -235,6 +240,8 @@ impl Supernode {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             reset_window: (now, 0),
+            recent_inits: HashSet::new(),
+            recent_order: VecDeque::new(),
             stats: Stats::default(),
         }
     }
@@ -396,6 +403,19 @@ impl Supernode {
             self.stats.dropped += 1;
             return;
         }
+        // A duplicated initiation must not open a second session (which would replace the
+        // first at login). Clients retry with a fresh handshake, so drop exact repeats.
+        let ephemeral = crate::client::first_32(noise);
+        if !self.recent_inits.insert(ephemeral) {
+            self.stats.dropped += 1;
+            return;
+        }
+        self.recent_order.push_back(ephemeral);
+        while self.recent_order.len() > RECENT_INITS {
+            if let Some(old) = self.recent_order.pop_front() {
+                self.recent_inits.remove(&old);
+            }
+        }
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let Ok(responder) = Responder::read(&self.static_private, seed, noise) else {
@@ -415,7 +435,7 @@ impl Supernode {
             None => Auth::Anonymous,
             Some(bytes) => match Certificate::verify(bytes, &self.authority_public) {
                 Ok(cert) => match cert.check_for(&responder.remote_static, unix) {
-                    Ok(()) => Auth::User(cert),
+                    Ok(()) => Auth::User(Box::new(cert)),
                     Err(CertError::Expired { .. }) => Auth::Expired,
                     Err(_) => {
                         self.stats.dropped += 1;
@@ -1019,7 +1039,7 @@ impl Supernode {
                     };
                     let was_user = s.user().is_some();
                     let registered = matches!(s.auth, Auth::Anonymous);
-                    s.auth = Auth::User(cert);
+                    s.auth = Auth::User(Box::new(cert));
                     if registered {
                         self.events
                             .push_back(SupernodeEvent::Registered(device.username.clone()));

@@ -202,6 +202,19 @@ impl World {
         panic!("command {id} of client {i} did not finish");
     }
 
+    /// Steps until client `i` has seen an event matching `pred` (pushes may need
+    /// retransmissions on a lossy network).
+    fn saw(&mut self, i: usize, pred: impl Fn(&ClientEvent) -> bool) -> bool {
+        let end = self.now + Duration::from_secs(15);
+        while self.now < end {
+            if self.events[i].iter().any(&pred) {
+                return true;
+            }
+            self.step();
+        }
+        false
+    }
+
     fn register(&mut self, i: usize, name: &str) {
         let r = self.command(
             i,
@@ -294,8 +307,7 @@ fn full_scenario(w: &mut World) {
         ),
         CommandResult::Ok
     );
-    w.run_for(Duration::from_millis(500));
-    assert!(w.events[b].iter().any(|e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Incoming, note } if u.as_str() == "alice" && note == "it's alice")));
+    assert!(w.saw(b, |e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Incoming, note } if u.as_str() == "alice" && note == "it's alice")));
     // Not yet accepted: no messaging.
     match w.command(
         a,
@@ -320,10 +332,9 @@ fn full_scenario(w: &mut World) {
         ),
         CommandResult::Ok
     );
-    w.run_for(Duration::from_millis(500));
-    assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Accepted, .. } if u.as_str() == "bob")));
+    assert!(w.saw(a, |e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Accepted, .. } if u.as_str() == "bob")));
     // Presence of a new contact is pushed.
-    assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Online } if u.as_str() == "bob")));
+    assert!(w.saw(a, |e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Online } if u.as_str() == "bob")));
 
     // Online message goes direct.
     let r = w.command(
@@ -333,7 +344,12 @@ fn full_scenario(w: &mut World) {
             text: "hello bob".into(),
         },
     );
-    assert_eq!(sent_via(&r), Via::Direct);
+    assert_eq!(
+        sent_via(&r),
+        Via::Direct,
+        "alice events: {:#?}",
+        w.events[a]
+    );
     assert!(w
         .messages(b)
         .contains(&(user("alice"), "hello bob".into(), Via::Direct)));
@@ -386,8 +402,7 @@ fn full_scenario(w: &mut World) {
         w.command(b, Command::SetPresence(Presence::Busy)),
         CommandResult::Ok
     );
-    w.run_for(Duration::from_millis(500));
-    assert!(w.events[a].iter().any(|e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Busy } if u.as_str() == "bob")));
+    assert!(w.saw(a, |e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Busy } if u.as_str() == "bob")));
     assert!(!w.events[c]
         .iter()
         .any(|e| matches!(e, ClientEvent::Presence { .. })));
