@@ -1,0 +1,360 @@
+//! End-to-end tests with real processes on loopback: `peerlined` and several `peerline`
+//! agents, driven through the command line exactly as a user would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn peerline_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_peerline"))
+}
+
+fn peerlined_bin() -> PathBuf {
+    let p = peerline_bin().with_file_name("peerlined");
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Supernode {
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+impl Supernode {
+    fn init(root: &Path) -> Self {
+        let data = root.join("supernode");
+        let port = free_port();
+        let admin = free_port();
+        let out = Command::new(peerlined_bin())
+            .args(["init", "--data"])
+            .arg(&data)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut s = Supernode { data, child: None };
+        s.start();
+        s
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data.join("test.log"))
+            .unwrap();
+        let child = Command::new(peerlined_bin())
+            .args(["run", "--data"])
+            .arg(&self.data)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let pid_file = self.data.join("peerlined.pid");
+        let start = Instant::now();
+        while std::fs::read_to_string(&pid_file)
+            .map(|p| p.trim() != child.id().to_string())
+            .unwrap_or(true)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "peerlined did not write its pid file"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        // SIGKILL: no shutdown path runs, like a crash or power loss of the process.
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    fn bootstrap(&self) -> String {
+        std::fs::read_to_string(self.data.join("bootstrap"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for Supernode {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct User {
+    name: &'static str,
+    profile: PathBuf,
+}
+
+impl User {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(peerline_bin())
+            .arg("--profile")
+            .arg(&self.profile)
+            .args(args)
+            .env("PEERLINE_PASSWORD", format!("{}-password", self.name))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{} {:?} failed: {}",
+            self.name,
+            args,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs a command expected to fail; returns its one-line error.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "{} {:?} should have failed",
+            self.name,
+            args
+        );
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(
+            err.trim().lines().count(),
+            1,
+            "one clear line expected, got: {err}"
+        );
+        err
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        serde_json::from_str(&self.ok(args)).unwrap()
+    }
+
+    fn messages(&self) -> Vec<Value> {
+        self.json(&["msg", "list", "--json"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn has_message(&self, from: &str, text: &str, via: &str) -> bool {
+        self.messages().iter().any(|m| {
+            m["from"] == from && m["text"] == text && m["via"] == via && m["to"] == self.name
+        })
+    }
+
+    fn wait_message(&self, from: &str, text: &str, via: &str) {
+        let start = Instant::now();
+        while !self.has_message(from, text, via) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{} never got {text:?} from {from} via {via}: {:?}",
+                self.name,
+                self.messages()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = self.run(&["down"]);
+    }
+}
+
+#[test]
+fn three_users_contacts_direct_offline_and_a_crashed_supernode() {
+    let root = tempfile::tempdir().unwrap();
+    let mut sn = Supernode::init(root.path());
+    let bootstrap = sn.bootstrap();
+    let user = |name: &'static str| User {
+        name,
+        profile: root.path().join(name),
+    };
+    let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
+
+    // Three users register and come online.
+    for u in [&alice, &bob, &carol] {
+        u.ok(&["register", u.name, "--server", &bootstrap]);
+        let status = u.json(&["up", "--json"]);
+        assert_eq!(status["online"], true);
+        assert_eq!(status["user"], u.name);
+    }
+    // Profile and key files are private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: PathBuf| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(alice.profile.clone()), 0o700);
+    assert_eq!(mode(alice.profile.join("device.key")), 0o600);
+    assert_eq!(mode(sn.data.join("authority.key")), 0o600);
+    assert_eq!(mode(sn.data.clone()), 0o700);
+
+    // Usernames are unique and case-insensitive.
+    let dave = user("dave");
+    let err = dave.fails(&["register", "ALICE", "--server", &bootstrap]);
+    assert!(err.contains("taken"), "{err}");
+    let err = dave.fails(&["register", "no spaces", "--server", &bootstrap]);
+    assert!(err.contains("' '"), "{err}");
+
+    // Contact request, then accept.
+    alice.ok(&["contacts", "add", "bob"]);
+    let list = bob.json(&["contacts", "list", "--json"]);
+    assert_eq!(list[0]["user"], "alice");
+    assert_eq!(list[0]["state"], "incoming");
+    bob.ok(&["contacts", "accept", "alice"]);
+    let list = alice.json(&["contacts", "list", "--json"]);
+    assert_eq!(list[0]["state"], "accepted");
+    assert_eq!(list[0]["presence"], "online");
+
+    // An online message arrives directly.
+    let sent = alice.json(&["msg", "send", "bob", "hello bob", "--json"]);
+    assert_eq!(sent["via"], "direct");
+    bob.wait_message("alice", "hello bob", "direct");
+
+    // A non-contact's message is refused with a reason and never delivered.
+    let err = carol.fails(&["msg", "send", "alice", "buy cheap watches"]);
+    assert!(err.contains("not your contact"), "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!alice
+        .messages()
+        .iter()
+        .any(|m| m["text"] == "buy cheap watches"));
+
+    // A message to an unknown user names that user.
+    let err = alice.fails(&["msg", "send", "nobody42", "anyone there?"]);
+    assert!(err.contains("nobody42"), "{err}");
+
+    // Search finds users by prefix and carries no address.
+    let raw = carol.ok(&["search", "BO", "--json"]);
+    let found: Value = serde_json::from_str(&raw).unwrap();
+    assert_eq!(found, serde_json::json!(["bob"]));
+    assert!(
+        !raw.contains("127.0.0.1"),
+        "search output leaks an address: {raw}"
+    );
+
+    // Bob goes offline; a message to him is durably queued at the supernode...
+    bob.ok(&["down"]);
+    assert_eq!(bob.json(&["status", "--json"])["online"], false);
+    let sent = alice.json(&["msg", "send", "bob", "while you were out", "--json"]);
+    assert_eq!(sent["via"], "offline");
+
+    // ...and survives a kill -9 and restart of the supernode.
+    std::thread::sleep(Duration::from_millis(1500)); // let the session snapshot land
+    sn.kill9();
+    sn.start();
+    let restarted = Instant::now();
+
+    // Alice's agent stayed up: it is online again by itself within 10 s and can send.
+    let sent = alice.json(&["msg", "send", "bob", "after the restart", "--json"]);
+    assert_eq!(sent["via"], "offline");
+    assert!(alice.json(&["status", "--json"])["online"] == true);
+    let took = restarted.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "alice needed {took:?} to send again"
+    );
+    eprintln!("alice sent again {:?} after the supernode restart", took);
+
+    // Bob's next `up` delivers both, in order, marked offline.
+    bob.ok(&["up"]);
+    bob.wait_message("alice", "while you were out", "offline");
+    bob.wait_message("alice", "after the restart", "offline");
+    let texts: Vec<String> = bob
+        .messages()
+        .iter()
+        .filter(|m| m["via"] == "offline")
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(texts, vec!["while you were out", "after the restart"]);
+
+    // Delivered messages were deleted from the supernode's mailbox once acknowledged.
+    let start = Instant::now();
+    loop {
+        let n: i64 = rusqlite::Connection::open(sn.data.join("store.sqlite"))
+            .unwrap()
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{n} messages still in the mailbox"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn clear_errors_without_an_agent_or_a_supernode() {
+    let root = tempfile::tempdir().unwrap();
+    let u = User {
+        name: "erin",
+        profile: root.path().join("erin"),
+    };
+    // Not registered yet.
+    let err = u.fails(&["up"]);
+    assert!(err.contains("not registered"), "{err}");
+    // Agent not running.
+    let err = u.fails(&["msg", "send", "bob", "hi"]);
+    assert!(err.contains("agent is not running"), "{err}");
+    // Bad bootstrap entry.
+    let err = u.fails(&["register", "erin", "--server", "nonsense"]);
+    assert!(err.contains("HOST:PORT#KEY"), "{err}");
+    // Supernode unreachable (nothing listens on this port).
+    let data = root.path().join("sn");
+    let out = Command::new(peerlined_bin())
+        .args(["init", "--data"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let b = std::fs::read_to_string(data.join("bootstrap")).unwrap();
+    let err = u.fails(&["register", "erin", "--server", b.trim()]);
+    assert!(err.contains("unreachable"), "{err}");
+    // Running a supernode on an uninitialised dir.
+    let out = Command::new(peerlined_bin())
+        .args(["run", "--data"])
+        .arg(root.path().join("empty"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("peerlined init"));
+}
