@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The project's test command: formatting, lints, then every test in the workspace
+# (unit, property, simulation and end-to-end tests with real processes on loopback).
+# Needs only a Rust toolchain: SQLite is bundled, nothing else is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Reuse one build directory outside the clone so repeated runs do not rebuild everything.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/tmp}/.cache/peerline-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build the binaries the end-to-end tests run"
+cargo build --workspace --locked
+
+step "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    cargo test --workspace --locked --no-fail-fast
+fi
