@@ -1,0 +1,49 @@
+//! The supernode's packet handler fed an arbitrary sequence of datagrams from a few
+//! sources, with time advancing and storage operations executed: it must never panic.
+//!
+//! Input format: repeated `[len u8][source u8][delay u8][len bytes]`.
+#![no_main]
+use std::time::{Duration, Instant};
+
+use libfuzzer_sys::fuzz_target;
+use peerline_core::clock::WallClock;
+use peerline_core::directory::MemoryDirectory;
+use peerline_core::memstore::MemoryStore;
+use peerline_core::ops::execute;
+use peerline_core::supernode::{Supernode, SupernodeConfig};
+use peerline_crypto::Authority;
+use rand_core::SeedableRng;
+
+fuzz_target!(|data: &[u8]| {
+    let t0 = Instant::now();
+    let mut now = t0;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+    let mut store = MemoryStore::new();
+    let mut sn = Supernode::new(
+        SupernodeConfig::default(),
+        [9; 32],
+        Authority::from_bytes(&[3; 32]),
+        [5; 32],
+        Box::new(MemoryDirectory::new()),
+        WallClock::new(t0, 1_790_000_000_000),
+        t0,
+    );
+    let mut rest = data;
+    while rest.len() >= 3 {
+        let (len, src, delay) = (rest[0] as usize, rest[1], rest[2]);
+        rest = &rest[3..];
+        let n = len.min(rest.len());
+        let (dgram, tail) = rest.split_at(n);
+        rest = tail;
+        now += Duration::from_millis(delay as u64 * 50);
+        let from = std::net::SocketAddr::from(([198, 51, 100, src % 4], 4000));
+        sn.handle_datagram(now, from, dgram);
+        sn.handle_timeout(now);
+        while let Some((token, op)) = sn.poll_op() {
+            let r = execute(&mut store, op, &mut rng);
+            sn.handle_op_result(now, token, r);
+        }
+        while sn.poll_transmit().is_some() {}
+        while sn.poll_event().is_some() {}
+    }
+});
