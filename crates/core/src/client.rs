@@ -1181,6 +1181,13 @@ impl Client {
                 Response::Error { detail, .. } => {
                     tracing::warn!(%detail, "certificate renewal refused");
                     self.renew_after = Some(now + Duration::from_secs(600));
+                    if !self.is_online() {
+                        // Logged in with an expired certificate that cannot be renewed:
+                        // say why instead of waiting silently.
+                        self.events.push_back(ClientEvent::Offline {
+                            reason: format!("certificate refused: {detail}"),
+                        });
+                    }
                 }
                 _ => {}
             },

@@ -47,12 +47,16 @@ struct World {
 
 impl World {
     fn new(seed: u64, net: Net) -> Self {
+        Self::with_config(seed, net, SupernodeConfig::default())
+    }
+
+    fn with_config(seed: u64, net: Net, cfg: SupernodeConfig) -> Self {
         let t0 = Instant::now();
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let sn_keys = DeviceKeys::generate(&mut rng);
         let authority = Authority::generate(&mut rng);
         let authority_bytes = authority.to_bytes();
-        let sn = Self::make_supernode(&sn_keys, &authority_bytes, seed, t0);
+        let sn = Self::make_supernode(cfg, &sn_keys, &authority_bytes, seed, t0);
         World {
             now: t0,
             t0,
@@ -69,13 +73,14 @@ impl World {
     }
 
     fn make_supernode(
+        cfg: SupernodeConfig,
         keys: &DeviceKeys,
         authority: &[u8; 32],
         seed: u64,
         now: Instant,
     ) -> Supernode {
         Supernode::new(
-            SupernodeConfig::default(),
+            cfg,
             keys.noise_private(),
             Authority::from_bytes(authority),
             [seed as u8; 32],
@@ -553,4 +558,91 @@ fn idle_session_costs_only_keepalives() {
         "supernode received {per_client} datagrams per idle client in 100 s"
     );
     assert!(w.clients[a].1.is_online());
+}
+
+fn short_lived() -> SupernodeConfig {
+    SupernodeConfig {
+        cert_lifetime: Duration::from_secs(120),
+        ..SupernodeConfig::default()
+    }
+}
+
+fn cert_count(w: &World, i: usize) -> usize {
+    w.events[i]
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::Certificate(_)))
+        .count()
+}
+
+#[test]
+fn certificate_is_renewed_while_online() {
+    let mut w = World::with_config(9, Net::perfect(9), short_lived());
+    let a = w.add_client(None, None);
+    w.register(a, "alice");
+    let first = w.clients[a].1.certificate().unwrap().repr().not_after;
+    // Well past the first certificate's expiry (and the verifier's clock-skew allowance).
+    w.run_for(Duration::from_secs(600));
+    assert!(
+        cert_count(&w, a) >= 3,
+        "renewed {} times",
+        cert_count(&w, a) - 1
+    );
+    let now_s = (UNIX_START_MS + w.now.duration_since(w.t0).as_millis() as u64) / 1000;
+    let cert = w.clients[a].1.certificate().unwrap();
+    assert!(cert.repr().not_after > first);
+    assert!(
+        cert.check_time(now_s).is_ok(),
+        "current certificate is valid"
+    );
+    assert!(w.clients[a].1.is_online());
+}
+
+#[test]
+fn expired_certificate_is_renewed_at_login() {
+    let mut w = World::with_config(10, Net::perfect(10), short_lived());
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let keys = DeviceKeys::generate(&mut rng);
+    let b = w.add_client(None, Some(keys.clone()));
+    w.register(b, "bob");
+    let old = w.clients[b].1.certificate().unwrap().as_bytes().to_vec();
+    let now = w.now;
+    w.clients[b].1.shutdown(now);
+    w.step();
+    w.clients.remove(b);
+    w.events.remove(b);
+    // Offline far longer than the certificate lives.
+    w.run_for(Duration::from_secs(900));
+    let b2 = w.add_client(Some(old.clone()), Some(keys));
+    w.run_for(Duration::from_secs(3));
+    assert!(
+        w.clients[b2].1.is_online(),
+        "logged in with a renewed certificate"
+    );
+    assert_eq!(cert_count(&w, b2), 1);
+    assert_ne!(w.clients[b2].1.certificate().unwrap().as_bytes(), &old[..]);
+}
+
+#[test]
+fn a_revoked_or_unknown_device_cannot_log_in_with_an_expired_certificate() {
+    use peerline_core::store::Store;
+    let mut w = World::with_config(11, Net::perfect(11), short_lived());
+    let mut rng = ChaCha20Rng::seed_from_u64(6);
+    let keys = DeviceKeys::generate(&mut rng);
+    let b = w.add_client(None, Some(keys.clone()));
+    w.register(b, "bob");
+    let old = w.clients[b].1.certificate().unwrap().as_bytes().to_vec();
+    let now = w.now;
+    w.clients[b].1.shutdown(now);
+    w.step();
+    w.clients.remove(b);
+    w.events.remove(b);
+    w.store.revoke_device(&keys.noise_public()).unwrap();
+    w.run_for(Duration::from_secs(900));
+    let b2 = w.add_client(Some(old), Some(keys));
+    w.run_for(Duration::from_secs(3));
+    assert!(!w.clients[b2].1.is_online());
+    assert_eq!(w.sn.online_count(), 0);
+    assert!(w.events[b2]
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Offline { reason } if reason.contains("revoked"))));
 }

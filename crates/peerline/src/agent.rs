@@ -42,6 +42,8 @@ struct Shared {
     me: Username,
     server: String,
     stop: Notify,
+    /// Why the agent last went offline (shown by `status` and `up`).
+    reason: Mutex<Option<String>>,
 }
 
 /// Builds the client core for a registered profile.
@@ -95,6 +97,7 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
         me: me.clone(),
         server: profile.server()?.host,
         stop: Notify::new(),
+        reason: Mutex::new(None),
     });
     tracing::info!(user = %me, "agent started");
 
@@ -157,8 +160,18 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
                 tracing::error!(error = %e, "could not save the renewed certificate");
             }
         }
-        ClientEvent::Online => tracing::info!("online"),
-        ClientEvent::Offline { reason } => tracing::warn!(%reason, "offline; reconnecting"),
+        ClientEvent::Online => {
+            tracing::info!("online");
+            if let Ok(mut r) = shared.reason.lock() {
+                *r = None;
+            }
+        }
+        ClientEvent::Offline { reason } => {
+            tracing::warn!(%reason, "offline; reconnecting");
+            if let Ok(mut r) = shared.reason.lock() {
+                *r = Some(reason);
+            }
+        }
         ClientEvent::Contact { user, state, .. } => {
             tracing::info!(user = %user, state = state.as_str(), "contact")
         }
@@ -233,6 +246,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                     "presence": s.presence,
                     "direct_peers": s.direct_peers,
                     "agent_pid": std::process::id(),
+                    "reason": shared.reason.lock().ok().and_then(|r| r.clone()),
                 })),
                 Err(_) => ControlResponse::err("the agent is shutting down"),
             };

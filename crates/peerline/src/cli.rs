@@ -355,8 +355,12 @@ fn up(profile: &Profile, json_out: bool) -> anyhow::Result<()> {
                 }
             }
             if start.elapsed() > Duration::from_secs(15) {
+                let why = status_value(profile)
+                    .ok()
+                    .and_then(|v| v["reason"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "supernode unreachable?".into());
                 bail!(
-                    "not online after 15 s: supernode unreachable? The agent keeps trying in the background (see {}; `peerline down` stops it)",
+                    "not online after 15 s ({why}); the agent keeps trying in the background (see {}; `peerline down` stops it)",
                     profile.log_path().display()
                 );
             }
