@@ -849,14 +849,9 @@ mod tests {
     /// Child half of `queued_messages_survive_kill_9`: queues messages into the file named
     /// by `PEERLINE_KILL_TEST_DB`, printing each id after `queue_message` returns, then
     /// waits to be killed.
-    #[test]
-    #[ignore = "helper process for queued_messages_survive_kill_9"]
-    fn kill_9_child() {
+    fn kill_9_child(path: &std::ffi::OsStr) {
         use std::io::Write;
-        let Some(path) = std::env::var_os("PEERLINE_KILL_TEST_DB") else {
-            return;
-        };
-        let mut s = SqliteStore::open(Path::new(&path)).unwrap();
+        let mut s = SqliteStore::open(Path::new(path)).unwrap();
         let mut out = std::io::stdout().lock();
         for i in 0..20u64 {
             let msg = NewMessage {
@@ -875,13 +870,21 @@ mod tests {
         std::thread::sleep(Duration::from_secs(60));
     }
 
+    /// Runs itself as a child process that queues messages and is killed with SIGKILL.
     #[test]
     fn queued_messages_survive_kill_9() {
         use std::io::BufRead;
+        if let Some(path) = std::env::var_os("PEERLINE_KILL_TEST_DB") {
+            return kill_9_child(&path);
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kill.db");
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "tests::kill_9_child", "--nocapture"])
+            .args([
+                "--exact",
+                "tests::queued_messages_survive_kill_9",
+                "--nocapture",
+            ])
             .env("PEERLINE_KILL_TEST_DB", &path)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
