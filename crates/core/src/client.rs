@@ -258,6 +258,8 @@ enum Server {
         link: Box<Link>,
         authed: bool,
     },
+    /// Replaced by a login elsewhere: no automatic reconnection.
+    Stopped,
 }
 
 /// What a supernode request of ours was for.
@@ -455,6 +457,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             unix_ms: self.unix_ms(now),
             cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
+            presence: self.presence,
         };
         let seed = self.seed();
         let index = self.index();
@@ -580,8 +583,11 @@ impl Client {
 
     /// Starts connecting (or reconnects at once if offline).
     pub fn connect(&mut self, now: Instant) {
-        if let Server::Offline { attempt, .. } = self.server {
-            self.start_handshake(now, attempt);
+        match self.server {
+            Server::Offline { attempt, .. } => self.start_handshake(now, attempt),
+            // The user acts on this device again: take the account back.
+            Server::Stopped => self.start_handshake(now, 0),
+            _ => {}
         }
     }
 
@@ -618,7 +624,9 @@ impl Client {
             _ => (false, false),
         };
         if !up {
-            if matches!(self.server, Server::Offline { .. }) && !self.queued.is_empty() {
+            if matches!(self.server, Server::Offline { .. } | Server::Stopped)
+                && !self.queued.is_empty()
+            {
                 // A command is a reason to try now rather than wait out the backoff.
                 self.connect(now);
             }
@@ -1054,8 +1062,9 @@ impl Client {
                     self.on_server_response(now, purpose, Some(body));
                 }
             }
-            LinkEvent::RequestFailed { id } => {
-                self.server_reqs.remove(&id);
+            LinkEvent::RequestFailed { .. } => {
+                // Keep what the request was for: `go_offline` requeues it (with every other
+                // request in flight) to run again on the next session.
                 self.go_offline(now, "the supernode stopped answering", 0);
                 self.start_handshake(now, 0);
             }
@@ -1063,7 +1072,15 @@ impl Client {
                 self.go_offline(now, "no answer from the supernode", 0);
             }
             LinkEvent::Closed => {
-                self.go_offline(now, "the supernode closed the session", 1);
+                // The supernode closes a session only when the same account logs in from
+                // another device. Reconnecting would take it back and start a tug of war,
+                // so this device stays offline until the user brings it up again.
+                self.go_offline(
+                    now,
+                    "signed in from another device; run `peerline up` here to take over",
+                    0,
+                );
+                self.server = Server::Stopped;
             }
         }
     }
@@ -1208,6 +1225,7 @@ impl Client {
             version: PROTOCOL_VERSION,
             unix_ms: self.unix_ms(now),
             cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
+            presence: Presence::Online,
         };
         let seed = self.seed();
         let Some((hs, msg1)) = hello.encode().ok().and_then(|p| {
@@ -1433,6 +1451,7 @@ impl Client {
     /// dials, command timeouts, certificate renewal.
     pub fn handle_timeout(&mut self, now: Instant) {
         match &mut self.server {
+            Server::Stopped => {}
             Server::Offline { retry_at, attempt } => {
                 if now >= *retry_at {
                     let a = *attempt;
@@ -1498,6 +1517,7 @@ impl Client {
     /// When [`Client::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let mut t = match &self.server {
+            Server::Stopped => None,
             Server::Offline { retry_at, .. } => Some(*retry_at),
             Server::Handshaking { deadline, .. } => Some(*deadline),
             Server::Up { link, authed } => {

@@ -136,6 +136,7 @@ pub struct Transmit {
 struct Pending {
     plaintext: Vec<u8>,
     attempts: u32,
+    max_attempts: u32,
     rto: Duration,
     deadline: Instant,
 }
@@ -234,6 +235,17 @@ impl Link {
 
     /// Sends a request; returns its id. The answer arrives as [`LinkEvent::Response`].
     pub fn send_request(&mut self, now: Instant, body: Request) -> Result<u64, LinkError> {
+        self.send_request_limited(now, body, u32::MAX)
+    }
+
+    /// As [`Link::send_request`], giving up after at most `max_attempts` transmissions
+    /// (and never more than the link's own limit).
+    pub fn send_request_limited(
+        &mut self,
+        now: Instant,
+        body: Request,
+        max_attempts: u32,
+    ) -> Result<u64, LinkError> {
         if self.pending.len() >= self.config.max_in_flight {
             return Err(LinkError::Busy);
         }
@@ -246,6 +258,7 @@ impl Link {
             Pending {
                 plaintext,
                 attempts: 1,
+                max_attempts: max_attempts.clamp(1, self.config.max_attempts),
                 rto: self.config.initial_rto,
                 deadline: now + self.config.initial_rto,
             },
@@ -358,7 +371,7 @@ impl Link {
             let Some(p) = self.pending.get_mut(&id) else {
                 continue;
             };
-            if p.attempts >= self.config.max_attempts {
+            if p.attempts >= p.max_attempts {
                 self.pending.remove(&id);
                 self.events.push_back(LinkEvent::RequestFailed { id });
                 continue;

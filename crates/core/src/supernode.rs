@@ -118,6 +118,11 @@ struct Session {
     delivering: HashSet<u64>,
     /// Whether the last delivery batch was full (more may be waiting).
     more_waiting: bool,
+    /// A delivery went unanswered: fetch the mailbox again once the client shows life.
+    redeliver: bool,
+    /// The client's clock in its hello: a login replaces an existing session of the same
+    /// user only with a strictly newer hello, so a replayed handshake cannot evict it.
+    hello_ms: u64,
     scheduled: Option<Instant>,
 }
 
@@ -136,7 +141,11 @@ enum Waiting {
     /// Answer request `req` on `session` from the result.
     Reply { session: u32, req: u64 },
     /// Certificate issuance (register, enrol, renew).
-    Certify { session: u32, req: u64 },
+    Certify {
+        session: u32,
+        req: u64,
+        registered: bool,
+    },
     /// Contact change: answer, then push notices.
     Contact { session: u32, req: u64 },
     /// Connection setup: after the contact check, ring the callee.
@@ -192,6 +201,9 @@ pub struct Supernode {
     recent_order: VecDeque<[u8; 32]>,
     stats: Stats,
 }
+
+/// Transmissions of an `IncomingConnect` push (400 + 800 + 1,600 ms: under 3 s).
+const CONNECT_PUSH_ATTEMPTS: u32 = 3;
 
 /// Handshake initiations remembered to drop exact duplicates.
 const RECENT_INITS: usize = 65_536;
@@ -368,6 +380,9 @@ impl Supernode {
                     self.stats.dropped += 1;
                 }
                 self.flush(now, receiver);
+                if ok {
+                    self.resume_delivery(receiver);
+                }
             }
             Ok(Packet::Stun(_)) => {
                 // STUN Binding service arrives with NAT traversal; count it for now.
@@ -448,6 +463,21 @@ impl Supernode {
                 }
             },
         };
+        if let Auth::User(cert) = &auth {
+            let stale = self
+                .session_of(cert.username())
+                .and_then(|i| self.sessions.get(&i))
+                .is_some_and(|s| s.hello_ms >= hello.unix_ms);
+            if stale {
+                // Not newer than the live session's hello: a replay, or an old retry.
+                self.stats.dropped += 1;
+                return;
+            }
+        }
+        if hello.presence == Presence::Offline {
+            self.stats.dropped += 1;
+            return;
+        }
         let welcome = Welcome {
             version: PROTOCOL_VERSION,
             unix_ms: self.clock.unix_ms(now),
@@ -483,10 +513,12 @@ impl Supernode {
             Session {
                 link,
                 auth,
-                presence: Presence::Online,
+                presence: hello.presence,
                 contacts: HashSet::new(),
                 delivering: HashSet::new(),
                 more_waiting: false,
+                redeliver: false,
+                hello_ms: hello.unix_ms,
                 scheduled: None,
             },
         );
@@ -598,7 +630,13 @@ impl Supernode {
         let Some(s) = self.sessions.get_mut(&index) else {
             return;
         };
-        if let Ok(id) = s.link.send_request(now, body) {
+        // Ringing a callee must give up well before the caller's own request does, so an
+        // unresponsive callee costs the caller a mailbox fallback, not a reconnection.
+        let attempts = match kind {
+            Push::Connect { .. } => CONNECT_PUSH_ATTEMPTS,
+            _ => u32::MAX,
+        };
+        if let Ok(id) = s.link.send_request_limited(now, body, attempts) {
             self.pushes.insert((index, id), kind);
         }
         self.flush(now, index);
@@ -688,7 +726,11 @@ impl Supernode {
                         device_id,
                         now: unix,
                     },
-                    Waiting::Certify { session, req },
+                    Waiting::Certify {
+                        session,
+                        req,
+                        registered: true,
+                    },
                 );
             }
             (
@@ -707,7 +749,11 @@ impl Supernode {
                         sign_key,
                         device_id,
                     },
-                    Waiting::Certify { session, req },
+                    Waiting::Certify {
+                        session,
+                        req,
+                        registered: false,
+                    },
                 );
             }
             (Request::RenewCert, _) => {
@@ -722,7 +768,14 @@ impl Supernode {
                         ),
                     );
                 }
-                self.op(Op::Renew { noise_key }, Waiting::Certify { session, req });
+                self.op(
+                    Op::Renew { noise_key },
+                    Waiting::Certify {
+                        session,
+                        req,
+                        registered: false,
+                    },
+                );
             }
             (Request::Register { .. } | Request::Enroll { .. }, Some(_)) => {
                 self.reply(
@@ -928,6 +981,11 @@ impl Supernode {
                 let Some(user) = s.user().cloned() else {
                     return;
                 };
+                if body.is_none() {
+                    // The client did not answer (stopped or gone): the message stays in the
+                    // mailbox and goes out again when the client is heard from.
+                    s.redeliver = true;
+                }
                 if matches!(body, Some(Response::Ok)) {
                     self.stats.messages_delivered += 1;
                     self.op(
@@ -952,6 +1010,25 @@ impl Supernode {
                     }
                 }
             }
+        }
+    }
+
+    fn resume_delivery(&mut self, index: u32) {
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
+        if !s.redeliver || !s.delivering.is_empty() {
+            return;
+        }
+        s.redeliver = false;
+        if let Some(user) = s.user().cloned() {
+            self.op(
+                Op::Pending {
+                    to: user,
+                    limit: self.cfg.delivery_batch,
+                },
+                Waiting::Pending { session: index },
+            );
         }
     }
 
@@ -1019,7 +1096,14 @@ impl Supernode {
                 };
                 self.reply(now, session, req, body);
             }
-            (Waiting::Certify { session, req }, OpResult::Device(r)) => match r {
+            (
+                Waiting::Certify {
+                    session,
+                    req,
+                    registered,
+                },
+                OpResult::Device(r),
+            ) => match r {
                 Ok((device, serial)) => {
                     let unix = self.clock.unix_s(now);
                     let cert = self.authority.issue(
@@ -1038,7 +1122,6 @@ impl Supernode {
                         return;
                     };
                     let was_user = s.user().is_some();
-                    let registered = matches!(s.auth, Auth::Anonymous);
                     s.auth = Auth::User(Box::new(cert));
                     if registered {
                         self.events
@@ -1124,7 +1207,14 @@ impl Supernode {
                     return;
                 };
                 let cert = cert.as_bytes().to_vec();
-                match self.session_of(&to) {
+                // An invisible user looks offline to contacts: messages go to the mailbox,
+                // which delivers to them at once, and their address is not given out.
+                let visible = self.session_of(&to).filter(|i| {
+                    self.sessions
+                        .get(i)
+                        .is_some_and(|s| s.presence != Presence::Invisible)
+                });
+                match visible {
                     Some(callee) => {
                         let body = Request::IncomingConnect {
                             user: me,
@@ -1150,8 +1240,10 @@ impl Supernode {
                 }
             }
             (Waiting::Queue { session, req, msg }, OpResult::Queued(r)) => match r {
-                Ok(QueueOutcome::Queued(id)) | Ok(QueueOutcome::Duplicate(id)) => {
-                    self.stats.messages_queued += 1;
+                Ok(outcome @ (QueueOutcome::Queued(id) | QueueOutcome::Duplicate(id))) => {
+                    if matches!(outcome, QueueOutcome::Queued(_)) {
+                        self.stats.messages_queued += 1;
+                    }
                     self.reply(now, session, req, Response::Ok);
                     if let Some(i) = self.session_of(&msg.to) {
                         self.deliver(now, i, StoredMessage { id, msg });
@@ -1180,8 +1272,20 @@ impl Supernode {
             (Waiting::Contacts { .. } | Waiting::Pending { .. }, _) => {
                 tracing::warn!("login fan-out lookup failed");
             }
-            (w, r) => {
-                tracing::error!(?w, ?r, "storage result does not match its operation");
+            (w, _) => {
+                // Log the kind only: results can hold message text and user names.
+                let kind = match w {
+                    Waiting::Reply { .. } => "reply",
+                    Waiting::Certify { .. } => "certify",
+                    Waiting::Contact { .. } => "contact",
+                    Waiting::Connect { .. } => "connect",
+                    Waiting::Queue { .. } => "queue",
+                    Waiting::List { .. } => "list",
+                    Waiting::Contacts { .. } => "contacts",
+                    Waiting::Pending { .. } => "pending",
+                    Waiting::Nothing => "nothing",
+                };
+                tracing::error!(kind, "storage result does not match its operation");
             }
         }
     }

@@ -43,6 +43,10 @@ struct World {
     clients: Vec<(SocketAddr, Client)>,
     events: Vec<Vec<ClientEvent>>,
     sn_datagrams: u64,
+    /// Clients that are frozen (a stopped process): not stepped, their datagrams lost.
+    frozen: Vec<usize>,
+    /// Every datagram the supernode received, with its source.
+    sn_log: Vec<(SocketAddr, Vec<u8>)>,
 }
 
 impl World {
@@ -69,6 +73,8 @@ impl World {
             clients: Vec::new(),
             events: Vec::new(),
             sn_datagrams: 0,
+            frozen: Vec::new(),
+            sn_log: Vec::new(),
         }
     }
 
@@ -148,6 +154,9 @@ impl World {
             self.net.send(now, sn_addr(), t);
         }
         for (i, (addr, c)) in self.clients.iter_mut().enumerate() {
+            if self.frozen.contains(&i) {
+                continue;
+            }
             while let Some(t) = c.poll_transmit() {
                 self.net.send(now, *addr, t);
             }
@@ -164,9 +173,12 @@ impl World {
         for (from, Transmit { dst, payload }) in self.net.deliver(now) {
             if dst == sn_addr() {
                 self.sn_datagrams += 1;
+                self.sn_log.push((from, payload.clone()));
                 self.sn.handle_datagram(now, from, &payload);
-            } else if let Some((_, c)) = self.clients.iter_mut().find(|(a, _)| *a == dst) {
-                c.handle_datagram(now, from, &payload);
+            } else if let Some(i) = self.clients.iter().position(|(a, _)| *a == dst) {
+                if !self.frozen.contains(&i) {
+                    self.clients[i].1.handle_datagram(now, from, &payload);
+                }
             }
         }
         self.now += Duration::from_millis(5);
@@ -174,7 +186,10 @@ impl World {
         if self.sn.poll_timeout().is_some_and(|t| t <= now) {
             self.sn.handle_timeout(now);
         }
-        for (_, c) in self.clients.iter_mut() {
+        for (i, (_, c)) in self.clients.iter_mut().enumerate() {
+            if self.frozen.contains(&i) {
+                continue;
+            }
             if c.poll_timeout().is_some_and(|t| t <= now) {
                 c.handle_timeout(now);
             }
@@ -645,4 +660,168 @@ fn a_revoked_or_unknown_device_cannot_log_in_with_an_expired_certificate() {
     assert!(w.events[b2]
         .iter()
         .any(|e| matches!(e, ClientEvent::Offline { reason } if reason.contains("revoked"))));
+}
+
+fn offline_events(w: &World, i: usize) -> usize {
+    w.events[i]
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::Offline { .. }))
+        .count()
+}
+
+#[test]
+fn an_unresponsive_contact_costs_a_mailbox_fallback_not_a_reconnection() {
+    let mut w = World::new(12, Net::perfect(12));
+    let (a, b) = (w.add_client(None, None), w.add_client(None, None));
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    // Bob's process stops (SIGSTOP): his session still looks alive to the supernode.
+    w.frozen.push(b);
+    let id = w.clients[a].1.command(
+        w.now,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "are you there?".into(),
+        },
+    );
+    let r = w.wait_done(a, id, Duration::from_secs(8));
+    assert_eq!(sent_via(&r), Via::Offline);
+    assert_eq!(offline_events(&w, a), 0, "alice did not lose her supernode");
+    // Not stuck: the next message takes the same way.
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "still there?".into(),
+        },
+    );
+    assert_eq!(sent_via(&r), Via::Offline);
+    // Bob resumes and gets both.
+    w.frozen.clear();
+    assert!(w.saw(
+        b,
+        |e| matches!(e, ClientEvent::Message { text, .. } if text == "still there?")
+    ));
+    assert!(w.saw(
+        b,
+        |e| matches!(e, ClientEvent::Message { text, .. } if text == "are you there?")
+    ));
+    // Frozen long enough that the delivery itself gives up: the message stays in the
+    // mailbox and goes out once bob is heard from again.
+    w.frozen.push(b);
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "third try".into(),
+        },
+    );
+    assert_eq!(sent_via(&r), Via::Offline);
+    w.run_for(Duration::from_secs(20));
+    w.frozen.clear();
+    w.run_for(Duration::from_secs(30));
+    assert!(w.messages(b).iter().any(|(_, t, _)| t == "third try"));
+    assert_eq!(w.store_pending("bob"), 0);
+}
+
+#[test]
+fn a_second_device_takes_over_without_a_tug_of_war() {
+    let mut w = World::new(13, Net::perfect(13));
+    let a = w.add_client(None, None);
+    w.register(a, "alice");
+    let a2 = w.add_client(None, None);
+    let r = w.command(
+        a2,
+        Command::Enroll {
+            username: user("alice"),
+            password: "correct horse".into(),
+        },
+    );
+    assert_eq!(r, CommandResult::Ok);
+    w.run_for(Duration::from_secs(20));
+    assert!(w.clients[a2].1.is_online());
+    assert!(!w.clients[a].1.is_online(), "the first device stays off");
+    assert!(w.events[a].iter().any(
+        |e| matches!(e, ClientEvent::Offline { reason } if reason.contains("another device"))
+    ));
+    assert_eq!(w.sn.stats().logins, 2, "no login ping-pong");
+    // The user acts on the first device again: it takes the account back.
+    let r = w.command(a, Command::SetPresence(Presence::Away));
+    assert_eq!(r, CommandResult::Ok);
+    assert!(w.clients[a].1.is_online());
+}
+
+#[test]
+fn a_replayed_login_handshake_does_not_evict_the_user() {
+    use peerline_wire::packet::Packet;
+    let mut w = World::new(14, Net::perfect(14));
+    let a = w.add_client(None, None);
+    w.register(a, "alice");
+    // Alice reconnects (a crash of the supernode), logging in with a certificate.
+    w.restart_supernode();
+    w.run_for(Duration::from_secs(3));
+    assert!(w.clients[a].1.is_online());
+    let captured: Vec<Vec<u8>> = w
+        .sn_log
+        .iter()
+        .filter(|(_, p)| matches!(Packet::decode(p), Ok(Packet::HandshakeInit { .. })))
+        .map(|(_, p)| p.clone())
+        .collect();
+    assert!(captured.len() >= 2);
+    // After another crash the duplicate filter is empty; alice logs in again, then an
+    // attacker replays her earlier login from elsewhere.
+    w.restart_supernode();
+    w.run_for(Duration::from_secs(3));
+    let logins = w.sn.stats().logins;
+    let dropped = w.sn.stats().dropped;
+    let offline_before = offline_events(&w, a);
+    let attacker: SocketAddr = "192.0.2.66:4444".parse().unwrap();
+    for p in &captured {
+        let now = w.now;
+        w.sn.handle_datagram(now, attacker, p);
+    }
+    w.run_for(Duration::from_secs(3));
+    assert_eq!(w.sn.stats().logins, logins, "no replayed login succeeded");
+    assert!(
+        w.sn.stats().dropped > dropped,
+        "the replayed logins were dropped"
+    );
+    assert_eq!(
+        offline_events(&w, a),
+        offline_before,
+        "alice kept her session"
+    );
+    assert!(w.clients[a].1.is_online());
+}
+
+#[test]
+fn an_invisible_user_gets_messages_but_gives_out_no_address() {
+    let mut w = World::new(15, Net::perfect(15));
+    let (a, b) = (w.add_client(None, None), w.add_client(None, None));
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    assert_eq!(
+        w.command(b, Command::SetPresence(Presence::Invisible)),
+        CommandResult::Ok
+    );
+    assert!(w.saw(a, |e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Offline } if u.as_str() == "bob")));
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "psst".into(),
+        },
+    );
+    assert_eq!(sent_via(&r), Via::Offline);
+    assert!(w.saw(
+        b,
+        |e| matches!(e, ClientEvent::Message { text, .. } if text == "psst")
+    ));
+    assert!(
+        w.clients[a].1.direct_peers().is_empty(),
+        "no direct session, so no address exchanged"
+    );
+    assert!(w.clients[b].1.direct_peers().is_empty());
 }

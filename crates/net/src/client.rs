@@ -17,6 +17,8 @@ pub enum Input {
     Saved(u64),
     /// Report whether online, the user and direct peers.
     Status(oneshot::Sender<Status>),
+    /// Connect now (or take the account back after a login elsewhere).
+    Connect,
     /// Close sessions and stop.
     Shutdown,
 }
@@ -34,6 +36,15 @@ pub struct Status {
     pub direct_peers: Vec<String>,
     /// The local UDP address.
     pub local: Option<SocketAddr>,
+}
+
+/// The wildcard address of the same family as `server`, port chosen by the OS.
+pub fn bind_addr(server: SocketAddr) -> SocketAddr {
+    if server.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    }
 }
 
 /// The addresses a peer could reach this socket at: the interface used towards the
@@ -90,6 +101,7 @@ pub async fn run_client(
                     waiting.insert(id, tx);
                 }
                 Some(Input::Saved(token)) => client.message_saved(Instant::now(), token),
+                Some(Input::Connect) => client.connect(Instant::now()),
                 Some(Input::Status(tx)) => {
                     let _ = tx.send(Status {
                         online: client.is_online(),

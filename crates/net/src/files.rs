@@ -5,6 +5,12 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Makes every file this process creates from now on private to its user (umask 077):
+/// SQLite databases, logs and snapshots hold messages, password hashes and addresses.
+pub fn private_umask() {
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+}
+
 /// Creates `dir` (and parents) with mode 0700, or tightens an existing one to 0700.
 pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new()

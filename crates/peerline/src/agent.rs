@@ -10,7 +10,7 @@ use peerline_net::client::{local_candidates, run_client, Input};
 use peerline_wire::msg::{ContactAction, Presence};
 use peerline_wire::Username;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -37,6 +37,7 @@ pub enum AgentError {
 }
 
 struct Shared {
+    profile: Profile,
     input: mpsc::Sender<Input>,
     history: Mutex<History>,
     me: Username,
@@ -83,8 +84,13 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
         .username()
         .cloned()
         .ok_or_else(|| ProfileError::Corrupt(profile.dir().join("device.cert")))?;
-    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await?;
+    let socket = tokio::net::UdpSocket::bind(peerline_net::client::bind_addr(cfg.server)).await?;
     client.set_local_candidates(local_candidates(&socket, cfg.server));
+    // Log in with the presence chosen last time, so an invisible user never flashes online.
+    let presence = profile.presence();
+    if presence != Presence::Online {
+        client.command(Instant::now(), Command::SetPresence(presence));
+    }
     let listener = UnixListener::bind(&sock_path)?;
     std::fs::write(profile.pid_path(), format!("{}\n", std::process::id()))?;
 
@@ -92,6 +98,7 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
     let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx));
     let shared = Arc::new(Shared {
+        profile: profile.clone(),
         input: in_tx.clone(),
         history: Mutex::new(History::open(&profile.history_path())?),
         me: me.clone(),
@@ -184,8 +191,8 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
 
 async fn serve(shared: Arc<Shared>, stream: UnixStream) {
     let (r, mut w) = stream.into_split();
-    let mut lines = BufReader::new(r).lines();
-    // One request per connection, bounded in size by the line reader's input.
+    // One request per connection, at most 64 KiB.
+    let mut lines = BufReader::new(r.take(64 * 1024)).lines();
     let Ok(Some(line)) = lines.next_line().await else {
         return;
     };
@@ -251,6 +258,10 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 Err(_) => ControlResponse::err("the agent is shutting down"),
             };
         }
+        ControlRequest::Connect => {
+            let _ = shared.input.send(Input::Connect).await;
+            return ControlResponse::ok(json!({}));
+        }
         ControlRequest::Down => {
             shared.stop.notify_one();
             return ControlResponse::ok(json!({}));
@@ -277,7 +288,15 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
         },
         ControlRequest::ContactList => Command::ContactList,
         ControlRequest::Presence { presence } => match presence.parse::<Presence>() {
-            Ok(p) if p != Presence::Offline => Command::SetPresence(p),
+            Ok(p) if p != Presence::Offline => {
+                let r = command(shared, Command::SetPresence(p)).await;
+                if r == CommandResult::Ok {
+                    if let Err(e) = shared.profile.save_presence(p) {
+                        tracing::warn!(error = %e, "could not remember the presence");
+                    }
+                }
+                return to_response(r);
+            }
             Ok(_) => {
                 return ControlResponse::err(
                     "to appear offline use `invisible`; to disconnect use `peerline down`",

@@ -238,7 +238,7 @@ pub(crate) async fn enrol_with(
     };
     profile.save_server(&b)?;
     let (mut client, cfg) = crate::agent::client_for(profile, None)?;
-    let socket = tokio::net::UdpSocket::bind(("0.0.0.0", 0)).await?;
+    let socket = tokio::net::UdpSocket::bind(peerline_net::client::bind_addr(cfg.server)).await?;
     client.set_local_candidates(local_candidates(&socket, cfg.server));
     let (in_tx, in_rx) = tokio::sync::mpsc::channel(8);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel(64);
@@ -367,7 +367,13 @@ fn up(profile: &Profile, json_out: bool) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     } else {
-        // Already running: wait briefly for it to be online.
+        // Already running: make it connect now (taking the account back if another device
+        // had signed in), then wait briefly for it to be online.
+        let _ = call(
+            &profile.socket_path(),
+            &ControlRequest::Connect,
+            Duration::from_secs(5),
+        );
         let start = Instant::now();
         while status_value(profile)?["online"] != json!(true) {
             if start.elapsed() > Duration::from_secs(15) {

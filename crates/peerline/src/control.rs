@@ -16,6 +16,8 @@ pub enum ControlRequest {
     Status,
     /// Stop the agent.
     Down,
+    /// Connect now (taking the account back from another device if needed).
+    Connect,
     /// Contact request.
     ContactAdd {
         /// Whom.

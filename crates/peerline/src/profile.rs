@@ -148,6 +148,20 @@ impl Profile {
         }
     }
 
+    /// The presence chosen last time (`online` if never set).
+    pub fn presence(&self) -> peerline_wire::msg::Presence {
+        std::fs::read_to_string(self.path("presence"))
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(peerline_wire::msg::Presence::Online)
+    }
+
+    /// Remembers the chosen presence for the next start.
+    pub fn save_presence(&self, p: peerline_wire::msg::Presence) -> Result<(), ProfileError> {
+        let path = self.path("presence");
+        write_private_file(&path, p.as_str().as_bytes()).map_err(io(&path))
+    }
+
     /// Saves the supernode's bootstrap entry.
     pub fn save_server(&self, b: &Bootstrap) -> Result<(), ProfileError> {
         let p = self.path("server");

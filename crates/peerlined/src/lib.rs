@@ -35,7 +35,8 @@ pub const SNAPSHOT_FILE: &str = "sessions.snapshot";
 pub struct Config {
     /// UDP address to listen on.
     pub listen: SocketAddr,
-    /// Admin HTTP address (metrics).
+    /// Admin HTTP address (metrics); `"off"` disables it.
+    #[serde(deserialize_with = "admin_addr")]
     pub admin: Option<SocketAddr>,
     /// Device certificate validity in hours.
     pub cert_lifetime_hours: u64,
@@ -72,18 +73,29 @@ impl Config {
     }
 }
 
+fn admin_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let s = String::deserialize(d)?;
+    if s == "off" {
+        return Ok(None);
+    }
+    s.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("admin: {s:?} is not HOST:PORT or \"off\"")))
+}
+
 fn template(listen: SocketAddr, admin: Option<SocketAddr>) -> String {
     let admin_line = match admin {
         Some(a) => format!("admin = \"{a}\""),
-        None => "# admin = \"127.0.0.1:7001\"".to_string(),
+        None => "admin = \"off\"".to_string(),
     };
     format!(
         r#"# Peerline supernode configuration. Every setting is optional; command-line flags win.
 
-# UDP address clients connect to (also answers STUN on the same port).
+# UDP address clients connect to.
 listen = "{listen}"
 
-# Admin HTTP endpoint with Prometheus metrics at /metrics. Keep it on loopback.
+# Admin HTTP endpoint with Prometheus metrics at /metrics ("off" disables it).
+# Keep it on loopback.
 {admin_line}
 
 # Validity of device certificates in hours; clients renew at half-life while online.

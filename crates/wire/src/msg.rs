@@ -394,6 +394,8 @@ pub struct Hello {
     pub unix_ms: u64,
     /// The initiator's device certificate; absent only for registration or enrolment.
     pub cert: Option<Vec<u8>>,
+    /// Presence to show from the first moment (so an invisible user never flashes online).
+    pub presence: Presence,
 }
 
 /// Payload of the second handshake message (encrypted by Noise).
@@ -729,6 +731,7 @@ mod tests {
             version: 1,
             unix_ms: 5,
             cert: Some(vec![1; 50]),
+            presence: Presence::Invisible,
         };
         assert_eq!(Hello::decode(&h.encode().unwrap()).unwrap(), h);
         let w = Welcome {
