@@ -1337,19 +1337,7 @@ impl Client {
                 msg_id,
                 sent_at,
                 text,
-            } => {
-                let token = self.next_ack;
-                self.next_ack += 1;
-                self.acks.insert(token, Ack::Server(id));
-                self.events.push_back(ClientEvent::Message {
-                    token,
-                    from,
-                    msg_id,
-                    sent_at,
-                    text,
-                    via: Via::Offline,
-                });
-            }
+            } => self.received(Ack::Server(id), from, msg_id, sent_at, text, Via::Offline),
             _ => {
                 let _ = link.respond(
                     now,
@@ -1358,6 +1346,29 @@ impl Client {
                 );
             }
         }
+    }
+
+    /// Hands a received message to the driver; `ack` answers its sender once saved.
+    fn received(
+        &mut self,
+        ack: Ack,
+        from: Username,
+        msg_id: u64,
+        sent_at: u64,
+        text: String,
+        via: Via,
+    ) {
+        let token = self.next_ack;
+        self.next_ack += 1;
+        self.acks.insert(token, ack);
+        self.events.push_back(ClientEvent::Message {
+            token,
+            from,
+            msg_id,
+            sent_at,
+            text,
+            via,
+        });
     }
 
     fn on_peer_event(&mut self, now: Instant, index: u32, e: LinkEvent) {
@@ -1372,17 +1383,15 @@ impl Client {
                         sent_at,
                         text,
                     } => {
-                        let token = self.next_ack;
-                        self.next_ack += 1;
-                        self.acks.insert(token, Ack::Peer(index, id));
-                        self.events.push_back(ClientEvent::Message {
-                            token,
-                            from: p.user.clone(),
+                        let from = p.user.clone();
+                        self.received(
+                            Ack::Peer(index, id),
+                            from,
                             msg_id,
                             sent_at,
                             text,
-                            via: Via::Direct,
-                        });
+                            Via::Direct,
+                        );
                     }
                     _ => {
                         let _ = p.link.respond(

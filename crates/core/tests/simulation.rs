@@ -235,6 +235,18 @@ impl World {
         false
     }
 
+    /// Stops client `i` cleanly (its session closes) and removes it; returns its
+    /// certificate so the same device can come back later.
+    fn take_offline(&mut self, i: usize) -> Vec<u8> {
+        let cert = self.clients[i].1.certificate().unwrap().as_bytes().to_vec();
+        let now = self.now;
+        self.clients[i].1.shutdown(now);
+        self.step();
+        self.clients.remove(i);
+        self.events.remove(i);
+        cert
+    }
+
     fn register(&mut self, i: usize, name: &str) {
         let r = self.command(
             i,
@@ -483,12 +495,7 @@ fn offline_delivery_on_next_login() {
     w.register(a, "alice");
     w.register(b, "bob");
     w.befriend(a, b, "bob", "alice");
-    let bob_cert = w.clients[b].1.certificate().unwrap().as_bytes().to_vec();
-    let now = w.now;
-    w.clients[b].1.shutdown(now);
-    w.step();
-    w.clients.remove(b);
-    w.events.remove(b);
+    let bob_cert = w.take_offline(b);
     w.run_for(Duration::from_millis(200));
     let r = w.command(
         a,
@@ -619,12 +626,7 @@ fn expired_certificate_is_renewed_at_login() {
     let keys = DeviceKeys::generate(&mut rng);
     let b = w.add_client(None, Some(keys.clone()));
     w.register(b, "bob");
-    let old = w.clients[b].1.certificate().unwrap().as_bytes().to_vec();
-    let now = w.now;
-    w.clients[b].1.shutdown(now);
-    w.step();
-    w.clients.remove(b);
-    w.events.remove(b);
+    let old = w.take_offline(b);
     // Offline far longer than the certificate lives.
     w.run_for(Duration::from_secs(900));
     let b2 = w.add_client(Some(old.clone()), Some(keys));
@@ -645,12 +647,7 @@ fn a_revoked_or_unknown_device_cannot_log_in_with_an_expired_certificate() {
     let keys = DeviceKeys::generate(&mut rng);
     let b = w.add_client(None, Some(keys.clone()));
     w.register(b, "bob");
-    let old = w.clients[b].1.certificate().unwrap().as_bytes().to_vec();
-    let now = w.now;
-    w.clients[b].1.shutdown(now);
-    w.step();
-    w.clients.remove(b);
-    w.events.remove(b);
+    let old = w.take_offline(b);
     w.store.revoke_device(&keys.noise_public()).unwrap();
     w.run_for(Duration::from_secs(900));
     let b2 = w.add_client(Some(old), Some(keys));
