@@ -81,6 +81,22 @@ impl Bootstrap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn parse_is_total_and_roundtrips(s in ".{0,120}") {
+            if let Ok(b) = Bootstrap::parse(&s) {
+                prop_assert_eq!(Bootstrap::parse(&b.encode()).unwrap(), b);
+            }
+        }
+
+        #[test]
+        fn any_keys_roundtrip(node in any::<[u8; 32]>(), auth in any::<[u8; 32]>(), port in any::<u16>()) {
+            let b = Bootstrap { host: format!("example.org:{port}"), node_key: node, authority: auth };
+            prop_assert_eq!(Bootstrap::parse(&b.encode()).unwrap(), b);
+        }
+    }
 
     #[test]
     fn roundtrip_and_errors() {
