@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The project's test command: formatting, lints, then every test in the workspace
 # (unit, property, simulation and end-to-end tests with real processes on loopback).
-# Needs only a Rust toolchain: SQLite is bundled, nothing else is installed.
+# Needs a Rust toolchain; SQLite is bundled, and the few system packages the tests use
+# (a standard STUN client, nftables for the NAT lab) are installed by install-deps.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+bash scripts/install-deps.sh
 
 # Reuse one build directory outside the clone so repeated runs do not rebuild everything.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/tmp}/.cache/peerline-target}"

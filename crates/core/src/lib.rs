@@ -16,4 +16,5 @@ pub mod sim;
 pub mod store;
 #[doc(hidden)]
 pub mod store_conformance;
+pub mod stun;
 pub mod supernode;

@@ -85,7 +85,7 @@ pub struct Stats {
     pub messages_queued: u64,
     /// Offline messages delivered and acknowledged.
     pub messages_delivered: u64,
-    /// STUN messages seen.
+    /// STUN messages seen (Binding requests are answered).
     pub stun: u64,
 }
 
@@ -384,9 +384,11 @@ impl Supernode {
                     self.resume_delivery(receiver);
                 }
             }
-            Ok(Packet::Stun(_)) => {
-                // STUN Binding service arrives with NAT traversal; count it for now.
+            Ok(Packet::Stun(msg)) => {
                 self.stats.stun += 1;
+                if let Some(payload) = crate::stun::answer(msg, from) {
+                    self.push_transmit(Transmit { dst: from, payload });
+                }
             }
             Ok(Packet::HandshakeResponse { .. }) | Ok(Packet::Reset { .. }) | Err(_) => {
                 self.stats.dropped += 1;

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the system packages the tests use, when missing:
+#   coturn      turnutils_stunclient, a standard STUN client for interoperability tests
+#   nftables, iptables, iproute2   the NAT lab (network namespaces and NAT rules)
+# Runs apt-get only as root; otherwise says what is missing and what to run.
+set -euo pipefail
+
+need=()
+command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+
+if [ ${#need[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "missing system packages: ${need[*]}; install them with: sudo apt-get install -y ${need[*]}" >&2
+    exit 1
+fi
+echo "installing: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+# --no-install-recommends: coturn is needed only for its client tools; its server is
+# disabled by default in Debian and never started by these scripts.
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
