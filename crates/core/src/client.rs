@@ -292,6 +292,20 @@ struct Dial {
     deadline: Instant,
 }
 
+/// Probes sent towards a caller's candidates while its handshake is expected.
+#[derive(Debug)]
+struct Punch {
+    user: Username,
+    candidates: Vec<SocketAddr>,
+    next_send: Instant,
+    until: Instant,
+}
+
+/// Interval between hole-punching probes and handshake retransmissions during setup.
+const PROBE_INTERVAL: Duration = Duration::from_millis(200);
+/// Most candidates one dial tries (offered plus learnt from probes).
+const MAX_DIAL_CANDIDATES: usize = 16;
+
 #[derive(Debug)]
 struct Peer {
     user: Username,
@@ -322,6 +336,7 @@ pub struct Client {
     /// Messages waiting for a direct session (or the mailbox) per recipient.
     outbox: HashMap<Username, Vec<Outgoing>>,
     dials: HashMap<u32, Dial>,
+    punches: Vec<Punch>,
     peers: HashMap<u32, Peer>,
     peer_by_user: HashMap<Username, u32>,
     peer_reqs: HashMap<(u32, u64), Outgoing>,
@@ -385,6 +400,7 @@ impl Client {
             contact_pages: HashMap::new(),
             outbox: HashMap::new(),
             dials: HashMap::new(),
+            punches: Vec::new(),
             peers: HashMap::new(),
             peer_by_user: HashMap::new(),
             peer_reqs: HashMap::new(),
@@ -863,6 +879,7 @@ impl Client {
                     self.start_handshake(now, 0);
                 }
             }
+            Ok(Packet::Probe) => self.on_probe(from),
             Ok(Packet::Stun(_)) | Err(_) => {}
         }
     }
@@ -1269,13 +1286,55 @@ impl Client {
                         payload: d.packet.clone(),
                     });
                 }
-                d.next_send = now + Duration::from_millis(500);
+                d.next_send = now + PROBE_INTERVAL;
             }
         }
         for i in expired {
             if let Some(d) = self.dials.remove(&i) {
                 tracing::debug!(peer = %d.user, "no direct path; using the mailbox");
                 self.store_outbox(now, &d.user);
+            }
+        }
+    }
+
+    /// Sends due probes towards callers we agreed to; stops when their session is up or
+    /// the setup window closed.
+    fn punch_tick(&mut self, now: Instant) {
+        let probe = {
+            let mut b = Vec::with_capacity(8);
+            Packet::Probe.encode(&mut b);
+            b
+        };
+        let peer_by_user = &self.peer_by_user;
+        self.punches
+            .retain(|p| now < p.until && !peer_by_user.contains_key(&p.user));
+        for p in self.punches.iter_mut() {
+            if now >= p.next_send {
+                for c in &p.candidates {
+                    self.transmits.push_back(Transmit {
+                        dst: *c,
+                        payload: probe.clone(),
+                    });
+                }
+                p.next_send = now + PROBE_INTERVAL;
+            }
+        }
+    }
+
+    /// A probe from `from`: if it comes from the address (any port) of a peer we are
+    /// dialing, its port is the one that peer's NAT opened for us (a peer-reflexive
+    /// candidate, as in ICE); try it at once. Probes from any other address are ignored,
+    /// so a stranger cannot steer our handshakes.
+    fn on_probe(&mut self, from: SocketAddr) {
+        for d in self.dials.values_mut() {
+            let known_ip = d.candidates.iter().any(|c| c.ip() == from.ip());
+            if known_ip && !d.candidates.contains(&from) && d.candidates.len() < MAX_DIAL_CANDIDATES
+            {
+                d.candidates.push(from);
+                self.transmits.push_back(Transmit {
+                    dst: from,
+                    payload: d.packet.clone(),
+                });
             }
         }
     }
@@ -1308,16 +1367,29 @@ impl Client {
             Request::IncomingConnect {
                 user,
                 cert,
-                candidates: _,
+                candidates: caller_candidates,
             } => {
                 let unix = self.clock.unix_s(now);
                 match Certificate::verify(&cert, &self.cfg.authority) {
                     Ok(c) if c.username() == &user && c.check_time(unix).is_ok() => {
                         self.expected.retain(|_, (_, t)| *t > now);
-                        self.expected
-                            .insert(c.repr().noise_key, (user, now + Duration::from_secs(30)));
+                        self.expected.insert(
+                            c.repr().noise_key,
+                            (user.clone(), now + Duration::from_secs(30)),
+                        );
                         let candidates = self.local_candidates.clone();
                         let _ = link.respond(now, id, Response::ConnectAnswer { candidates });
+                        // Open our NAT towards the caller while the answer travels back:
+                        // its handshake then finds the way in.
+                        let until = now + self.cfg.dial_timeout;
+                        self.punches.retain(|p| p.user != user);
+                        self.punches.push(Punch {
+                            user,
+                            candidates: caller_candidates,
+                            next_send: now,
+                            until,
+                        });
+                        self.punch_tick(now);
                     }
                     _ => {
                         let _ = link.respond(
@@ -1489,6 +1561,7 @@ impl Client {
             p.link.handle_timeout(now);
         }
         self.dial_tick(now);
+        self.punch_tick(now);
         let (late, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.resend)
             .into_iter()
             .partition(|(_, d)| now >= *d);
@@ -1547,6 +1620,9 @@ impl Client {
         }
         for d in self.dials.values() {
             fold(Some(d.next_send.min(d.deadline)));
+        }
+        for p in &self.punches {
+            fold(Some(p.next_send.min(p.until)));
         }
         for (_, _, d) in &self.queued {
             fold(Some(*d));

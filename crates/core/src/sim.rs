@@ -4,7 +4,8 @@
 //! dropped, duplicated or reordered. Nothing here touches a socket or the real clock.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -21,6 +22,67 @@ pub struct Net {
     in_flight: Vec<(Instant, SocketAddr, Transmit)>,
     /// Datagrams handed to the network.
     pub sent: u64,
+    nats: Vec<Nat>,
+    /// Private address -> the NAT it sits behind.
+    behind: HashMap<SocketAddr, usize>,
+}
+
+/// How a simulated NAT maps and filters (RFC 4787 terms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// Endpoint-independent mapping and filtering.
+    FullCone,
+    /// Endpoint-independent mapping, address-dependent filtering.
+    Restricted,
+    /// Endpoint-independent mapping, address-and-port-dependent filtering.
+    PortRestricted,
+    /// Endpoint-dependent mapping (a new port per destination), port-dependent filtering.
+    Symmetric,
+}
+
+/// A simulated NAT with one public address.
+#[derive(Debug)]
+pub struct Nat {
+    kind: NatKind,
+    public: IpAddr,
+    next_port: u16,
+    /// (private source, destination if symmetric) -> public port.
+    out: HashMap<(SocketAddr, Option<SocketAddr>), u16>,
+    /// public port -> private address.
+    back: HashMap<u16, SocketAddr>,
+    /// (public port, remote) pairs the inside has sent to.
+    contacted: HashSet<(u16, SocketAddr)>,
+}
+
+impl Nat {
+    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr) -> SocketAddr {
+        let key = (src, (self.kind == NatKind::Symmetric).then_some(dst));
+        let port = match self.out.get(&key) {
+            Some(p) => *p,
+            None => {
+                let p = self.next_port;
+                self.next_port += 7; // not port-preserving: peers must learn real ports
+                self.out.insert(key, p);
+                self.back.insert(p, src);
+                p
+            }
+        };
+        self.contacted.insert((port, dst));
+        SocketAddr::new(self.public, port)
+    }
+
+    fn inbound(&self, port: u16, from: SocketAddr) -> Option<SocketAddr> {
+        let inside = *self.back.get(&port)?;
+        let allowed = match self.kind {
+            NatKind::FullCone => true,
+            NatKind::Restricted => self
+                .contacted
+                .iter()
+                .any(|(p, r)| *p == port && r.ip() == from.ip()),
+            NatKind::PortRestricted | NatKind::Symmetric => self.contacted.contains(&(port, from)),
+        };
+        allowed.then_some(inside)
+    }
 }
 
 impl Net {
@@ -36,7 +98,27 @@ impl Net {
             max_delay,
             in_flight: Vec::new(),
             sent: 0,
+            nats: Vec::new(),
+            behind: HashMap::new(),
         }
+    }
+
+    /// Adds a NAT with public address `public`; returns its id.
+    pub fn add_nat(&mut self, kind: NatKind, public: IpAddr) -> usize {
+        self.nats.push(Nat {
+            kind,
+            public,
+            next_port: 20_000,
+            out: HashMap::new(),
+            back: HashMap::new(),
+            contacted: HashSet::new(),
+        });
+        self.nats.len() - 1
+    }
+
+    /// Puts the host with private address `addr` behind NAT `nat`.
+    pub fn place_behind(&mut self, addr: SocketAddr, nat: usize) {
+        self.behind.insert(addr, nat);
     }
 
     fn unit(&mut self) -> f64 {
@@ -45,6 +127,17 @@ impl Net {
 
     pub fn send(&mut self, now: Instant, from: SocketAddr, t: Transmit) {
         self.sent += 1;
+        let from = match (
+            self.behind.get(&from).copied(),
+            self.behind.get(&t.dst).copied(),
+        ) {
+            // Hosts behind the same NAT reach each other's private addresses directly.
+            (Some(a), Some(b)) if a == b => from,
+            // A private address of another network is unreachable.
+            (_, Some(_)) => return,
+            (Some(a), None) => self.nats[a].outbound(from, t.dst),
+            (None, None) => from,
+        };
         if self.unit() < self.loss {
             return;
         }
@@ -67,7 +160,14 @@ impl Net {
             }
         }
         due.sort_by_key(|(t, _, _)| *t);
-        due.into_iter().map(|(_, from, t)| (from, t)).collect()
+        due.into_iter()
+            .filter_map(|(_, from, mut t)| {
+                if let Some(nat) = self.nats.iter().find(|n| n.public == t.dst.ip()) {
+                    t.dst = nat.inbound(t.dst.port(), from)?;
+                }
+                Some((from, t))
+            })
+            .collect()
     }
 
     pub fn is_idle(&self) -> bool {

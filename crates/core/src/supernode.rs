@@ -390,7 +390,10 @@ impl Supernode {
                     self.push_transmit(Transmit { dst: from, payload });
                 }
             }
-            Ok(Packet::HandshakeResponse { .. }) | Ok(Packet::Reset { .. }) | Err(_) => {
+            Ok(Packet::HandshakeResponse { .. })
+            | Ok(Packet::Reset { .. })
+            | Ok(Packet::Probe)
+            | Err(_) => {
                 self.stats.dropped += 1;
             }
         }

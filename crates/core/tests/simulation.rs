@@ -2,7 +2,7 @@
 //! with loss, duplication and reordering, and virtual time. No sockets, no sleeping.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerline_core::client::{
@@ -13,7 +13,7 @@ use peerline_core::directory::MemoryDirectory;
 use peerline_core::link::Transmit;
 use peerline_core::memstore::MemoryStore;
 use peerline_core::ops::execute;
-use peerline_core::sim::Net;
+use peerline_core::sim::{NatKind, Net};
 use peerline_core::supernode::{Supernode, SupernodeConfig};
 use peerline_crypto::{Authority, DeviceKeys};
 use peerline_wire::msg::{ContactAction, ContactState, ErrorCode, Presence};
@@ -121,6 +121,31 @@ impl World {
         let addr: SocketAddr = format!("198.51.100.{}:{}", i + 10, 5000 + i)
             .parse()
             .unwrap();
+        self.add_client_at(addr, cert, keys)
+    }
+
+    /// A new client behind a fresh NAT of `kind` (or on a public address for `None`).
+    fn add_client_behind(&mut self, kind: Option<NatKind>) -> usize {
+        let i = self.clients.len();
+        match kind {
+            None => self.add_client(None, None),
+            Some(kind) => {
+                let private: SocketAddr = format!("10.{}.0.2:5000", i + 1).parse().unwrap();
+                let public: IpAddr = format!("192.0.2.{}", i + 1).parse().unwrap();
+                let nat = self.net.add_nat(kind, public);
+                self.net.place_behind(private, nat);
+                self.add_client_at(private, None, None)
+            }
+        }
+    }
+
+    fn add_client_at(
+        &mut self,
+        addr: SocketAddr,
+        cert: Option<Vec<u8>>,
+        keys: Option<DeviceKeys>,
+    ) -> usize {
+        let i = self.clients.len();
         let keys = keys.unwrap_or_else(|| DeviceKeys::generate(&mut self.rng));
         let cfg = ClientConfig::new(
             sn_addr(),
@@ -821,4 +846,89 @@ fn an_invisible_user_gets_messages_but_gives_out_no_address() {
         "no direct session, so no address exchanged"
     );
     assert!(w.clients[b].1.direct_peers().is_empty());
+}
+
+/// Two users behind every pair of NAT kinds: the path their messages take. With hole
+/// punching (probes from the callee, peer-reflexive candidates at the caller), every pair
+/// connects directly except where both mappings cannot be predicted: symmetric with
+/// symmetric or with port-restricted falls back to the mailbox until the birthday
+/// technique and the relay exist.
+#[test]
+fn nat_matrix_direct_wherever_hole_punching_can_work() {
+    use NatKind::*;
+    let kinds = [
+        None,
+        Some(FullCone),
+        Some(Restricted),
+        Some(PortRestricted),
+        Some(Symmetric),
+    ];
+    let name = |k: Option<NatKind>| k.map_or("public".to_string(), |k| format!("{k:?}"));
+    let mut failures = Vec::new();
+    for (x, ka) in kinds.iter().enumerate() {
+        for kb in kinds.iter().skip(x) {
+            let mut w = World::new(40 + x as u64, Net::perfect(40));
+            let a = w.add_client_behind(*ka);
+            let b = w.add_client_behind(*kb);
+            w.register(a, "alice");
+            w.register(b, "bob");
+            w.befriend(a, b, "bob", "alice");
+            let r = w.command(
+                a,
+                Command::SendMessage {
+                    to: user("bob"),
+                    text: "hi".into(),
+                },
+            );
+            let got = sent_via(&r);
+            let hard = |k: &Option<NatKind>| *k == Some(Symmetric);
+            let port_dependent =
+                |k: &Option<NatKind>| matches!(k, Some(Symmetric) | Some(PortRestricted));
+            let expect = if (hard(ka) && port_dependent(kb)) || (hard(kb) && port_dependent(ka)) {
+                Via::Offline
+            } else {
+                Via::Direct
+            };
+            if got != expect {
+                failures.push(format!(
+                    "{} -> {}: {:?}, expected {:?}",
+                    name(*ka),
+                    name(*kb),
+                    got,
+                    expect
+                ));
+            }
+            assert!(w.saw(
+                b,
+                |e| matches!(e, ClientEvent::Message { text, .. } if text == "hi")
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn two_users_behind_one_nat_connect_over_local_addresses() {
+    let mut w = World::new(60, Net::perfect(60));
+    let public: IpAddr = "192.0.2.200".parse().unwrap();
+    let nat = w.net.add_nat(NatKind::Symmetric, public);
+    let (pa, pb): (SocketAddr, SocketAddr) = (
+        "10.9.0.2:5000".parse().unwrap(),
+        "10.9.0.3:5000".parse().unwrap(),
+    );
+    w.net.place_behind(pa, nat);
+    w.net.place_behind(pb, nat);
+    let a = w.add_client_at(pa, None, None);
+    let b = w.add_client_at(pb, None, None);
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "next door".into(),
+        },
+    );
+    assert_eq!(sent_via(&r), Via::Direct);
 }

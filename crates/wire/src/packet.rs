@@ -9,6 +9,7 @@
 //! 0x82 HandshakeResponse  hdr(4) sender_index(4 LE) receiver_index(4 LE) noise_ik_msg2(..)
 //! 0x83 Reset              hdr(4) receiver_index(4 LE)
 //! 0x84 Transport          hdr(4) receiver_index(4 LE) counter(8 LE) ciphertext(..)
+//! 0x85 Probe              hdr(4) reserved(4) = 0
 //! ```
 
 use crate::{Error, MAX_DATAGRAM, PROTOCOL_VERSION};
@@ -21,6 +22,8 @@ pub const TYPE_HANDSHAKE_RESPONSE: u8 = 0x82;
 pub const TYPE_RESET: u8 = 0x83;
 /// Type byte of a transport packet.
 pub const TYPE_TRANSPORT: u8 = 0x84;
+/// Type byte of a hole-punching probe.
+pub const TYPE_PROBE: u8 = 0x85;
 
 /// Bytes of the common header.
 pub const HEADER_LEN: usize = 4;
@@ -32,6 +35,8 @@ pub const RESPONSE_PREFIX: usize = HEADER_LEN + 8;
 pub const TRANSPORT_PREFIX: usize = HEADER_LEN + 12;
 /// Length of a reset packet.
 pub const RESET_LEN: usize = HEADER_LEN + 4;
+/// Length of a probe packet.
+pub const PROBE_LEN: usize = HEADER_LEN + 4;
 /// Poly1305 tag length.
 pub const TAG_LEN: usize = 16;
 /// Smallest Noise IK first message: e (32) + encrypted s (32 + 16) + empty payload tag (16).
@@ -78,6 +83,9 @@ pub enum Packet<'a> {
         /// ChaCha20-Poly1305 ciphertext with tag.
         ciphertext: &'a [u8],
     },
+    /// Opens the sender's NAT towards a peer during connection setup; carries nothing and
+    /// is never answered. Its source address may teach the peer a new candidate.
+    Probe,
     /// A STUN message (handled by the STUN codec, not here).
     Stun(&'a [u8]),
 }
@@ -128,7 +136,11 @@ impl<'a> Packet<'a> {
         let ty = b[0];
         if !matches!(
             ty,
-            TYPE_HANDSHAKE_INIT | TYPE_HANDSHAKE_RESPONSE | TYPE_RESET | TYPE_TRANSPORT
+            TYPE_HANDSHAKE_INIT
+                | TYPE_HANDSHAKE_RESPONSE
+                | TYPE_RESET
+                | TYPE_TRANSPORT
+                | TYPE_PROBE
         ) {
             return Err(Error::UnknownType(ty));
         }
@@ -153,6 +165,22 @@ impl<'a> Packet<'a> {
                     receiver: u32_at(b, 8),
                     noise: &b[RESPONSE_PREFIX..],
                 })
+            }
+            TYPE_PROBE => {
+                if b.len() != PROBE_LEN {
+                    return Err(if b.len() < PROBE_LEN {
+                        Error::Truncated {
+                            needed: PROBE_LEN,
+                            got: b.len(),
+                        }
+                    } else {
+                        Error::Trailing(b.len() - PROBE_LEN)
+                    });
+                }
+                if b[4..8] != [0, 0, 0, 0] {
+                    return Err(Error::Reserved);
+                }
+                Ok(Packet::Probe)
             }
             TYPE_RESET => {
                 if b.len() != RESET_LEN {
@@ -214,6 +242,10 @@ impl<'a> Packet<'a> {
                 out.extend_from_slice(&counter.to_le_bytes());
                 out.extend_from_slice(ciphertext);
             }
+            Packet::Probe => {
+                header(out, TYPE_PROBE);
+                out.extend_from_slice(&[0, 0, 0, 0]);
+            }
             Packet::Stun(b) => out.extend_from_slice(b),
         }
     }
@@ -254,6 +286,7 @@ mod tests {
             receiver: 3,
             noise: &n2,
         });
+        roundtrip(Packet::Probe);
         roundtrip(Packet::Reset {
             receiver: 0xdead_beef,
         });
