@@ -36,6 +36,8 @@ pub struct Status {
     pub direct_peers: Vec<String>,
     /// The local UDP address.
     pub local: Option<SocketAddr>,
+    /// How the supernode is reached: `udp`, or `tcp` in fallback.
+    pub transport: &'static str,
 }
 
 /// The wildcard address of the same family as `server`, port chosen by the OS.
@@ -54,19 +56,34 @@ pub fn local_candidates(socket: &UdpSocket, server: SocketAddr) -> Vec<SocketAdd
     vec![SocketAddr::new(crate::route_source(server), port)]
 }
 
+/// How long the client tries UDP before falling back to TCP to its supernode.
+pub const TCP_FALLBACK_AFTER: Duration = Duration::from_secs(3);
+
 /// Runs the client until `Input::Shutdown` or the input channel closes. Events other than
 /// command completions go to `events`.
+///
+/// `server` is the supernode's address: if no session is up over UDP within
+/// [`TCP_FALLBACK_AFTER`], the driver opens a TCP connection to the same address and
+/// carries the supernode's datagrams over it (networks that block UDP); peer traffic
+/// stays on UDP.
 pub async fn run_client(
     mut client: Client,
     socket: UdpSocket,
     mut input: mpsc::Receiver<Input>,
     events: mpsc::Sender<ClientEvent>,
+    server: SocketAddr,
 ) {
     let mut waiting: HashMap<CommandId, oneshot::Sender<CommandResult>> = HashMap::new();
     let mut buf = vec![0u8; 2048];
+    let mut tcp: Option<crate::tcp::TcpLink> = None;
+    let mut fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER);
     client.connect(Instant::now());
     loop {
         while let Some(t) = client.poll_transmit() {
+            if let (Some(link), true) = (&tcp, t.dst == server) {
+                let _ = link.tx.try_send(t.payload);
+                continue;
+            }
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
                 tracing::debug!(error = %e, "send failed");
             }
@@ -79,22 +96,56 @@ pub async fn run_client(
                     }
                 }
                 other => {
+                    match &other {
+                        ClientEvent::Online => fallback_at = None,
+                        ClientEvent::Offline { .. } if tcp.is_none() => {
+                            fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER)
+                        }
+                        _ => {}
+                    }
                     if events.send(other).await.is_err() {
                         return;
                     }
                 }
             }
         }
-        let deadline = client
+        let mut deadline = client
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
+        if let Some(f) = fallback_at {
+            deadline = deadline.min(f);
+        }
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
                     client.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
             }
-            _ = tokio::time::sleep_until(deadline.into()) => client.handle_timeout(Instant::now()),
+            b = async { match tcp.as_mut() { Some(l) => l.rx.recv().await, None => std::future::pending().await } } => {
+                match b {
+                    Some(b) => client.handle_datagram(Instant::now(), server, &b),
+                    None => {
+                        tracing::warn!("TCP connection to the supernode closed");
+                        tcp = None;
+                        fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER);
+                    }
+                }
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                if fallback_at.is_some_and(|f| now >= f) && tcp.is_none() {
+                    fallback_at = None;
+                    match tokio::time::timeout(Duration::from_secs(3), crate::tcp::connect(server)).await {
+                        Ok(Ok(link)) => {
+                            tracing::info!("UDP to the supernode gets no answer; using TCP");
+                            tcp = Some(link);
+                            client.connect(now);
+                        }
+                        _ => fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER),
+                    }
+                }
+                client.handle_timeout(Instant::now());
+            }
             i = input.recv() => match i {
                 Some(Input::Command(cmd, tx)) => {
                     let id = client.command(Instant::now(), cmd);
@@ -109,11 +160,16 @@ pub async fn run_client(
                         presence: client.presence().as_str(),
                         direct_peers: client.direct_peers().iter().map(|u| u.to_string()).collect(),
                         local: socket.local_addr().ok(),
+                        transport: if tcp.is_some() { "tcp" } else { "udp" },
                     });
                 }
                 Some(Input::Shutdown) | None => {
                     client.shutdown(Instant::now());
                     while let Some(t) = client.poll_transmit() {
+                        if let (Some(link), true) = (&tcp, t.dst == server) {
+                            let _ = link.tx.send(t.payload).await;
+                            continue;
+                        }
                         let _ = socket.send_to(&t.payload, t.dst).await;
                     }
                     return;

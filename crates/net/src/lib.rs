@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod client;
 pub mod files;
 pub mod supernode;
+pub mod tcp;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{SystemTime, UNIX_EPOCH};

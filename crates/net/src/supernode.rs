@@ -21,6 +21,8 @@ use crate::admin::MetricsText;
 pub struct SupernodeRuntime {
     /// UDP address to listen on.
     pub listen: SocketAddr,
+    /// TCP address for clients whose network blocks UDP (None: no TCP fallback).
+    pub tcp_listen: Option<SocketAddr>,
     /// Noise static private key.
     pub node_private: [u8; 32],
     /// Authority signing key bytes.
@@ -48,6 +50,15 @@ pub enum NetError {
     /// The storage thread stopped.
     #[error("the storage thread stopped unexpectedly")]
     StoreGone,
+}
+
+/// Aborts a background task when dropped (the TCP acceptor ends with the supernode).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Hint pacing after a restart: this many reset hints per 10 ms tick.
@@ -155,6 +166,24 @@ pub async fn run_supernode(
         })?;
     let local = socket.local_addr().unwrap_or(rt.listen);
     tracing::info!(listen = %local, "supernode listening");
+    let tcp_peers = crate::tcp::TcpPeers::default();
+    let (tcp_tx, mut tcp_rx) = mpsc::channel::<(SocketAddr, Vec<u8>)>(4096);
+    let _tcp_task = match rt.tcp_listen {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| NetError::Bind { addr, source })?;
+            tracing::info!(listen = %addr, "TCP fallback listening");
+            let max = rt.config.max_sessions;
+            Some(AbortOnDrop(tokio::spawn(crate::tcp::serve(
+                listener,
+                tcp_peers.clone(),
+                tcp_tx,
+                max,
+            ))))
+        }
+        None => None,
+    };
 
     // Storage runs on its own thread: SQLite blocks, and an offline message is
     // acknowledged only after its transaction committed there. The queue is bounded by
@@ -203,6 +232,9 @@ pub async fn run_supernode(
     loop {
         // Perform everything the core asked for.
         while let Some(t) = sn.poll_transmit() {
+            if tcp_peers.send(t.dst, &t.payload) {
+                continue;
+            }
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
                 tracing::debug!(error = %e, "send failed");
             }
@@ -233,6 +265,7 @@ pub async fn run_supernode(
                     None => return Err(NetError::StoreGone),
                 }
             }
+            Some((from, b)) = tcp_rx.recv() => sn.handle_datagram(Instant::now(), from, &b),
             _ = tokio::time::sleep_until(deadline.into()) => sn.handle_timeout(Instant::now()),
             _ = tick.tick() => {
                 for _ in 0..HINTS_PER_TICK {

@@ -96,7 +96,7 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
 
     let (in_tx, in_rx) = mpsc::channel(256);
     let (ev_tx, mut ev_rx) = mpsc::channel(256);
-    let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx));
+    let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx, cfg.server));
     let shared = Arc::new(Shared {
         profile: profile.clone(),
         input: in_tx.clone(),
@@ -251,6 +251,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                     "user": s.user,
                     "supernode": shared.server,
                     "presence": s.presence,
+                    "transport": s.transport,
                     "direct_peers": s.direct_peers,
                     "agent_pid": std::process::id(),
                     "reason": shared.reason.lock().ok().and_then(|r| r.clone()),

@@ -242,7 +242,7 @@ pub(crate) async fn enrol_with(
     client.set_local_candidates(local_candidates(&socket, cfg.server));
     let (in_tx, in_rx) = tokio::sync::mpsc::channel(8);
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel(64);
-    let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx));
+    let driver = tokio::spawn(run_client(client, socket, in_rx, ev_tx, cfg.server));
     let (tx, rx) = tokio::sync::oneshot::channel();
     let cmd = if register {
         Command::Register {

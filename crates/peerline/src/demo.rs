@@ -133,6 +133,7 @@ async fn demo(t: &mut Transcript, root: &Path) -> anyhow::Result<()> {
     let sn = tokio::spawn(run_supernode(
         SupernodeRuntime {
             listen,
+            tcp_listen: Some(listen),
             node_private: node.noise_private(),
             authority: authority.to_bytes(),
             config: SupernodeConfig::default(),

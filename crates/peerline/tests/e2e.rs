@@ -358,3 +358,57 @@ fn clear_errors_without_an_agent_or_a_supernode() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("peerlined init"));
 }
+
+/// A client whose UDP gets no answer from the supernode falls back to TCP on its own:
+/// here the supernode's UDP port differs from its TCP port, and the user's bootstrap entry
+/// names the TCP one, so every UDP datagram to it is lost, as on a network that blocks UDP.
+#[test]
+fn a_client_without_udp_to_the_supernode_falls_back_to_tcp() {
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("supernode");
+    let (udp, tcp) = (free_port(), {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let out = Command::new(peerlined_bin())
+        .args(["init", "--data"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{udp}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(
+        data.join("peerlined.toml"),
+        format!(
+            "listen = \"127.0.0.1:{udp}\"\ntcp_listen = \"127.0.0.1:{tcp}\"\nadmin = \"off\"\n"
+        ),
+    )
+    .unwrap();
+    let mut sn = Supernode {
+        data: data.clone(),
+        child: None,
+    };
+    sn.start();
+    let udp_entry = sn.bootstrap();
+    let tcp_entry = udp_entry.replace(&format!(":{udp}#"), &format!(":{tcp}#"));
+    assert_ne!(udp_entry, tcp_entry);
+
+    let frank = User {
+        name: "frank",
+        profile: root.path().join("frank"),
+    };
+    let grace = User {
+        name: "grace",
+        profile: root.path().join("grace"),
+    };
+    frank.ok(&["register", "frank", "--server", &tcp_entry]);
+    grace.ok(&["register", "grace", "--server", &udp_entry]);
+    let s = frank.json(&["up", "--json"]);
+    assert_eq!(s["online"], true);
+    assert_eq!(s["transport"], "tcp");
+    assert_eq!(grace.json(&["up", "--json"])["transport"], "udp");
+    frank.ok(&["contacts", "add", "grace"]);
+    grace.ok(&["contacts", "accept", "frank"]);
+    frank.ok(&["msg", "send", "grace", "over tcp"]);
+    grace.wait_message("frank", "over tcp", "direct");
+}

@@ -35,6 +35,10 @@ pub const SNAPSHOT_FILE: &str = "sessions.snapshot";
 pub struct Config {
     /// UDP address to listen on.
     pub listen: SocketAddr,
+    /// TCP address for clients whose network blocks UDP: the UDP address if unset,
+    /// `"off"` disables it.
+    #[serde(deserialize_with = "tcp_listen")]
+    pub tcp_listen: TcpListen,
     /// Admin HTTP address (metrics); `"off"` disables it.
     #[serde(deserialize_with = "admin_addr")]
     pub admin: Option<SocketAddr>,
@@ -52,6 +56,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7000)),
+            tcp_listen: TcpListen::SameAsUdp,
             admin: Some(SocketAddr::from(([127, 0, 0, 1], 7001))),
             cert_lifetime_hours: 24,
             mailbox_quota: 1000,
@@ -62,6 +67,15 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The TCP fallback address, if enabled.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match self.tcp_listen {
+            TcpListen::SameAsUdp => Some(self.listen),
+            TcpListen::Off => None,
+            TcpListen::At(a) => Some(a),
+        }
+    }
+
     /// The core configuration these settings describe.
     pub fn supernode(&self) -> SupernodeConfig {
         SupernodeConfig {
@@ -73,14 +87,34 @@ impl Config {
     }
 }
 
+/// Where the TCP fallback listens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TcpListen {
+    /// The same address and port as UDP.
+    #[default]
+    SameAsUdp,
+    /// No TCP fallback.
+    Off,
+    /// This address.
+    At(SocketAddr),
+}
+
+fn tcp_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TcpListen, D::Error> {
+    Ok(opt_addr(d)?.map_or(TcpListen::Off, TcpListen::At))
+}
+
 fn admin_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    opt_addr(d)
+}
+
+fn opt_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     let s = String::deserialize(d)?;
     if s == "off" {
         return Ok(None);
     }
     s.parse()
         .map(Some)
-        .map_err(|_| serde::de::Error::custom(format!("admin: {s:?} is not HOST:PORT or \"off\"")))
+        .map_err(|_| serde::de::Error::custom(format!("{s:?} is not HOST:PORT or \"off\"")))
 }
 
 fn template(listen: SocketAddr, admin: Option<SocketAddr>) -> String {
@@ -93,6 +127,10 @@ fn template(listen: SocketAddr, admin: Option<SocketAddr>) -> String {
 
 # UDP address clients connect to.
 listen = "{listen}"
+
+# TCP address for clients whose network blocks UDP (datagrams framed over TCP).
+# Unset: the same address and port as `listen`; "off" disables it.
+# tcp_listen = "0.0.0.0:443"
 
 # Admin HTTP endpoint with Prometheus metrics at /metrics ("off" disables it).
 # Keep it on loopback.

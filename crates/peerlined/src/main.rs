@@ -49,6 +49,9 @@ enum Cmd {
         /// Override the config's admin address.
         #[arg(long)]
         admin: Option<SocketAddr>,
+        /// Override the config's TCP fallback address.
+        #[arg(long)]
+        tcp_listen: Option<SocketAddr>,
         /// Log format: text or json (overrides the config).
         #[arg(long)]
         log_format: Option<String>,
@@ -120,6 +123,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data,
             listen,
             admin,
+            tcp_listen,
             log_format,
         } => {
             let loaded = load(&data)?;
@@ -129,6 +133,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if admin.is_some() {
                 cfg.admin = admin;
+            }
+            if let Some(t) = tcp_listen {
+                cfg.tcp_listen = peerlined::TcpListen::At(t);
             }
             logging(log_format.as_deref().unwrap_or(&cfg.log_format));
             let store_path = data.join(STORE_FILE);
@@ -154,6 +161,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 run_supernode(
                     SupernodeRuntime {
                         listen: cfg.listen,
+                        tcp_listen: cfg.tcp_addr(),
                         node_private: loaded.node_private,
                         authority: loaded.authority,
                         config: cfg.supernode(),
