@@ -45,6 +45,9 @@ pub struct ClientConfig {
     pub command_timeout: Duration,
     /// Give up on a direct path after this long and use the supernode's mailbox.
     pub dial_timeout: Duration,
+    /// Relay-only mode: never reveal this device's addresses to peers (no direct
+    /// sessions; messages go through the supernode until a relay exists).
+    pub relay_only: bool,
 }
 
 impl ClientConfig {
@@ -58,6 +61,7 @@ impl ClientConfig {
             max_backoff: Duration::from_secs(8),
             command_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(3),
+            relay_only: false,
         }
     }
 }
@@ -474,6 +478,7 @@ impl Client {
             unix_ms: self.unix_ms(now),
             cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
             presence: self.presence,
+            relay_only: self.cfg.relay_only,
         };
         let seed = self.seed();
         let index = self.index();
@@ -759,6 +764,10 @@ impl Client {
                     return;
                 }
             }
+        }
+        if self.cfg.relay_only {
+            // No connection setup at all: it would hand our addresses to the peer.
+            return self.store_one(now, out);
         }
         let to = out.to.clone();
         let dialing = self.outbox.contains_key(&to);
@@ -1243,6 +1252,7 @@ impl Client {
             unix_ms: self.unix_ms(now),
             cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
             presence: Presence::Online,
+            relay_only: false,
         };
         let seed = self.seed();
         let Some((hs, msg1)) = hello.encode().ok().and_then(|p| {
@@ -1371,6 +1381,13 @@ impl Client {
             } => {
                 let unix = self.clock.unix_s(now);
                 match Certificate::verify(&cert, &self.cfg.authority) {
+                    _ if self.cfg.relay_only => {
+                        let _ = link.respond(
+                            now,
+                            id,
+                            Response::error(ErrorCode::Declined, "relay-only mode"),
+                        );
+                    }
                     Ok(c) if c.username() == &user && c.check_time(unix).is_ok() => {
                         self.expected.retain(|_, (_, t)| *t > now);
                         self.expected.insert(

@@ -116,6 +116,10 @@ struct Session {
     contacts: HashSet<Username>,
     /// Store ids of offline messages pushed and not yet acknowledged.
     delivering: HashSet<u64>,
+    /// Relay-only mode: never ring this user, nor ring anyone for them, for a direct
+    /// session (that would reveal their address); contacts use the mailbox (and, once it
+    /// exists, the relay).
+    relay_only: bool,
     /// Whether the last delivery batch was full (more may be waiting).
     more_waiting: bool,
     /// A delivery went unanswered: fetch the mailbox again once the client shows life.
@@ -519,6 +523,7 @@ impl Supernode {
                 link,
                 auth,
                 presence: hello.presence,
+                relay_only: hello.relay_only,
                 contacts: HashSet::new(),
                 delivering: HashSet::new(),
                 more_waiting: false,
@@ -1214,10 +1219,12 @@ impl Supernode {
                 let cert = cert.as_bytes().to_vec();
                 // An invisible user looks offline to contacts: messages go to the mailbox,
                 // which delivers to them at once, and their address is not given out.
+                // A relay-only user on either side is never given a direct path.
                 let visible = self.session_of(&to).filter(|i| {
                     self.sessions
                         .get(i)
-                        .is_some_and(|s| s.presence != Presence::Invisible)
+                        .is_some_and(|s| s.presence != Presence::Invisible && !s.relay_only)
+                        && !caller.relay_only
                 });
                 match visible {
                     Some(callee) => {

@@ -47,6 +47,8 @@ struct World {
     frozen: Vec<usize>,
     /// Every datagram the supernode received, with its source.
     sn_log: Vec<(SocketAddr, Vec<u8>)>,
+    /// (source, destination) of every datagram delivered to a client.
+    client_log: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl World {
@@ -75,6 +77,7 @@ impl World {
             sn_datagrams: 0,
             frozen: Vec::new(),
             sn_log: Vec::new(),
+            client_log: Vec::new(),
         }
     }
 
@@ -201,6 +204,7 @@ impl World {
                 self.sn_log.push((from, payload.clone()));
                 self.sn.handle_datagram(now, from, &payload);
             } else if let Some(i) = self.clients.iter().position(|(a, _)| *a == dst) {
+                self.client_log.push((from, dst));
                 if !self.frozen.contains(&i) {
                     self.clients[i].1.handle_datagram(now, from, &payload);
                 }
@@ -219,6 +223,11 @@ impl World {
                 c.handle_timeout(now);
             }
         }
+    }
+
+    /// Sources of every datagram delivered to the client at `addr`.
+    fn delivered_to(&self, addr: SocketAddr) -> Vec<SocketAddr> {
+        self.client_log.iter().filter(|(_, d)| *d == addr).map(|(f, _)| *f).collect()
     }
 
     fn run_for(&mut self, d: Duration) {
@@ -931,4 +940,48 @@ fn two_users_behind_one_nat_connect_over_local_addresses() {
         },
     );
     assert_eq!(sent_via(&r), Via::Direct);
+}
+
+/// Relay-only mode: the user's addresses never reach a peer. Nothing from either side's
+/// address ever arrives at the other (no direct session, no probe, no handshake), in both
+/// directions of messaging, and messages still arrive (through the supernode until a
+/// relay exists).
+#[test]
+fn a_relay_only_users_addresses_never_reach_the_peer() {
+    for relay_only_is_caller in [true, false] {
+        let mut w = World::new(70, Net::perfect(70));
+        let private = w.add_client_behind(Some(NatKind::FullCone));
+        let other = w.add_client(None, None);
+        // Rebuild the private user's client in relay-only mode (same address).
+        let addr = w.clients[private].0;
+        let keys = DeviceKeys::generate(&mut ChaCha20Rng::seed_from_u64(71));
+        let mut cfg = ClientConfig::new(sn_addr(), w.sn_keys.noise_public(), Authority::from_bytes(&w.authority_bytes).public());
+        cfg.relay_only = true;
+        let mut c = Client::new(cfg, keys, None, [33; 32], WallClock::new(w.now, UNIX_START_MS), w.now);
+        c.set_local_candidates(vec![addr]);
+        c.connect(w.now);
+        w.clients[private].1 = c;
+        w.register(private, "paula");
+        w.register(other, "oscar");
+        w.befriend(private, other, "oscar", "paula");
+        let (from, to, fname, tname) = if relay_only_is_caller {
+            (private, other, "paula", "oscar")
+        } else {
+            (other, private, "oscar", "paula")
+        };
+        let r = w.command(from, Command::SendMessage { to: user(tname), text: "hello".into() });
+        assert_eq!(sent_via(&r), Via::Offline);
+        assert!(w.saw(to, |e| matches!(e, ClientEvent::Message { text, from: f, .. } if text == "hello" && f.as_str() == fname)));
+        w.run_for(Duration::from_secs(5));
+        let other_addr = w.clients[other].0;
+        assert!(w.clients[other].1.direct_peers().is_empty());
+        assert!(
+            !w.delivered_to(other_addr).iter().any(|from| *from != sn_addr()),
+            "oscar received datagrams from someone other than the supernode"
+        );
+        assert!(
+            !w.delivered_to(addr).iter().any(|from| *from != sn_addr()),
+            "paula received datagrams from someone other than the supernode"
+        );
+    }
 }

@@ -396,6 +396,8 @@ pub struct Hello {
     pub cert: Option<Vec<u8>>,
     /// Presence to show from the first moment (so an invisible user never flashes online).
     pub presence: Presence,
+    /// Relay-only mode: this user's addresses are never given to peers.
+    pub relay_only: bool,
 }
 
 /// Payload of the second handshake message (encrypted by Noise).
@@ -732,6 +734,7 @@ mod tests {
             unix_ms: 5,
             cert: Some(vec![1; 50]),
             presence: Presence::Invisible,
+            relay_only: true,
         };
         assert_eq!(Hello::decode(&h.encode().unwrap()).unwrap(), h);
         let w = Welcome {
