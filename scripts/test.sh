@@ -29,3 +29,6 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast
 fi
+
+step "NAT lab: connectivity matrix (real peerlined and peerline behind nftables NATs)"
+"$CARGO_TARGET_DIR/debug/peerline-lab" matrix --check

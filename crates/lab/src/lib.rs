@@ -9,6 +9,7 @@
 //! removes all of it. [`cleanup_stale`] removes what a crashed run left behind.
 
 mod lab;
+pub mod matrix;
 pub mod probe;
 mod rules;
 

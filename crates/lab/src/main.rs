@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use peerline_lab::{check_environment, cleanup_stale, probe, Lab, NatType};
+use peerline_lab::{check_environment, cleanup_stale, matrix, probe, Lab, NatType};
 use std::process::ExitCode;
 
 /// Namespaces made by this binary are named `plab{pid}-{seq}-{name}`.
@@ -37,8 +37,21 @@ enum Cmd {
         #[arg(long, default_value = PREFIX)]
         prefix: String,
     },
-    // `Matrix { .. }` (Peerline clients behind every pair of NAT types) goes here, built on
-    // the library's `Lab`, `Host::command` and `probe`.
+    /// Two Peerline users behind every pair of NAT types: the path of their first message
+    /// and its setup time (needs the peerlined and peerline binaries).
+    Matrix {
+        #[arg(long)]
+        json: bool,
+        /// Directory holding `peerlined` and `peerline` (default: beside this binary).
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Only these NAT types (comma-separated; default: all).
+        #[arg(long, value_delimiter = ',')]
+        types: Vec<NatType>,
+        /// Exit non-zero unless every pair takes the path this build is expected to find.
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// One line of `probe --json`: fields in reading order (serde_json's `json!` would sort them).
@@ -108,6 +121,73 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Matrix {
+            json,
+            bin_dir,
+            types,
+            check,
+        } => {
+            let dir = match bin_dir {
+                Some(d) => d,
+                None => std::env::current_exe()
+                    .context("cannot find this executable")?
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .context("this executable has no directory")?,
+            };
+            let bins = matrix::Binaries::in_dir(&dir)?;
+            check_environment().require()?;
+            let types = if types.is_empty() {
+                NatType::ALL.to_vec()
+            } else {
+                types
+            };
+            let work = std::env::temp_dir().join(format!("peerline-matrix-{}", std::process::id()));
+            let mut cases: Vec<(NatType, NatType, bool)> = matrix::pairs(&types)
+                .into_iter()
+                .map(|(a, b)| (a, b, false))
+                .collect();
+            cases.push((NatType::PortRestricted, NatType::PortRestricted, true));
+            let mut results = Vec::new();
+            for (i, (a, b, same)) in cases.iter().enumerate() {
+                eprint!(
+                    "\r[{}/{}] {a} x {b}{}          ",
+                    i + 1,
+                    cases.len(),
+                    if *same { " (same NAT)" } else { "" }
+                );
+                results.push(matrix::run_pair(PREFIX, *a, *b, *same, &bins, &work));
+            }
+            eprintln!();
+            let _ = std::fs::remove_dir_all(&work);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", matrix::table(&results));
+            }
+            // A pair that could not even be set up is a lab failure; a pair without a
+            // peer path is a result, unless `--check` expects otherwise.
+            let unexpected: Vec<&matrix::PairResult> = results
+                .iter()
+                .filter(|r| r.path != matrix::expected_path(r.a, r.b, r.same_nat))
+                .collect();
+            for r in &unexpected {
+                eprintln!(
+                    "peerline-lab: {} x {}: path {}, expected {}",
+                    r.a,
+                    r.b,
+                    r.path,
+                    matrix::expected_path(r.a, r.b, r.same_nat)
+                );
+            }
+            Ok(
+                if results.iter().any(|r| r.error.is_some()) || (check && !unexpected.is_empty()) {
+                    ExitCode::FAILURE
+                } else {
+                    ExitCode::SUCCESS
+                },
+            )
         }
         Cmd::Cleanup { prefix } => {
             for name in cleanup_stale(&prefix)? {

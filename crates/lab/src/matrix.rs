@@ -1,0 +1,297 @@
+//! The connectivity matrix: two Peerline users behind every pair of NAT types, with a
+//! real `peerlined` on the public segment and real `peerline` agents in the hosts.
+//!
+//! For each pair the run registers both users, makes them contacts, and times the first
+//! message from the first to the second. The path is what the sender's agent reports:
+//! `direct` (a hole-punched peer session), `relay`, or `failed` when no peer session
+//! could be made (the message then still arrives through the supernode's mailbox, which
+//! is reported as `via`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::{Host, Lab, LabError, NatType};
+
+/// Port the supernode listens on (UDP and TCP): 443 passes even `udp-blocked` NATs' TCP rule.
+pub const SUPERNODE_PORT: u16 = 443;
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairResult {
+    /// The sender's NAT.
+    pub a: NatType,
+    /// The recipient's NAT.
+    pub b: NatType,
+    /// Both behind the same NAT (the same-LAN case).
+    pub same_nat: bool,
+    /// `direct`, `relay` or `failed`.
+    pub path: String,
+    /// Wall time of the first message, connection setup included (ms).
+    pub setup_ms: Option<u64>,
+    /// How the first message travelled: `direct`, `relay` or `offline` (mailbox).
+    pub via: Option<String>,
+    /// What went wrong, if the pair could not be run at all.
+    pub error: Option<String>,
+}
+
+/// Where the Peerline binaries are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    /// `peerlined`.
+    pub peerlined: PathBuf,
+    /// `peerline`.
+    pub peerline: PathBuf,
+}
+
+impl Binaries {
+    /// Both binaries in `dir`, checked to exist.
+    pub fn in_dir(dir: &Path) -> Result<Self, LabError> {
+        let b = Binaries {
+            peerlined: dir.join("peerlined"),
+            peerline: dir.join("peerline"),
+        };
+        for p in [&b.peerlined, &b.peerline] {
+            if !p.exists() {
+                return Err(LabError::Invalid(format!(
+                    "{} is missing: build the workspace first (cargo build --workspace) or pass --bin-dir",
+                    p.display()
+                )));
+            }
+        }
+        Ok(b)
+    }
+}
+
+fn run(cmd: &mut std::process::Command, what: &str) -> Result<Output, LabError> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(LabError::io(what.to_string()))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(LabError::Invalid(format!("{what}: {}", err.trim())));
+    }
+    Ok(out)
+}
+
+struct User<'a> {
+    name: &'static str,
+    host: &'a Host,
+    profile: PathBuf,
+    bins: &'a Binaries,
+}
+
+impl User<'_> {
+    fn cli(&self, args: &[&str]) -> std::process::Command {
+        let mut c = self.host.command(&self.bins.peerline);
+        c.arg("--profile").arg(&self.profile).args(args);
+        c.env("PEERLINE_PASSWORD", format!("{}-lab-password", self.name));
+        c
+    }
+
+    fn ok(&self, args: &[&str]) -> Result<Output, LabError> {
+        run(
+            &mut self.cli(args),
+            &format!("{} {}", self.name, args.join(" ")),
+        )
+    }
+}
+
+/// Kills the supernode when the pair is done, whatever happened.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_supernode(sn: &Host, data: &Path, bins: &Binaries) -> Result<(Daemon, String), LabError> {
+    let listen = format!("{}", sn.socket_addr(SUPERNODE_PORT));
+    run(
+        sn.command(&bins.peerlined)
+            .arg("init")
+            .arg("--data")
+            .arg(data)
+            .args(["--listen", &listen]),
+        "peerlined init",
+    )?;
+    std::fs::write(
+        data.join("peerlined.toml"),
+        format!("listen = \"{listen}\"\nadmin = \"off\"\n"),
+    )
+    .map_err(LabError::io("writing peerlined.toml"))?;
+    let child = sn
+        .command(&bins.peerlined)
+        .arg("run")
+        .arg("--data")
+        .arg(data)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(LabError::io("starting peerlined"))?;
+    let daemon = Daemon(child);
+    let start = Instant::now();
+    while !data.join("peerlined.pid").exists() {
+        if start.elapsed() > Duration::from_secs(10) {
+            return Err(LabError::Invalid("peerlined did not start".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let bootstrap = std::fs::read_to_string(data.join("bootstrap"))
+        .map_err(LabError::io("reading the bootstrap entry"))?
+        .trim()
+        .to_string();
+    Ok((daemon, bootstrap))
+}
+
+/// Runs one pair in a fresh lab (no conntrack state is shared between pairs).
+pub fn run_pair(
+    prefix: &str,
+    a: NatType,
+    b: NatType,
+    same_nat: bool,
+    bins: &Binaries,
+    dir: &Path,
+) -> PairResult {
+    let mut result = PairResult {
+        a,
+        b,
+        same_nat,
+        path: "failed".into(),
+        setup_ms: None,
+        via: None,
+        error: None,
+    };
+    match pair_inner(prefix, a, b, same_nat, bins, dir) {
+        Ok((via, ms)) => {
+            result.path = if via == "offline" {
+                "failed".into()
+            } else {
+                via.clone()
+            };
+            result.via = Some(via);
+            result.setup_ms = Some(ms);
+        }
+        Err(e) => result.error = Some(e.to_string()),
+    }
+    result
+}
+
+fn pair_inner(
+    prefix: &str,
+    a: NatType,
+    b: NatType,
+    same_nat: bool,
+    bins: &Binaries,
+    dir: &Path,
+) -> Result<(String, u64), LabError> {
+    let mut lab = Lab::new(prefix)?;
+    let sn = lab.add_public_host("sn")?;
+    let nat_a = lab.add_nat("nata", a)?;
+    let host_a = lab.add_host_behind(&nat_a, "ha")?;
+    let host_b = if same_nat {
+        lab.add_host_behind(&nat_a, "hb")?
+    } else {
+        let nat_b = lab.add_nat("natb", b)?;
+        lab.add_host_behind(&nat_b, "hb")?
+    };
+    let work = dir.join(format!("{}-{}-{}", a.as_str(), b.as_str(), same_nat));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(LabError::io("creating the pair's directory"))?;
+    let (_daemon, bootstrap) = start_supernode(&sn, &work.join("sn"), bins)?;
+    let alice = User {
+        name: "alice",
+        host: &host_a,
+        profile: work.join("alice"),
+        bins,
+    };
+    let bob = User {
+        name: "bob",
+        host: &host_b,
+        profile: work.join("bob"),
+        bins,
+    };
+    let outcome = (|| {
+        for u in [&alice, &bob] {
+            u.ok(&["register", u.name, "--server", &bootstrap])?;
+            u.ok(&["up"])?;
+        }
+        alice.ok(&["contacts", "add", "bob"])?;
+        bob.ok(&["contacts", "accept", "alice"])?;
+        let start = Instant::now();
+        let out = alice.ok(&["msg", "send", "bob", "hello across the NATs", "--json"])?;
+        let ms = start.elapsed().as_millis() as u64;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| LabError::Invalid(format!("bad msg send output: {e}")))?;
+        let via = v["via"].as_str().unwrap_or("unknown").to_string();
+        Ok((via, ms))
+    })();
+    for u in [&alice, &bob] {
+        let _ = u.cli(&["down"]).output();
+    }
+    outcome
+}
+
+/// The path this build should find for a pair: direct wherever hole punching works, and
+/// `failed` (mailbox delivery) for symmetric facing symmetric or port-restricted and for
+/// UDP-blocked hosts, which need the birthday technique or the relay (not built yet).
+pub fn expected_path(a: NatType, b: NatType, same_nat: bool) -> &'static str {
+    use NatType::*;
+    if same_nat {
+        return "direct";
+    }
+    let hard_pair =
+        |x: NatType, y: NatType| x == Symmetric && matches!(y, Symmetric | PortRestricted);
+    if a == UdpBlocked || b == UdpBlocked || hard_pair(a, b) || hard_pair(b, a) {
+        "failed"
+    } else {
+        "direct"
+    }
+}
+
+/// Every unordered pair of `types`, then the same-NAT case for `same_nat_type`.
+pub fn pairs(types: &[NatType]) -> Vec<(NatType, NatType)> {
+    let mut out = Vec::new();
+    for (i, a) in types.iter().enumerate() {
+        for b in &types[i..] {
+            out.push((*a, *b));
+        }
+    }
+    out
+}
+
+/// Text table of results.
+pub fn table(results: &[PairResult]) -> String {
+    let mut s = format!(
+        "{:<16} {:<16} {:<8} {:>9}  {}\n",
+        "a", "b", "path", "setup_ms", "note"
+    );
+    for r in results {
+        let b = if r.same_nat {
+            format!("{} (same NAT)", r.b)
+        } else {
+            r.b.to_string()
+        };
+        let note = match (&r.error, &r.via) {
+            (Some(e), _) => e.clone(),
+            (None, Some(v)) if v == "offline" => "delivered through the supernode's mailbox".into(),
+            _ => String::new(),
+        };
+        let ms = r.setup_ms.map_or("-".to_string(), |m| m.to_string());
+        s.push_str(&format!(
+            "{:<16} {:<16} {:<8} {:>9}  {}\n",
+            r.a.to_string(),
+            b,
+            r.path,
+            ms,
+            note
+        ));
+    }
+    s
+}
