@@ -227,7 +227,11 @@ impl World {
 
     /// Sources of every datagram delivered to the client at `addr`.
     fn delivered_to(&self, addr: SocketAddr) -> Vec<SocketAddr> {
-        self.client_log.iter().filter(|(_, d)| *d == addr).map(|(f, _)| *f).collect()
+        self.client_log
+            .iter()
+            .filter(|(_, d)| *d == addr)
+            .map(|(f, _)| *f)
+            .collect()
     }
 
     fn run_for(&mut self, d: Duration) {
@@ -955,9 +959,20 @@ fn a_relay_only_users_addresses_never_reach_the_peer() {
         // Rebuild the private user's client in relay-only mode (same address).
         let addr = w.clients[private].0;
         let keys = DeviceKeys::generate(&mut ChaCha20Rng::seed_from_u64(71));
-        let mut cfg = ClientConfig::new(sn_addr(), w.sn_keys.noise_public(), Authority::from_bytes(&w.authority_bytes).public());
+        let mut cfg = ClientConfig::new(
+            sn_addr(),
+            w.sn_keys.noise_public(),
+            Authority::from_bytes(&w.authority_bytes).public(),
+        );
         cfg.relay_only = true;
-        let mut c = Client::new(cfg, keys, None, [33; 32], WallClock::new(w.now, UNIX_START_MS), w.now);
+        let mut c = Client::new(
+            cfg,
+            keys,
+            None,
+            [33; 32],
+            WallClock::new(w.now, UNIX_START_MS),
+            w.now,
+        );
         c.set_local_candidates(vec![addr]);
         c.connect(w.now);
         w.clients[private].1 = c;
@@ -969,14 +984,22 @@ fn a_relay_only_users_addresses_never_reach_the_peer() {
         } else {
             (other, private, "oscar", "paula")
         };
-        let r = w.command(from, Command::SendMessage { to: user(tname), text: "hello".into() });
+        let r = w.command(
+            from,
+            Command::SendMessage {
+                to: user(tname),
+                text: "hello".into(),
+            },
+        );
         assert_eq!(sent_via(&r), Via::Offline);
         assert!(w.saw(to, |e| matches!(e, ClientEvent::Message { text, from: f, .. } if text == "hello" && f.as_str() == fname)));
         w.run_for(Duration::from_secs(5));
         let other_addr = w.clients[other].0;
         assert!(w.clients[other].1.direct_peers().is_empty());
         assert!(
-            !w.delivered_to(other_addr).iter().any(|from| *from != sn_addr()),
+            !w.delivered_to(other_addr)
+                .iter()
+                .any(|from| *from != sn_addr()),
             "oscar received datagrams from someone other than the supernode"
         );
         assert!(
