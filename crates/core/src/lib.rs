@@ -11,6 +11,7 @@ pub mod directory;
 pub mod link;
 pub mod memstore;
 pub mod ops;
+pub mod relay;
 #[doc(hidden)]
 pub mod sim;
 pub mod store;

@@ -151,12 +151,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cases.push((NatType::PortRestricted, NatType::PortRestricted, true));
             let mut results = Vec::new();
             for (i, (a, b, same)) in cases.iter().enumerate() {
-                eprint!(
-                    "\r[{}/{}] {a} x {b}{}          ",
+                let label = format!(
+                    "[{}/{}] {a} x {b}{}",
                     i + 1,
                     cases.len(),
                     if *same { " (same NAT)" } else { "" }
                 );
+                // Progress on one line in a terminal, one line per pair in a log.
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprint!("\r{label}          ");
+                } else {
+                    eprintln!("{label}");
+                }
                 results.push(matrix::run_pair(PREFIX, *a, *b, *same, &bins, &work));
             }
             eprintln!();

@@ -10,6 +10,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod client;
 pub mod files;
+pub mod relay;
 pub mod supernode;
 pub mod tcp;
 
