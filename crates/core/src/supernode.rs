@@ -50,6 +50,19 @@ pub struct SupernodeConfig {
     pub resets_per_second: u32,
     /// Storage operations waiting at once; beyond it requests get `Unavailable`.
     pub max_pending_ops: usize,
+    /// The operator's TURN relay, if any: clients get time-limited credentials for it.
+    pub relay: Option<RelayOffer>,
+}
+
+/// A relay the supernode hands out credentials for.
+#[derive(Debug, Clone)]
+pub struct RelayOffer {
+    /// The relay's public address.
+    pub server: SocketAddr,
+    /// Secret shared with the relay (coturn's `static-auth-secret` style).
+    pub secret: [u8; 32],
+    /// Validity of issued credentials.
+    pub lifetime: Duration,
 }
 
 impl Default for SupernodeConfig {
@@ -62,6 +75,7 @@ impl Default for SupernodeConfig {
             delivery_batch: 32,
             resets_per_second: 2000,
             max_pending_ops: 10_000,
+            relay: None,
         }
     }
 }
@@ -826,6 +840,22 @@ impl Supernode {
                 for c in contacts {
                     self.push_presence(now, &c, &me, p.as_seen());
                 }
+            }
+            (Request::RelayCredentials, Some(me)) => {
+                let body = match &self.cfg.relay {
+                    Some(r) => {
+                        let expires = self.clock.unix_s(now) + r.lifetime.as_secs();
+                        let (username, password) =
+                            crate::relay::turn_credentials(&r.secret, me.as_str(), expires);
+                        Response::RelayCredentials {
+                            server: r.server,
+                            username,
+                            password,
+                        }
+                    }
+                    None => err(ErrorCode::Unavailable, "this supernode offers no relay"),
+                };
+                self.reply(now, index, id, body);
             }
             (Request::ContactAdd { user, note }, Some(me)) => {
                 self.op(

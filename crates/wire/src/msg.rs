@@ -301,6 +301,9 @@ pub enum Request {
         /// The text.
         text: String,
     },
+    /// Client to supernode: credentials for the operator's TURN relay.
+    /// Answer: `RelayCredentials`, or `Error(Unavailable)` when there is no relay.
+    RelayCredentials,
 }
 
 /// The answer to a [`Request`].
@@ -340,6 +343,16 @@ pub enum Response {
     ConnectAnswer {
         /// The callee's candidates.
         candidates: Vec<SocketAddr>,
+    },
+    /// Time-limited TURN credentials (RFC 8656 long-term credential mechanism, in
+    /// coturn's shared-secret style).
+    RelayCredentials {
+        /// The relay's address.
+        server: SocketAddr,
+        /// `<expiry unix s>:<username>`.
+        username: String,
+        /// base64(HMAC-SHA1(secret, username)).
+        password: String,
     },
 }
 
@@ -459,6 +472,7 @@ impl Request {
             | Request::ContactReply { .. }
             | Request::ContactRemove { .. }
             | Request::ContactList { .. }
+            | Request::RelayCredentials
             | Request::PresenceEvent { .. } => Ok(()),
         }
     }
@@ -478,6 +492,12 @@ impl Response {
                 check_count(candidates.len(), MAX_CANDIDATES)
             }
             Response::ConnectAnswer { candidates } => check_count(candidates.len(), MAX_CANDIDATES),
+            Response::RelayCredentials {
+                username, password, ..
+            } => {
+                check_len(username, MAX_NOTE, "username")?;
+                check_len(password, MAX_NOTE, "password")
+            }
         }
     }
 }
@@ -640,6 +660,7 @@ mod tests {
                 sent_at: 2,
                 text: "hello ✓".into(),
             },
+            Request::RelayCredentials,
         ];
         let resps = vec![
             Response::Ok,
@@ -662,6 +683,11 @@ mod tests {
             },
             Response::ConnectAnswer {
                 candidates: vec![v6],
+            },
+            Response::RelayCredentials {
+                server: addr,
+                username: "1790000000:alice".into(),
+                password: "c2VjcmV0".into(),
             },
         ];
         let mut out = vec![Frame::Keepalive, Frame::Close];
