@@ -10,7 +10,7 @@
 //! The client reconnects by itself when its supernode goes away (exponential backoff
 //! with jitter) and renews its certificate while online.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,31 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::clock::WallClock;
 use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
+
+use turn_client_proto::api::{
+    Transmit as TurnTransmit, TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet,
+};
+use turn_client_proto::types::{TransportType, TurnCredentials};
+use turn_client_proto::udp::TurnClientUdp;
+
+/// The clock type `turn-client-proto` takes.
+type TurnInstant = turn_client_proto::stun::Instant;
+
+/// After this long without a direct path, a dial also tries through the relay.
+pub const RELAY_AFTER: Duration = Duration::from_millis(800);
+
+/// Our allocation on the operator's TURN relay.
+#[derive(Debug)]
+struct RelayClient {
+    server: SocketAddr,
+    turn: TurnClientUdp,
+    /// Our relayed address, once allocated.
+    relayed: Option<SocketAddr>,
+    /// The allocation failed or ended.
+    closed: bool,
+    /// When the TURN client next has work.
+    wait: Option<Instant>,
+}
 
 /// How the client reaches its supernode and what it trusts.
 #[derive(Debug, Clone)]
@@ -275,6 +300,7 @@ enum ServerReq {
     Store(CommandId),
     Renew,
     Presence,
+    Relay,
 }
 
 #[derive(Debug)]
@@ -292,6 +318,10 @@ struct Dial {
     hs: Handshake,
     packet: Vec<u8>,
     candidates: Vec<SocketAddr>,
+    /// Addresses learnt from probes that reached us through our relay.
+    relay_candidates: Vec<SocketAddr>,
+    /// From this instant the handshake also goes out through the relay.
+    relay_from: Instant,
     next_send: Instant,
     deadline: Instant,
 }
@@ -314,6 +344,8 @@ const MAX_DIAL_CANDIDATES: usize = 16;
 struct Peer {
     user: Username,
     link: Link,
+    /// The session runs through our TURN allocation.
+    relayed: bool,
 }
 
 #[derive(Debug)]
@@ -354,6 +386,16 @@ pub struct Client {
     resend: Vec<(Outgoing, Instant)>,
     /// Peer initiations answered recently, by initiator ephemeral key.
     answered_inits: HashMap<[u8; 32], (Vec<u8>, Instant)>,
+    /// Our TURN allocation, when the supernode offers a relay.
+    relay: Option<RelayClient>,
+    /// Peer addresses reached through our relay: datagrams to them are wrapped.
+    relayed_peers: HashSet<SocketAddr>,
+    /// Datagrams to send through the relay whatever their destination.
+    relay_sends: VecDeque<Transmit>,
+    /// Anchor for the TURN client's clock.
+    t0: Instant,
+    /// The latest `now` the driver gave us (for wrapping datagrams in `poll_transmit`).
+    last_now: Instant,
     renew_after: Option<Instant>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<ClientEvent>,
@@ -414,6 +456,11 @@ impl Client {
             pending_store: HashMap::new(),
             resend: Vec::new(),
             answered_inits: HashMap::new(),
+            relay: None,
+            relayed_peers: HashSet::new(),
+            relay_sends: VecDeque::new(),
+            t0: now,
+            last_now: now,
             renew_after: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -545,7 +592,7 @@ impl Client {
                         self.resend.push((o, deadline));
                     }
                 }
-                ServerReq::Renew | ServerReq::Presence => {}
+                ServerReq::Renew | ServerReq::Presence | ServerReq::Relay => {}
             }
         }
         if was_online {
@@ -583,6 +630,13 @@ impl Client {
         tracing::info!("online");
         self.events.push_back(ClientEvent::Online);
         self.schedule_renewal(now);
+        if self.relay.as_ref().is_none_or(|r| r.closed) && !self.cfg.relay_only {
+            if let Server::Up { link, .. } = &mut self.server {
+                if let Ok(id) = link.send_request(now, Request::RelayCredentials) {
+                    self.server_reqs.insert(id, ServerReq::Relay);
+                }
+            }
+        }
         if self.presence != Presence::Online {
             let p = self.presence;
             if let Server::Up { link, .. } = &mut self.server {
@@ -616,6 +670,7 @@ impl Client {
 
     /// Gives a command; its result arrives as [`ClientEvent::CommandDone`] with this id.
     pub fn command(&mut self, now: Instant, cmd: Command) -> CommandId {
+        self.last_now = self.last_now.max(now);
         let id = self.next_command;
         self.next_command += 1;
         if let Command::SetPresence(p) = cmd {
@@ -773,7 +828,7 @@ impl Client {
         let dialing = self.outbox.contains_key(&to);
         self.outbox.entry(to.clone()).or_default().push(out);
         if !dialing {
-            let candidates = self.local_candidates.clone();
+            let candidates = self.offer();
             let body = Request::Connect {
                 user: to.clone(),
                 candidates,
@@ -819,6 +874,7 @@ impl Client {
 
     /// Confirms that the message with `token` was saved; acknowledges it to its sender.
     pub fn message_saved(&mut self, now: Instant, token: u64) {
+        self.last_now = self.last_now.max(now);
         match self.acks.remove(&token) {
             Some(Ack::Server(rid)) => {
                 if let Server::Up { link, .. } = &mut self.server {
@@ -850,7 +906,40 @@ impl Client {
 
     /// Handles a datagram from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        match Packet::decode(bytes) {
+        self.last_now = self.last_now.max(now);
+        if self.relay.as_ref().is_some_and(|r| r.server == from) {
+            let tn = self.turn_now(now);
+            let local = self.local_candidates.first().copied().unwrap_or(from);
+            let Some(r) = self.relay.as_mut() else { return };
+            let peer_data = match r.turn.recv(
+                TurnTransmit::new(bytes, TransportType::Udp, from, local),
+                tn,
+            ) {
+                TurnRecvRet::PeerData(d) => Some((d.peer, d.data().to_vec())),
+                _ => None,
+            };
+            self.relay_flush(now);
+            if let Some((peer, data)) = peer_data {
+                self.handle_packet(now, peer, &data, true);
+            }
+            return;
+        }
+        self.handle_packet(now, from, bytes, false);
+    }
+
+    /// Handles a Peerline datagram from `from`; `relayed` when it came through our relay.
+    fn handle_packet(&mut self, now: Instant, from: SocketAddr, bytes: &[u8], relayed: bool) {
+        let packet = Packet::decode(bytes);
+        if relayed
+            && matches!(
+                packet,
+                Ok(Packet::HandshakeInit { .. } | Packet::HandshakeResponse { .. })
+            )
+        {
+            // This peer reaches us through our relay: everything we send it goes back there.
+            self.relayed_peers.insert(from);
+        }
+        match packet {
             Ok(Packet::HandshakeResponse {
                 sender,
                 receiver,
@@ -888,7 +977,7 @@ impl Client {
                     self.start_handshake(now, 0);
                 }
             }
-            Ok(Packet::Probe) => self.on_probe(from),
+            Ok(Packet::Probe) => self.on_probe(from, relayed),
             Ok(Packet::Stun(_)) | Err(_) => {}
         }
     }
@@ -970,8 +1059,23 @@ impl Client {
                 }
             }
         }
-        tracing::debug!(peer = %user, "direct session up");
-        self.peers.insert(index, Peer { user, link });
+        // Through our relay, or to an address on the operator's relay (the peer's
+        // relayed address): either way the path is relayed.
+        let remote = link.remote_addr();
+        let relayed = self.relayed_peers.contains(&remote)
+            || self
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.server.ip() == remote.ip());
+        tracing::debug!(peer = %user, relayed, "peer session up");
+        self.peers.insert(
+            index,
+            Peer {
+                user,
+                link,
+                relayed,
+            },
+        );
     }
 
     fn on_peer_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
@@ -1235,6 +1339,124 @@ impl Client {
                 _ => {}
             },
             ServerReq::Presence => {}
+            ServerReq::Relay => match body {
+                Response::RelayCredentials {
+                    server,
+                    username,
+                    password,
+                } => self.start_relay(now, server, &username, &password),
+                Response::Error { detail, .. } => tracing::debug!(%detail, "no relay"),
+                _ => {}
+            },
+        }
+    }
+
+    // ----- relay (TURN client) -----
+
+    fn turn_now(&self, now: Instant) -> TurnInstant {
+        let nanos = now.saturating_duration_since(self.t0).as_nanos();
+        TurnInstant::from_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
+    }
+
+    fn start_relay(&mut self, now: Instant, server: SocketAddr, username: &str, password: &str) {
+        let local = self
+            .local_candidates
+            .first()
+            .copied()
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut config = TurnConfig::new(TurnCredentials::new(username, password));
+        // A relay that does not answer within a few seconds is no use for setup.
+        config.set_request_retransmits(
+            Duration::from_millis(250),
+            Duration::from_millis(1000),
+            5,
+            Duration::from_millis(1000),
+        );
+        self.relay = Some(RelayClient {
+            server,
+            turn: TurnClientUdp::allocate(local, server, config),
+            relayed: None,
+            closed: false,
+            wait: None,
+        });
+        self.relay_flush(now);
+    }
+
+    /// Runs the TURN client's timers and collects what it wants sent.
+    fn relay_flush(&mut self, now: Instant) {
+        let tn = self.turn_now(now);
+        let t0 = self.t0;
+        let Some(r) = self.relay.as_mut() else { return };
+        r.wait = match r.turn.poll(tn) {
+            TurnPollRet::WaitUntil(at) => {
+                let nanos = u64::try_from(at.as_nanos()).unwrap_or(0);
+                Some(t0 + Duration::from_nanos(nanos))
+            }
+            TurnPollRet::Closed => {
+                r.closed = true;
+                None
+            }
+            _ => None,
+        };
+        while let Some(t) = r.turn.poll_transmit(tn) {
+            self.transmits.push_back(Transmit {
+                dst: t.to,
+                payload: t.data.to_vec(),
+            });
+        }
+        while let Some(e) = r.turn.poll_event() {
+            match e {
+                TurnEvent::AllocationCreated(_, addr) => {
+                    tracing::debug!("relay allocation ready");
+                    r.relayed = Some(addr);
+                }
+                TurnEvent::AllocationCreateFailed(_) => r.closed = true,
+                _ => {}
+            }
+        }
+    }
+
+    /// Our relayed address, when the allocation is ready.
+    pub fn relayed_address(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().and_then(|r| r.relayed)
+    }
+
+    /// Our candidates for a connection setup: local addresses, plus the relayed one.
+    fn offer(&self) -> Vec<SocketAddr> {
+        let mut c = self.local_candidates.clone();
+        if let Some(r) = self.relayed_address() {
+            c.push(r);
+        }
+        c
+    }
+
+    /// Installs relay permissions for the IPs of `addrs` (so the relay lets them in).
+    fn permit(&mut self, now: Instant, addrs: &[SocketAddr]) {
+        let tn = self.turn_now(now);
+        let Some(r) = self.relay.as_mut().filter(|r| r.relayed.is_some()) else {
+            return;
+        };
+        for a in addrs {
+            if !r.turn.have_permission(TransportType::Udp, a.ip()) {
+                let _ = r.turn.create_permission(TransportType::Udp, a.ip(), tn);
+            }
+        }
+        self.relay_flush(now);
+    }
+
+    /// Wraps a datagram for `dst` into a message to the relay.
+    fn via_relay(&mut self, now: Instant, t: Transmit) -> Option<Transmit> {
+        let tn = self.turn_now(now);
+        let r = self.relay.as_mut()?;
+        match r.turn.send_to(TransportType::Udp, t.dst, t.payload, tn) {
+            Ok(Some(b)) => {
+                let b = b.build();
+                Some(Transmit {
+                    dst: b.to,
+                    payload: b.data.to_vec(),
+                })
+            }
+            _ => None,
         }
     }
 
@@ -1273,10 +1495,14 @@ impl Client {
             user,
             hs,
             packet,
-            candidates: cands,
+            candidates: cands.clone(),
+            relay_candidates: Vec::new(),
+            relay_from: now + RELAY_AFTER,
             next_send: now,
             deadline: now + self.cfg.dial_timeout,
         };
+        // Let the callee's probes reach us through the relay too.
+        self.permit(now, &cands);
         self.dials.insert(index, d);
         self.dial_tick(now);
     }
@@ -1290,11 +1516,26 @@ impl Client {
                 continue;
             }
             if now >= d.next_send {
+                let relay_ip = self.relay.as_ref().map(|r| r.server.ip());
                 for c in &d.candidates {
+                    // Direct paths first: the peer's relayed address only after a while,
+                    // as ICE ranks relay candidates last.
+                    if Some(c.ip()) == relay_ip && now < d.relay_from {
+                        continue;
+                    }
                     self.transmits.push_back(Transmit {
                         dst: *c,
                         payload: d.packet.clone(),
                     });
+                }
+                if now >= d.relay_from && self.relay.as_ref().is_some_and(|r| r.relayed.is_some()) {
+                    // No direct answer yet: try every candidate through our relay as well.
+                    for c in d.candidates.iter().chain(&d.relay_candidates) {
+                        self.relay_sends.push_back(Transmit {
+                            dst: *c,
+                            payload: d.packet.clone(),
+                        });
+                    }
                 }
                 d.next_send = now + PROBE_INTERVAL;
             }
@@ -1335,7 +1576,25 @@ impl Client {
     /// dialing, its port is the one that peer's NAT opened for us (a peer-reflexive
     /// candidate, as in ICE); try it at once. Probes from any other address are ignored,
     /// so a stranger cannot steer our handshakes.
-    fn on_probe(&mut self, from: SocketAddr) {
+    fn on_probe(&mut self, from: SocketAddr, relayed: bool) {
+        if relayed {
+            // Through our relay: the peer's NAT opened this port towards our relayed
+            // address, so our handshake must come from there too.
+            for d in self.dials.values_mut() {
+                let known_ip = d.candidates.iter().any(|c| c.ip() == from.ip());
+                if known_ip
+                    && !d.relay_candidates.contains(&from)
+                    && d.relay_candidates.len() < MAX_DIAL_CANDIDATES
+                {
+                    d.relay_candidates.push(from);
+                    self.relay_sends.push_back(Transmit {
+                        dst: from,
+                        payload: d.packet.clone(),
+                    });
+                }
+            }
+            return;
+        }
         for d in self.dials.values_mut() {
             let known_ip = d.candidates.iter().any(|c| c.ip() == from.ip());
             if known_ip && !d.candidates.contains(&from) && d.candidates.len() < MAX_DIAL_CANDIDATES
@@ -1350,6 +1609,21 @@ impl Client {
     }
 
     fn on_server_push(&mut self, now: Instant, id: u64, body: Request) {
+        let mut permit_later: Vec<SocketAddr> = Vec::new();
+        self.server_push(now, id, body, &mut permit_later);
+        if !permit_later.is_empty() {
+            // The caller may come in through our relayed address.
+            self.permit(now, &permit_later);
+        }
+    }
+
+    fn server_push(
+        &mut self,
+        now: Instant,
+        id: u64,
+        body: Request,
+        permit_later: &mut Vec<SocketAddr>,
+    ) {
         let Server::Up { link, .. } = &mut self.server else {
             return;
         };
@@ -1394,8 +1668,12 @@ impl Client {
                             c.repr().noise_key,
                             (user.clone(), now + Duration::from_secs(30)),
                         );
-                        let candidates = self.local_candidates.clone();
+                        let candidates = self.offer();
+                        let Server::Up { link, .. } = &mut self.server else {
+                            return;
+                        };
                         let _ = link.respond(now, id, Response::ConnectAnswer { candidates });
+                        permit_later.extend(caller_candidates.iter().copied());
                         // Open our NAT towards the caller while the answer travels back:
                         // its handshake then finds the way in.
                         let until = now + self.cfg.dial_timeout;
@@ -1473,14 +1751,8 @@ impl Client {
                         text,
                     } => {
                         let from = p.user.clone();
-                        self.received(
-                            Ack::Peer(index, id),
-                            from,
-                            msg_id,
-                            sent_at,
-                            text,
-                            Via::Direct,
-                        );
+                        let via = if p.relayed { Via::Relay } else { Via::Direct };
+                        self.received(Ack::Peer(index, id), from, msg_id, sent_at, text, via);
                     }
                     _ => {
                         let _ = p.link.respond(
@@ -1492,12 +1764,16 @@ impl Client {
                 }
             }
             LinkEvent::Response { id, body } => {
+                let via = match self.peers.get(&index) {
+                    Some(p) if p.relayed => Via::Relay,
+                    _ => Via::Direct,
+                };
                 if let Some(o) = self.peer_reqs.remove(&(index, id)) {
                     match body {
                         Response::Ok => self.done(
                             o.id,
                             CommandResult::Sent {
-                                via: Via::Direct,
+                                via,
                                 msg_id: o.msg_id,
                                 sent_at: o.sent_at,
                             },
@@ -1548,6 +1824,14 @@ impl Client {
     /// Runs due timers: handshake retries, reconnection, retransmissions, keepalives,
     /// dials, command timeouts, certificate renewal.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
+        if self
+            .relay
+            .as_ref()
+            .is_some_and(|r| r.wait.is_some_and(|w| now >= w))
+        {
+            self.relay_flush(now);
+        }
         match &mut self.server {
             Server::Stopped => {}
             Server::Offline { retry_at, attempt } => {
@@ -1641,6 +1925,7 @@ impl Client {
         for p in &self.punches {
             fold(Some(p.next_send.min(p.until)));
         }
+        fold(self.relay.as_ref().and_then(|r| r.wait));
         for (_, _, d) in &self.queued {
             fold(Some(*d));
         }
@@ -1652,11 +1937,26 @@ impl Client {
 
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        if self.transmits.is_empty() {
-            // Requests sealed by `command` wait in their link until drained here.
-            self.flush_links();
+        let now = self.last_now;
+        loop {
+            if self.transmits.is_empty() {
+                // Requests sealed by `command` wait in their link until drained here.
+                self.flush_links();
+            }
+            if let Some(t) = self.transmits.pop_front() {
+                if self.relayed_peers.contains(&t.dst) {
+                    match self.via_relay(now, t) {
+                        Some(w) => return Some(w),
+                        None => continue, // no permission yet: dropped, as a lost datagram
+                    }
+                }
+                return Some(t);
+            }
+            let t = self.relay_sends.pop_front()?;
+            if let Some(w) = self.via_relay(now, t) {
+                return Some(w);
+            }
         }
-        self.transmits.pop_front()
     }
 
     /// Next event.

@@ -13,8 +13,9 @@ use peerline_core::directory::MemoryDirectory;
 use peerline_core::link::Transmit;
 use peerline_core::memstore::MemoryStore;
 use peerline_core::ops::execute;
+use peerline_core::relay::{AllocationId, Relay, RelayConfig, RelayEvent, RelaySocket};
 use peerline_core::sim::{NatKind, Net};
-use peerline_core::supernode::{Supernode, SupernodeConfig};
+use peerline_core::supernode::{RelayOffer, Supernode, SupernodeConfig};
 use peerline_crypto::{Authority, DeviceKeys};
 use peerline_wire::msg::{ContactAction, ContactState, ErrorCode, Presence};
 use peerline_wire::Username;
@@ -25,6 +26,10 @@ const UNIX_START_MS: u64 = 1_790_000_000_000;
 
 fn sn_addr() -> SocketAddr {
     "203.0.113.1:7000".parse().unwrap()
+}
+
+fn relay_addr() -> SocketAddr {
+    "203.0.113.2:3478".parse().unwrap()
 }
 
 fn user(s: &str) -> Username {
@@ -49,6 +54,10 @@ struct World {
     sn_log: Vec<(SocketAddr, Vec<u8>)>,
     /// (source, destination) of every datagram delivered to a client.
     client_log: Vec<(SocketAddr, SocketAddr)>,
+    /// The TURN relay, in worlds that have one.
+    relay: Option<Relay>,
+    /// Relayed addresses handed out by the relay.
+    allocations: Vec<(AllocationId, SocketAddr)>,
 }
 
 impl World {
@@ -78,6 +87,78 @@ impl World {
             frozen: Vec::new(),
             sn_log: Vec::new(),
             client_log: Vec::new(),
+            relay: None,
+            allocations: Vec::new(),
+        }
+    }
+
+    /// A world whose supernode offers a TURN relay at [`relay_addr`].
+    fn with_relay(seed: u64, net: Net) -> Self {
+        let secret = [0x5a; 32];
+        let cfg = SupernodeConfig {
+            relay: Some(RelayOffer {
+                server: relay_addr(),
+                secret,
+                lifetime: Duration::from_secs(24 * 3600),
+            }),
+            ..SupernodeConfig::default()
+        };
+        let mut w = Self::with_config(seed, net, cfg);
+        w.relay = Some(Relay::new(
+            RelayConfig::default(),
+            secret,
+            [seed as u8; 32],
+            w.now,
+            UNIX_START_MS / 1000,
+        ));
+        w
+    }
+
+    /// Runs the relay: client messages, peer datagrams to relayed addresses, timers.
+    fn step_relay(&mut self, now: Instant, inbound: Vec<(SocketAddr, Transmit)>) {
+        let Some(relay) = self.relay.as_mut() else {
+            return;
+        };
+        for (from, t) in inbound {
+            if t.dst == relay_addr() {
+                relay.handle_client(now, from, &t.payload);
+            } else {
+                let id = self
+                    .allocations
+                    .iter()
+                    .find(|(_, a)| *a == t.dst)
+                    .map(|(id, _)| *id);
+                if let Some(id) = id {
+                    relay.handle_peer(now, id, from, &t.payload);
+                }
+            }
+        }
+        if relay.poll_timeout().is_some_and(|t| t <= now) {
+            relay.handle_timeout(now);
+        }
+        while let Some(e) = relay.poll_event() {
+            if let RelayEvent::AllocationCreated { id, .. } = e {
+                let addr = SocketAddr::new(relay_addr().ip(), 50_000 + id.get() as u16);
+                self.allocations.push((id, addr));
+                relay.relayed_bound(now, id, addr);
+            }
+        }
+        while let Some(t) = relay.poll_transmit() {
+            let src = match t.socket {
+                RelaySocket::Listen => relay_addr(),
+                RelaySocket::Relayed(id) => match self.allocations.iter().find(|(i, _)| *i == id) {
+                    Some((_, a)) => *a,
+                    None => continue,
+                },
+            };
+            self.net.send(
+                now,
+                src,
+                Transmit {
+                    dst: t.dst,
+                    payload: t.payload,
+                },
+            );
         }
     }
 
@@ -198,7 +279,12 @@ impl World {
                 self.net.send(now, *addr, t);
             }
         }
-        for (from, Transmit { dst, payload }) in self.net.deliver(now) {
+        let delivered = self.net.deliver(now);
+        let (to_relay, delivered): (Vec<_>, Vec<_>) = delivered
+            .into_iter()
+            .partition(|(_, t)| t.dst.ip() == relay_addr().ip());
+        self.step_relay(now, to_relay);
+        for (from, Transmit { dst, payload }) in delivered {
             if dst == sn_addr() {
                 self.sn_datagrams += 1;
                 self.sn_log.push((from, payload.clone()));
@@ -1007,4 +1093,65 @@ fn a_relay_only_users_addresses_never_reach_the_peer() {
             "paula received datagrams from someone other than the supernode"
         );
     }
+}
+
+/// With the operator's relay, pairs that hole punching cannot connect get a peer session
+/// through the relay (still end-to-end encrypted), and the rest stay direct.
+#[test]
+fn hard_nat_pairs_connect_through_the_relay() {
+    use NatKind::*;
+    let cases = [
+        (Some(Symmetric), Some(Symmetric), Via::Relay),
+        (Some(Symmetric), Some(PortRestricted), Via::Relay),
+        (Some(PortRestricted), Some(Symmetric), Via::Relay),
+        (Some(PortRestricted), Some(PortRestricted), Via::Direct),
+        (None, Some(Symmetric), Via::Direct),
+    ];
+    let mut failures = Vec::new();
+    for (i, (ka, kb, expect)) in cases.iter().enumerate() {
+        let mut w = World::with_relay(80 + i as u64, Net::perfect(80));
+        let a = w.add_client_behind(*ka);
+        let b = w.add_client_behind(*kb);
+        w.register(a, "alice");
+        w.register(b, "bob");
+        w.befriend(a, b, "bob", "alice");
+        w.run_for(Duration::from_millis(500)); // relay allocations complete
+        assert!(
+            w.clients[a].1.relayed_address().is_some(),
+            "alice got a relay allocation"
+        );
+        let r = w.command(
+            a,
+            Command::SendMessage {
+                to: user("bob"),
+                text: "hi".into(),
+            },
+        );
+        let got = sent_via(&r);
+        if got != *expect {
+            failures.push(format!("{ka:?} -> {kb:?}: {got:?}, expected {expect:?}"));
+        }
+        assert!(w.saw(
+            b,
+            |e| matches!(e, ClientEvent::Message { text, .. } if text == "hi")
+        ));
+        // And back over the same session.
+        let r = w.command(
+            b,
+            Command::SendMessage {
+                to: user("alice"),
+                text: "hi back".into(),
+            },
+        );
+        assert_ne!(
+            sent_via(&r),
+            Via::Offline,
+            "{ka:?} <- {kb:?}: reply went to the mailbox"
+        );
+        assert!(w.saw(
+            a,
+            |e| matches!(e, ClientEvent::Message { text, .. } if text == "hi back")
+        ));
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }
