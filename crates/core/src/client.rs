@@ -1577,6 +1577,7 @@ impl Client {
     /// candidate, as in ICE); try it at once. Probes from any other address are ignored,
     /// so a stranger cannot steer our handshakes.
     fn on_probe(&mut self, from: SocketAddr, relayed: bool) {
+        // Direct: try the new port at once. Relayed: remember it for the relay phase.
         if relayed {
             // Through our relay: the peer's NAT opened this port towards our relayed
             // address, so our handshake must come from there too.
@@ -1587,10 +1588,8 @@ impl Client {
                     && d.relay_candidates.len() < MAX_DIAL_CANDIDATES
                 {
                     d.relay_candidates.push(from);
-                    self.relay_sends.push_back(Transmit {
-                        dst: from,
-                        payload: d.packet.clone(),
-                    });
+                    // Tried through the relay only once direct paths had their chance
+                    // (dial_tick sends it from then on).
                 }
             }
             return;

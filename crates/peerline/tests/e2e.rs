@@ -412,3 +412,127 @@ fn a_client_without_udp_to_the_supernode_falls_back_to_tcp() {
     frank.ok(&["msg", "send", "grace", "over tcp"]);
     grace.wait_message("frank", "over tcp", "direct");
 }
+
+/// `peerlined run` runs the TURN relay beside the supernode: an independent TURN client
+/// (`turn-client-proto`) gets an allocation on `relay_listen`, with credentials made from
+/// the data dir's `relay.secret` exactly as the supernode makes them for logged-in users.
+/// (On loopback the relay runs but is not offered to clients: no peer could use it.)
+#[test]
+fn peerlined_runs_the_turn_relay() {
+    use std::net::SocketAddr;
+    use turn_client_proto::api::{
+        Transmit, TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet,
+    };
+    use turn_client_proto::types::{TransportType, TurnCredentials};
+    use turn_client_proto::udp::TurnClientUdp;
+
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("supernode");
+    let (port, admin, relay_port) = (free_port(), free_port(), free_port());
+    let out = Command::new(peerlined_bin())
+        .args(["init", "--data"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let relay: SocketAddr = format!("127.0.0.1:{relay_port}").parse().unwrap();
+    let cfg_path = data.join("peerlined.toml");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(
+        cfg.contains("\nrelay_listen = \"127.0.0.1:3478\"\n"),
+        "{cfg}"
+    );
+    let cfg = cfg.replace(
+        "relay_listen = \"127.0.0.1:3478\"",
+        &format!("relay_listen = \"{relay}\""),
+    );
+    std::fs::write(&cfg_path, cfg).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    let secret_path = data.join("relay.secret");
+    let mode = std::fs::metadata(&secret_path)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let mut sn = Supernode {
+        data: data.clone(),
+        child: None,
+    };
+    sn.start();
+    let ivan = User {
+        name: "ivan",
+        profile: root.path().join("ivan"),
+    };
+    ivan.ok(&["register", "ivan", "--server", &sn.bootstrap()]);
+    let log = std::fs::read_to_string(data.join("test.log")).unwrap();
+    assert!(
+        log.contains("TURN relay listening") && log.contains(&relay.to_string()),
+        "{log}"
+    );
+
+    use base64::Engine;
+    let secret: [u8; 32] = base64::engine::general_purpose::STANDARD
+        .decode(std::fs::read_to_string(&secret_path).unwrap().trim())
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let (username, password) = peerline_core::relay::turn_credentials(&secret, "ivan", expires);
+
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = socket.local_addr().unwrap();
+    let mut config = TurnConfig::new(TurnCredentials::new(&username, &password));
+    // Loopback answers at once: retransmit quickly, give up within about 3 s.
+    config.set_request_retransmits(
+        Duration::from_millis(100),
+        Duration::from_millis(400),
+        8,
+        Duration::from_millis(400),
+    );
+    let mut turn = TurnClientUdp::allocate(local, relay, config);
+    let start = Instant::now();
+    let now = || turn_client_proto::stun::Instant::from_std(start);
+    let mut events = Vec::new();
+    let mut buf = vec![0u8; 65_536];
+    let relayed = loop {
+        while let Some(t) = turn.poll_transmit(now()) {
+            socket.send_to(&t.data, t.to).unwrap();
+        }
+        events.extend(std::iter::from_fn(|| turn.poll_event()));
+        if let Some(a) = events.iter().find_map(|e| match e {
+            TurnEvent::AllocationCreated(TransportType::Udp, a) => Some(*a),
+            _ => None,
+        }) {
+            break a;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "no allocation; events: {events:?}"
+        );
+        let wait = match turn.poll(now()) {
+            TurnPollRet::WaitUntil(at) => at.saturating_duration_since(now()),
+            other => panic!("TURN client gave up: {other:?}; events: {events:?}"),
+        };
+        socket
+            .set_read_timeout(Some(
+                wait.clamp(Duration::from_millis(1), Duration::from_millis(50)),
+            ))
+            .unwrap();
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            let t = Transmit::new(&buf[..n], TransportType::Udp, from, local);
+            match turn.recv(t, now()) {
+                TurnRecvRet::Handled | TurnRecvRet::Ignored(_) => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    };
+    assert_eq!(relayed.ip(), relay.ip(), "relayed on the relay's IP");
+    assert_ne!(relayed.port(), relay.port());
+}

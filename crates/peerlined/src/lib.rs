@@ -1,17 +1,20 @@
 //! The operator's daemon: data dir initialisation, configuration, and running the
-//! supernode with its embedded authority and store.
+//! supernode with its embedded authority and store, and the TURN relay it offers.
 #![deny(missing_docs)]
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use peerline_core::supernode::SupernodeConfig;
+use peerline_core::relay::RelayConfig;
+use peerline_core::supernode::{RelayOffer, SupernodeConfig};
 use peerline_crypto::{Authority, DeviceKeys};
 use peerline_net::bootstrap::Bootstrap;
 use peerline_net::files::{create_private_dir, write_private_file};
+use peerline_net::relay::RelayRuntime;
+use rand_core::RngCore;
 use serde::Deserialize;
 
 /// Name of the config file in the data dir.
@@ -28,6 +31,10 @@ pub const PID_FILE: &str = "peerlined.pid";
 pub const STORE_FILE: &str = "store.sqlite";
 /// Session snapshot used to wake clients after a restart.
 pub const SNAPSHOT_FILE: &str = "sessions.snapshot";
+/// Secret shared by the supernode (which issues TURN credentials) and the relay.
+pub const RELAY_SECRET_FILE: &str = "relay.secret";
+/// The relay's UDP port unless configured otherwise (the usual TURN port).
+pub const DEFAULT_RELAY_PORT: u16 = 3478;
 
 /// Settings from `peerlined.toml`; every field has a default.
 #[derive(Debug, Clone, Deserialize)]
@@ -50,6 +57,17 @@ pub struct Config {
     pub max_sessions: usize,
     /// `text` or `json`.
     pub log_format: String,
+    /// UDP address of the TURN relay: the `listen` IP with port 3478 if unset, `"off"`
+    /// runs none.
+    #[serde(deserialize_with = "relay_listen")]
+    pub relay_listen: RelayListen,
+    /// The relay address clients are told; unset: the relay's listening address.
+    pub relay_public: Option<SocketAddr>,
+    /// Validity of the relay credentials handed to clients, in hours.
+    pub relay_credential_hours: u64,
+    /// Let the relay reach peers on private, shared (CGNAT), link-local and unique-local
+    /// addresses (never loopback).
+    pub relay_allow_private_peers: bool,
 }
 
 impl Default for Config {
@@ -62,6 +80,10 @@ impl Default for Config {
             mailbox_quota: 1000,
             max_sessions: 1_000_000,
             log_format: "text".into(),
+            relay_listen: RelayListen::SameIpAsListen,
+            relay_public: None,
+            relay_credential_hours: 24,
+            relay_allow_private_peers: true,
         }
     }
 }
@@ -76,15 +98,107 @@ impl Config {
         }
     }
 
-    /// The core configuration these settings describe.
-    pub fn supernode(&self) -> SupernodeConfig {
+    /// The core configuration these settings describe, offering `relay` if given (see
+    /// [`Config::relay_offer`]).
+    pub fn supernode(&self, relay: Option<RelayOffer>) -> SupernodeConfig {
         SupernodeConfig {
             cert_lifetime: Duration::from_secs(self.cert_lifetime_hours.max(1) * 3600),
             mailbox_quota: self.mailbox_quota,
             max_sessions: self.max_sessions,
+            relay,
             ..SupernodeConfig::default()
         }
     }
+
+    /// The relay's listening address, if it runs in this process.
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        match self.relay_listen {
+            RelayListen::SameIpAsListen => {
+                Some(SocketAddr::new(self.listen.ip(), DEFAULT_RELAY_PORT))
+            }
+            RelayListen::Off => None,
+            RelayListen::At(a) => Some(a),
+        }
+    }
+
+    /// The relay driver's settings: `Ok(None)` when `relay_listen` is off, an error (one
+    /// line saying what to set) when clients and peers could not be told a usable address.
+    pub fn relay_runtime(&self, secret: [u8; 32]) -> Result<Option<RelayRuntime>, String> {
+        let Some(listen) = self.relay_addr() else {
+            return Ok(None);
+        };
+        let advertise = self.relay_public.map_or(listen.ip(), |p| p.ip());
+        if advertise.is_unspecified() {
+            let example = if listen.is_ipv4() {
+                "203.0.113.5"
+            } else {
+                "[2001:db8::5]"
+            };
+            return Err(format!(
+                "relay_listen {listen} is a wildcard address: set relay_public = \"{example}:{}\" \
+                 (this server's public IP) in {CONFIG_FILE}",
+                listen.port()
+            ));
+        }
+        Ok(Some(RelayRuntime {
+            listen,
+            secret,
+            config: RelayConfig {
+                allow_private_peers: self.relay_allow_private_peers,
+                allow_loopback_peers: false,
+                ..RelayConfig::default()
+            },
+            advertise_ip: Some(advertise),
+        }))
+    }
+
+    /// What the supernode offers clients. With `relay_listen` set, the relay of this
+    /// process once bound at `bound` (`None`: it is not running, so nothing is offered);
+    /// with `relay_listen = "off"`, the `relay_public` of a relay run elsewhere, if set.
+    /// `Ok(None)`: no relay to offer; `Err`: a relay that clients could not use (a wildcard
+    /// or loopback address), with what to change.
+    pub fn relay_offer(
+        &self,
+        bound: Option<SocketAddr>,
+        secret: [u8; 32],
+    ) -> Result<Option<RelayOffer>, String> {
+        let server = match (self.relay_addr(), bound, self.relay_public) {
+            (Some(_), None, _) | (None, _, None) => return Ok(None),
+            (Some(_), Some(b), None) => b,
+            (Some(_), Some(b), Some(p)) if p.port() == 0 => SocketAddr::new(p.ip(), b.port()),
+            (_, _, Some(p)) => p,
+        };
+        if server.ip().is_unspecified() || server.port() == 0 {
+            return Err(format!(
+                "{server} is not an address clients can use: set relay_public in {CONFIG_FILE}"
+            ));
+        }
+        if server.ip().is_loopback() {
+            // Loopback peers are refused, and nothing off this host reaches a loopback
+            // relayed address: such a relay could relay nothing.
+            return Err(format!(
+                "{server} is a loopback address, which no peer could use: set relay_listen \
+                 (or relay_public) in {CONFIG_FILE} to a reachable address"
+            ));
+        }
+        Ok(Some(RelayOffer {
+            server,
+            secret,
+            lifetime: Duration::from_secs(self.relay_credential_hours.max(1) * 3600),
+        }))
+    }
+}
+
+/// Where the TURN relay listens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RelayListen {
+    /// The IP of `listen`, port [`DEFAULT_RELAY_PORT`].
+    #[default]
+    SameIpAsListen,
+    /// No relay in this process.
+    Off,
+    /// This address.
+    At(SocketAddr),
 }
 
 /// Where the TCP fallback listens.
@@ -103,6 +217,10 @@ fn tcp_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TcpListen, D::Er
     Ok(opt_addr(d)?.map_or(TcpListen::Off, TcpListen::At))
 }
 
+fn relay_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<RelayListen, D::Error> {
+    Ok(opt_addr(d)?.map_or(RelayListen::Off, RelayListen::At))
+}
+
 fn admin_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
     opt_addr(d)
 }
@@ -117,10 +235,41 @@ fn opt_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>
         .map_err(|_| serde::de::Error::custom(format!("{s:?} is not HOST:PORT or \"off\"")))
 }
 
-fn template(listen: SocketAddr, admin: Option<SocketAddr>) -> String {
+fn template(listen: SocketAddr, public: Option<&str>, admin: Option<SocketAddr>) -> String {
     let admin_line = match admin {
         Some(a) => format!("admin = \"{a}\""),
         None => "admin = \"off\"".to_string(),
+    };
+    let relay_listen = SocketAddr::new(listen.ip(), DEFAULT_RELAY_PORT);
+    // On a wildcard address the relay needs a public IP to tell clients and peers: take it
+    // from `--public` when that is an IP literal, else leave the operator a hint.
+    let public_ip: Option<IpAddr> = public
+        .and_then(|p| p.parse::<SocketAddr>().ok())
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified());
+    let relay_public_line = match public_ip {
+        Some(ip) if listen.ip().is_unspecified() => {
+            format!(
+                "relay_public = \"{}\"",
+                SocketAddr::new(ip, DEFAULT_RELAY_PORT)
+            )
+        }
+        _ if listen.ip().is_unspecified() => format!(
+            "# REQUIRED with a wildcard relay_listen, else no relay runs:\n\
+             # relay_public = \"{}\"",
+            SocketAddr::new(
+                if listen.is_ipv4() {
+                    IpAddr::from([203, 0, 113, 5])
+                } else {
+                    IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 5])
+                },
+                DEFAULT_RELAY_PORT
+            )
+        ),
+        _ => format!(
+            "# relay_public = \"{}\"",
+            SocketAddr::new(listen.ip(), DEFAULT_RELAY_PORT)
+        ),
     };
     format!(
         r#"# Peerline supernode configuration. Every setting is optional; command-line flags win.
@@ -147,6 +296,26 @@ max_sessions = 1000000
 
 # Log format: "text" or "json" (logs never contain users' addresses at info level).
 log_format = "text"
+
+# TURN relay (UDP) for users who cannot reach each other directly; logged-in users get
+# time-limited credentials for it, signed with the secret in relay.secret. Each allocation
+# uses one more UDP port on the same IP, picked by the OS from its ephemeral range.
+# "off": no relay in this process.
+relay_listen = "{relay_listen}"
+
+# IP:PORT clients are told, and whose IP is given to peers. Unset: relay_listen. Needed
+# when relay_listen is a wildcard (0.0.0.0 or [::]) or behind a 1:1 NAT. With
+# relay_listen = "off", setting it still offers that relay: one run elsewhere with
+# `peerlined relay` and a copy of relay.secret.
+{relay_public_line}
+
+# Validity of relay credentials handed to clients, in hours.
+relay_credential_hours = 24
+
+# Let the relay reach peers on private addresses (10/8, 172.16/12, 192.168/16, 100.64/10,
+# link-local, fc00::/7), as LANs and labs need. Set false on a relay facing the public
+# internet, so it cannot be used to reach into your network. Loopback is always refused.
+relay_allow_private_peers = true
 "#
     )
 }
@@ -169,6 +338,9 @@ pub enum DaemonError {
         /// The error.
         source: std::io::Error,
     },
+    /// `relay` on a data dir without the relay secret.
+    #[error("{} has no {RELAY_SECRET_FILE}: copy it from the supernode's data dir (the relay and the supernode must share it)", .0.display())]
+    NoRelaySecret(PathBuf),
     /// A key file is corrupt.
     #[error("{} is corrupt: restore it from a backup", .0.display())]
     BadKey(PathBuf),
@@ -219,7 +391,9 @@ pub fn init(
     write_private_file(&auth_path, STANDARD.encode(authority.to_bytes()).as_bytes())
         .map_err(io(&auth_path))?;
     let cfg_path = data.join(CONFIG_FILE);
-    write_private_file(&cfg_path, template(listen, admin).as_bytes()).map_err(io(&cfg_path))?;
+    write_private_file(&cfg_path, template(listen, public, admin).as_bytes())
+        .map_err(io(&cfg_path))?;
+    create_relay_secret(data, &mut rng)?;
     let host = public
         .map(str::to_string)
         .unwrap_or_else(|| listen.to_string());
@@ -246,6 +420,47 @@ fn read_key(path: &Path) -> Result<[u8; 32], DaemonError> {
         .map_err(|_| DaemonError::BadKey(path.to_path_buf()))
 }
 
+fn create_relay_secret(data: &Path, rng: &mut impl RngCore) -> Result<[u8; 32], DaemonError> {
+    let mut secret = [0u8; 32];
+    rng.fill_bytes(&mut secret);
+    let path = data.join(RELAY_SECRET_FILE);
+    write_private_file(&path, STANDARD.encode(secret).as_bytes()).map_err(io(&path))?;
+    Ok(secret)
+}
+
+/// The relay secret of `data`, created (from the OS RNG) if the data dir predates the
+/// relay; the flag says it was just created.
+pub fn ensure_relay_secret(data: &Path) -> Result<([u8; 32], bool), DaemonError> {
+    let path = data.join(RELAY_SECRET_FILE);
+    if path.exists() {
+        return Ok((read_key(&path)?, false));
+    }
+    Ok((create_relay_secret(data, &mut rand_core::OsRng)?, true))
+}
+
+/// The relay secret of `data`, which must exist (a relay on another box needs a copy of
+/// the supernode's).
+pub fn read_relay_secret(data: &Path) -> Result<[u8; 32], DaemonError> {
+    let path = data.join(RELAY_SECRET_FILE);
+    if !path.exists() {
+        return Err(DaemonError::NoRelaySecret(data.to_path_buf()));
+    }
+    read_key(&path)
+}
+
+/// Reads `peerlined.toml` in `data` (defaults when there is none).
+pub fn load_config(data: &Path) -> Result<Config, DaemonError> {
+    let cfg_path = data.join(CONFIG_FILE);
+    match std::fs::read_to_string(&cfg_path) {
+        Ok(text) => toml::from_str(&text).map_err(|e| DaemonError::Config {
+            path: cfg_path.clone(),
+            msg: e.message().to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Config::default()),
+        Err(e) => Err(io(&cfg_path)(e)),
+    }
+}
+
 /// A data dir's keys and settings.
 #[derive(Debug)]
 pub struct Loaded {
@@ -263,17 +478,8 @@ pub fn load(data: &Path) -> Result<Loaded, DaemonError> {
     if !node_path.exists() {
         return Err(DaemonError::NotInitialised(data.to_path_buf()));
     }
-    let cfg_path = data.join(CONFIG_FILE);
-    let config = match std::fs::read_to_string(&cfg_path) {
-        Ok(text) => toml::from_str(&text).map_err(|e| DaemonError::Config {
-            path: cfg_path.clone(),
-            msg: e.message().to_string(),
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Config::default(),
-        Err(e) => return Err(io(&cfg_path)(e)),
-    };
     Ok(Loaded {
-        config,
+        config: load_config(data)?,
         node_private: read_key(&node_path)?,
         authority: read_key(&data.join(AUTHORITY_KEY_FILE))?,
     })
@@ -297,5 +503,154 @@ mod tests {
             Err(DaemonError::AlreadyInitialised(_))
         ));
         std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn temp(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("peerlined-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    fn parse(text: &str) -> Config {
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn init_writes_a_private_relay_secret_and_relay_keys() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = temp("relay-init");
+        init(&d, "192.0.2.7:7000".parse().unwrap(), None, None).unwrap();
+        let path = d.join(RELAY_SECRET_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let (secret, created) = ensure_relay_secret(&d).unwrap();
+        assert!(!created);
+        assert_eq!(read_relay_secret(&d).unwrap(), secret);
+        assert_ne!(secret, [0u8; 32]);
+        let cfg = load(&d).unwrap().config;
+        assert_eq!(
+            cfg.relay_listen,
+            RelayListen::At("192.0.2.7:3478".parse().unwrap())
+        );
+        assert_eq!(cfg.relay_public, None);
+        assert_eq!(cfg.relay_credential_hours, 24);
+        assert!(cfg.relay_allow_private_peers);
+        let offer = cfg.relay_offer(cfg.relay_addr(), secret).unwrap().unwrap();
+        assert_eq!(offer.server, "192.0.2.7:3478".parse().unwrap());
+        assert_eq!(offer.lifetime, Duration::from_secs(24 * 3600));
+        assert!(
+            cfg.relay_offer(None, secret).unwrap().is_none(),
+            "a relay that is not running is not offered"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_older_data_dir_gets_a_relay_secret_once() {
+        let d = temp("relay-old");
+        init(&d, "127.0.0.1:7000".parse().unwrap(), None, None).unwrap();
+        std::fs::remove_file(d.join(RELAY_SECRET_FILE)).unwrap();
+        assert!(matches!(
+            read_relay_secret(&d),
+            Err(DaemonError::NoRelaySecret(_))
+        ));
+        let (first, created) = ensure_relay_secret(&d).unwrap();
+        assert!(created);
+        let (again, created) = ensure_relay_secret(&d).unwrap();
+        assert!(!created);
+        assert_eq!(first, again);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn wildcard_init_takes_the_relay_ip_from_an_ip_public_address() {
+        let d = temp("relay-wild");
+        init(
+            &d,
+            "0.0.0.0:7000".parse().unwrap(),
+            Some("203.0.113.9:7000"),
+            None,
+        )
+        .unwrap();
+        let cfg = load(&d).unwrap().config;
+        assert_eq!(cfg.relay_public, Some("203.0.113.9:3478".parse().unwrap()));
+        let rt = cfg.relay_runtime([1; 32]).unwrap().unwrap();
+        assert_eq!(rt.listen, "0.0.0.0:3478".parse().unwrap());
+        assert_eq!(rt.advertise_ip, Some("203.0.113.9".parse().unwrap()));
+        assert!(rt.config.allow_private_peers);
+        assert!(!rt.config.allow_loopback_peers);
+        std::fs::remove_dir_all(&d).unwrap();
+
+        // A public name cannot be used: the relay needs relay_public set by hand.
+        let d = temp("relay-wild-name");
+        init(
+            &d,
+            "0.0.0.0:7000".parse().unwrap(),
+            Some("chat.example.org:7000"),
+            None,
+        )
+        .unwrap();
+        let cfg = load(&d).unwrap().config;
+        assert_eq!(cfg.relay_public, None);
+        let err = cfg.relay_runtime([1; 32]).unwrap_err();
+        assert!(err.contains("relay_public"), "{err}");
+        let err = cfg
+            .relay_offer(Some("0.0.0.0:3478".parse().unwrap()), [1; 32])
+            .unwrap_err();
+        assert!(err.contains("relay_public"), "{err}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn relay_keys_parse_like_the_other_addresses() {
+        // Absent: the listen IP, port 3478, private peers allowed.
+        let cfg = parse("listen = \"10.0.0.2:7000\"\n");
+        assert_eq!(cfg.relay_listen, RelayListen::SameIpAsListen);
+        assert_eq!(cfg.relay_addr(), Some("10.0.0.2:3478".parse().unwrap()));
+        assert!(cfg.relay_allow_private_peers);
+
+        // "off" with no relay_public: nothing runs, nothing is offered.
+        let cfg = parse("relay_listen = \"off\"\n");
+        assert_eq!(cfg.relay_addr(), None);
+        assert!(cfg.relay_runtime([1; 32]).unwrap().is_none());
+        assert!(cfg.relay_offer(None, [1; 32]).unwrap().is_none());
+
+        // "off" with relay_public: a relay elsewhere is offered.
+        let cfg = parse(
+            "relay_listen = \"off\"\nrelay_public = \"198.51.100.4:3478\"\nrelay_credential_hours = 0\n",
+        );
+        let offer = cfg.relay_offer(None, [1; 32]).unwrap().unwrap();
+        assert_eq!(offer.server, "198.51.100.4:3478".parse().unwrap());
+        assert_eq!(
+            offer.lifetime,
+            Duration::from_secs(3600),
+            "at least an hour"
+        );
+
+        // An explicit address, and the knob for public-internet relays.
+        let cfg = parse("relay_listen = \"192.0.2.1:0\"\nrelay_allow_private_peers = false\n");
+        let rt = cfg.relay_runtime([1; 32]).unwrap().unwrap();
+        assert_eq!(rt.listen, "192.0.2.1:0".parse().unwrap());
+        assert!(!rt.config.allow_private_peers);
+        // Port 0: the offer uses the port actually bound.
+        let offer = cfg
+            .relay_offer(Some("192.0.2.1:40000".parse().unwrap()), [1; 32])
+            .unwrap()
+            .unwrap();
+        assert_eq!(offer.server, "192.0.2.1:40000".parse().unwrap());
+
+        // A relay on loopback runs (tests allocate on it) but is not offered: loopback
+        // peers are refused and nothing else can reach it.
+        let cfg = parse("listen = \"127.0.0.1:7000\"\n");
+        assert!(cfg.relay_runtime([1; 32]).unwrap().is_some());
+        let err = cfg
+            .relay_offer(Some("127.0.0.1:3478".parse().unwrap()), [1; 32])
+            .unwrap_err();
+        assert!(err.contains("loopback"), "{err}");
+
+        // Anything else is an error naming the value.
+        let err = toml::from_str::<Config>("relay_listen = \"nope\"\n").unwrap_err();
+        assert!(err.message().contains("nope"), "{}", err.message());
+        assert!(toml::from_str::<Config>("relay_public = \"off\"\n").is_err());
     }
 }

@@ -1,14 +1,21 @@
-//! `peerlined`: the operator's daemon (supernode and authority).
+//! `peerlined`: the operator's daemon (supernode, authority and TURN relay).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use peerline_net::admin::MetricsText;
+use peerline_net::relay::RelayServer;
 use peerline_net::supernode::{run_supernode, SupernodeRuntime};
-use peerlined::{init, load, BOOTSTRAP_FILE, PID_FILE, SNAPSHOT_FILE, STORE_FILE};
+use peerlined::{
+    ensure_relay_secret, init, load, load_config, read_relay_secret, BOOTSTRAP_FILE, CONFIG_FILE,
+    PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE, STORE_FILE,
+};
+use tokio::sync::watch;
 
 /// Peerline supernode and authority.
 #[derive(Parser)]
@@ -56,6 +63,19 @@ enum Cmd {
         #[arg(long)]
         log_format: Option<String>,
     },
+    /// Run only the TURN relay (for a relay on another machine than the supernode), with
+    /// the config and relay.secret of DIR, until SIGINT or SIGTERM.
+    Relay {
+        /// Directory holding relay.secret (copied from the supernode's) and peerlined.toml.
+        #[arg(long)]
+        data: PathBuf,
+        /// Override the config's relay_listen address.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Log format: text or json (overrides the config).
+        #[arg(long)]
+        log_format: Option<String>,
+    },
     /// Print the bootstrap entry of a data dir.
     Bootstrap {
         /// Data directory.
@@ -75,6 +95,23 @@ fn logging(format: &str) {
     } else {
         b.init();
     }
+}
+
+/// A shutdown flag several tasks can wait for, raised by SIGINT/SIGTERM or by the caller.
+fn shutdown_on_signals() -> (Arc<watch::Sender<bool>>, watch::Receiver<bool>) {
+    let (tx, rx) = watch::channel(false);
+    let tx = Arc::new(tx);
+    let raise = Arc::clone(&tx);
+    tokio::spawn(async move {
+        signals().await;
+        raise.send_replace(true);
+    });
+    (tx, rx)
+}
+
+/// Resolves once `rx` says stop (or its sender is gone).
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 async fn signals() {
@@ -119,6 +156,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", b.trim());
             Ok(())
         }
+        Cmd::Relay {
+            data,
+            listen,
+            log_format,
+        } => {
+            let mut cfg = load_config(&data)?;
+            if let Some(l) = listen {
+                cfg.relay_listen = peerlined::RelayListen::At(l);
+            }
+            logging(log_format.as_deref().unwrap_or(&cfg.log_format));
+            let secret = read_relay_secret(&data)?;
+            let rt_cfg = cfg
+                .relay_runtime(secret)
+                .map_err(anyhow::Error::msg)?
+                .with_context(|| {
+                    format!(
+                        "relay_listen is \"off\" in {}: set it to the address to listen on, \
+                         or pass --listen",
+                        data.join(CONFIG_FILE).display()
+                    )
+                })?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                let server = RelayServer::bind(rt_cfg).await?;
+                server.run(signals()).await
+            })?;
+            Ok(())
+        }
         Cmd::Run {
             data,
             listen,
@@ -138,6 +207,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.tcp_listen = peerlined::TcpListen::At(t);
             }
             logging(log_format.as_deref().unwrap_or(&cfg.log_format));
+            let (relay_secret, created) = ensure_relay_secret(&data)?;
+            if created {
+                tracing::info!(
+                    file = %data.join(RELAY_SECRET_FILE).display(),
+                    "created the TURN relay secret (this data dir predates the relay)"
+                );
+            }
             let store_path = data.join(STORE_FILE);
             let store = peerline_store::SqliteStore::open(&store_path)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -150,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot write {}", pid_path.display()))?;
             let metrics = MetricsText::default();
             let result = rt.block_on(async {
+                let (raise_stop, stop) = shutdown_on_signals();
                 if let Some(a) = cfg.admin {
                     let m = metrics.clone();
                     tokio::spawn(async move {
@@ -158,20 +235,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         }
                     });
                 }
-                run_supernode(
+                // The relay is optional: a problem with it is logged and the supernode
+                // runs without offering it.
+                let mut relay_task = None;
+                let mut bound = None;
+                match cfg.relay_runtime(relay_secret) {
+                    Ok(None) => {}
+                    Ok(Some(r)) => match RelayServer::bind(r).await {
+                        Ok(server) => {
+                            bound = Some(server.local_addr());
+                            relay_task = Some(tokio::spawn(server.run(stopped(stop.clone()))));
+                        }
+                        Err(e) => tracing::warn!(error = %e, "TURN relay not started"),
+                    },
+                    Err(why) => tracing::warn!("TURN relay not started: {why}"),
+                }
+                let offer = match cfg.relay_offer(bound, relay_secret) {
+                    Ok(Some(o)) => {
+                        if bound.is_some() {
+                            tracing::info!(relay = %o.server, "offering the TURN relay");
+                        } else {
+                            tracing::info!(
+                                relay = %o.server,
+                                "offering a TURN relay run elsewhere (relay_listen is off)"
+                            );
+                        }
+                        Some(o)
+                    }
+                    Ok(None) => {
+                        tracing::info!("no TURN relay offered");
+                        None
+                    }
+                    Err(why) => {
+                        tracing::warn!("TURN relay not offered to clients: {why}");
+                        None
+                    }
+                };
+                let result = run_supernode(
                     SupernodeRuntime {
                         listen: cfg.listen,
                         tcp_listen: cfg.tcp_addr(),
                         node_private: loaded.node_private,
                         authority: loaded.authority,
-                        config: cfg.supernode(),
+                        config: cfg.supernode(offer),
                         snapshot_path: Some(data.join(SNAPSHOT_FILE)),
                         metrics,
                     },
                     Box::new(store),
-                    signals(),
+                    stopped(stop.clone()),
                 )
-                .await
+                .await;
+                // Stop the relay with the supernode, whichever way the supernode ended.
+                raise_stop.send_replace(true);
+                if let Some(task) = relay_task {
+                    let abort = task.abort_handle();
+                    if tokio::time::timeout(Duration::from_secs(2), task)
+                        .await
+                        .is_err()
+                    {
+                        abort.abort();
+                    }
+                }
+                result
             });
             let _ = std::fs::remove_file(&pid_path);
             result?;
