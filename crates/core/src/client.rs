@@ -630,7 +630,7 @@ impl Client {
         tracing::info!("online");
         self.events.push_back(ClientEvent::Online);
         self.schedule_renewal(now);
-        if self.relay.as_ref().is_none_or(|r| r.closed) && !self.cfg.relay_only {
+        if self.relay.as_ref().is_none_or(|r| r.closed) {
             if let Server::Up { link, .. } = &mut self.server {
                 if let Ok(id) = link.send_request(now, Request::RelayCredentials) {
                     self.server_reqs.insert(id, ServerReq::Relay);
@@ -820,8 +820,8 @@ impl Client {
                 }
             }
         }
-        if self.cfg.relay_only {
-            // No connection setup at all: it would hand our addresses to the peer.
+        if self.cfg.relay_only && self.relayed_address().is_none() {
+            // Without a relay allocation a connection setup would hand out our addresses.
             return self.store_one(now, out);
         }
         let to = out.to.clone();
@@ -929,6 +929,10 @@ impl Client {
 
     /// Handles a Peerline datagram from `from`; `relayed` when it came through our relay.
     fn handle_packet(&mut self, now: Instant, from: SocketAddr, bytes: &[u8], relayed: bool) {
+        if self.cfg.relay_only && !relayed && from != self.cfg.server {
+            // Relay-only: peers reach us through the relay or not at all.
+            return;
+        }
         let packet = Packet::decode(bytes);
         if relayed
             && matches!(
@@ -1421,9 +1425,14 @@ impl Client {
         self.relay.as_ref().and_then(|r| r.relayed)
     }
 
-    /// Our candidates for a connection setup: local addresses, plus the relayed one.
+    /// Our candidates for a connection setup: local addresses, plus the relayed one (only
+    /// the relayed one in relay-only mode).
     fn offer(&self) -> Vec<SocketAddr> {
-        let mut c = self.local_candidates.clone();
+        let mut c = if self.cfg.relay_only {
+            Vec::new()
+        } else {
+            self.local_candidates.clone()
+        };
         if let Some(r) = self.relayed_address() {
             c.push(r);
         }
@@ -1497,7 +1506,11 @@ impl Client {
             packet,
             candidates: cands.clone(),
             relay_candidates: Vec::new(),
-            relay_from: now + RELAY_AFTER,
+            relay_from: if self.cfg.relay_only {
+                now
+            } else {
+                now + RELAY_AFTER
+            },
             next_send: now,
             deadline: now + self.cfg.dial_timeout,
         };
@@ -1517,7 +1530,13 @@ impl Client {
             }
             if now >= d.next_send {
                 let relay_ip = self.relay.as_ref().map(|r| r.server.ip());
-                for c in &d.candidates {
+                // Relay-only: nothing leaves except through the relay.
+                let direct = if self.cfg.relay_only {
+                    &[][..]
+                } else {
+                    &d.candidates[..]
+                };
+                for c in direct {
                     // Direct paths first: the peer's relayed address only after a while,
                     // as ICE ranks relay candidates last.
                     if Some(c.ip()) == relay_ip && now < d.relay_from {
@@ -1559,13 +1578,20 @@ impl Client {
         let peer_by_user = &self.peer_by_user;
         self.punches
             .retain(|p| now < p.until && !peer_by_user.contains_key(&p.user));
+        let relay_only = self.cfg.relay_only;
         for p in self.punches.iter_mut() {
             if now >= p.next_send {
                 for c in &p.candidates {
-                    self.transmits.push_back(Transmit {
+                    let t = Transmit {
                         dst: *c,
                         payload: probe.clone(),
-                    });
+                    };
+                    // Relay-only: even probes leave through the relay.
+                    if relay_only {
+                        self.relay_sends.push_back(t);
+                    } else {
+                        self.transmits.push_back(t);
+                    }
                 }
                 p.next_send = now + PROBE_INTERVAL;
             }
@@ -1654,7 +1680,9 @@ impl Client {
             } => {
                 let unix = self.clock.unix_s(now);
                 match Certificate::verify(&cert, &self.cfg.authority) {
-                    _ if self.cfg.relay_only => {
+                    _ if self.cfg.relay_only
+                        && self.relay.as_ref().is_none_or(|r| r.relayed.is_none()) =>
+                    {
                         let _ = link.respond(
                             now,
                             id,

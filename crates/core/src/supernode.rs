@@ -925,8 +925,12 @@ impl Supernode {
                 },
                 Some(me),
             ) => {
-                // The address we see is the caller's best candidate behind a NAT.
-                if !candidates.contains(&remote) {
+                // The address we see is the caller's best candidate behind a NAT, unless the
+                // caller is relay-only: then it is never given out.
+                let relay_only = self.sessions.get(&index).is_some_and(|s| s.relay_only);
+                if relay_only {
+                    candidates.retain(|c| *c != remote);
+                } else if !candidates.contains(&remote) {
                     candidates.insert(0, remote);
                     candidates.truncate(MAX_CANDIDATES);
                 }
@@ -1000,7 +1004,9 @@ impl Supernode {
                             _ => Vec::new(),
                         };
                         let seen = s.link.remote_addr();
-                        if !candidates.contains(&seen) {
+                        if s.relay_only {
+                            candidates.retain(|c| *c != seen);
+                        } else if !candidates.contains(&seen) {
                             candidates.insert(0, seen);
                             candidates.truncate(MAX_CANDIDATES);
                         }
@@ -1253,8 +1259,7 @@ impl Supernode {
                 let visible = self.session_of(&to).filter(|i| {
                     self.sessions
                         .get(i)
-                        .is_some_and(|s| s.presence != Presence::Invisible && !s.relay_only)
-                        && !caller.relay_only
+                        .is_some_and(|s| s.presence != Presence::Invisible)
                 });
                 match visible {
                     Some(callee) => {

@@ -1032,36 +1032,50 @@ fn two_users_behind_one_nat_connect_over_local_addresses() {
     assert_eq!(sent_via(&r), Via::Direct);
 }
 
-/// Relay-only mode: the user's addresses never reach a peer. Nothing from either side's
-/// address ever arrives at the other (no direct session, no probe, no handshake), in both
-/// directions of messaging, and messages still arrive (through the supernode until a
-/// relay exists).
-#[test]
-fn a_relay_only_users_addresses_never_reach_the_peer() {
-    for relay_only_is_caller in [true, false] {
-        let mut w = World::new(70, Net::perfect(70));
-        let private = w.add_client_behind(Some(NatKind::FullCone));
-        let other = w.add_client(None, None);
-        // Rebuild the private user's client in relay-only mode (same address).
-        let addr = w.clients[private].0;
+impl World {
+    /// A relay-only client behind a fresh full-cone NAT (the easiest NAT to reach, so any
+    /// leak of its address would show).
+    fn add_relay_only_client(&mut self) -> usize {
+        let i = self.add_client_behind(Some(NatKind::FullCone));
+        let addr = self.clients[i].0;
         let keys = DeviceKeys::generate(&mut ChaCha20Rng::seed_from_u64(71));
         let mut cfg = ClientConfig::new(
             sn_addr(),
-            w.sn_keys.noise_public(),
-            Authority::from_bytes(&w.authority_bytes).public(),
+            self.sn_keys.noise_public(),
+            Authority::from_bytes(&self.authority_bytes).public(),
         );
         cfg.relay_only = true;
+        let elapsed = self.now.duration_since(self.t0).as_millis() as u64;
         let mut c = Client::new(
             cfg,
             keys,
             None,
             [33; 32],
-            WallClock::new(w.now, UNIX_START_MS),
-            w.now,
+            WallClock::new(self.now, UNIX_START_MS + elapsed),
+            self.now,
         );
         c.set_local_candidates(vec![addr]);
-        c.connect(w.now);
-        w.clients[private].1 = c;
+        c.connect(self.now);
+        self.clients[i].1 = c;
+        i
+    }
+
+    /// Whether the client at `to` ever received a datagram from an address with `ip`.
+    fn heard_from_ip(&self, to: SocketAddr, ip: IpAddr) -> bool {
+        self.delivered_to(to).iter().any(|from| from.ip() == ip)
+    }
+}
+
+/// Relay-only mode without a relay: the user's addresses never reach a peer; nothing from
+/// either side's address arrives at the other, in both directions of messaging, and
+/// messages still arrive through the supernode's mailbox.
+#[test]
+fn a_relay_only_users_addresses_never_reach_the_peer() {
+    for relay_only_is_caller in [true, false] {
+        let mut w = World::new(70, Net::perfect(70));
+        let private = w.add_relay_only_client();
+        let other = w.add_client(None, None);
+        let addr = w.clients[private].0;
         w.register(private, "paula");
         w.register(other, "oscar");
         w.befriend(private, other, "oscar", "paula");
@@ -1091,6 +1105,61 @@ fn a_relay_only_users_addresses_never_reach_the_peer() {
         assert!(
             !w.delivered_to(addr).iter().any(|from| *from != sn_addr()),
             "paula received datagrams from someone other than the supernode"
+        );
+    }
+}
+
+/// Relay-only mode with the operator's relay: a real peer session, always through the
+/// relay, and still nothing the peer receives comes from the relay-only user's addresses
+/// (private or public), whichever side starts.
+#[test]
+fn a_relay_only_user_talks_through_the_relay_without_revealing_an_address() {
+    for relay_only_is_caller in [true, false] {
+        let mut w = World::with_relay(72, Net::perfect(72));
+        let private = w.add_relay_only_client();
+        let other = w.add_client(None, None);
+        let paula_private = w.clients[private].0;
+        let paula_public: IpAddr = format!("192.0.2.{}", private + 1).parse().unwrap();
+        w.register(private, "paula");
+        w.register(other, "oscar");
+        w.befriend(private, other, "oscar", "paula");
+        w.run_for(Duration::from_millis(500));
+        assert!(w.clients[private].1.relayed_address().is_some());
+        let (from, to, fname, tname) = if relay_only_is_caller {
+            (private, other, "paula", "oscar")
+        } else {
+            (other, private, "oscar", "paula")
+        };
+        let r = w.command(
+            from,
+            Command::SendMessage {
+                to: user(tname),
+                text: "hello".into(),
+            },
+        );
+        assert_eq!(
+            sent_via(&r),
+            Via::Relay,
+            "relay-only caller: {relay_only_is_caller}"
+        );
+        assert!(w.saw(to, |e| matches!(e, ClientEvent::Message { text, from: f, via: Via::Relay, .. } if text == "hello" && f.as_str() == fname)));
+        let r = w.command(
+            to,
+            Command::SendMessage {
+                to: user(fname),
+                text: "and back".into(),
+            },
+        );
+        assert_eq!(sent_via(&r), Via::Relay);
+        w.run_for(Duration::from_secs(3));
+        let oscar = w.clients[other].0;
+        assert!(
+            !w.heard_from_ip(oscar, paula_private.ip()),
+            "oscar heard from paula's private address"
+        );
+        assert!(
+            !w.heard_from_ip(oscar, paula_public),
+            "oscar heard from paula's public address"
         );
     }
 }
