@@ -322,9 +322,28 @@ struct Dial {
     relay_candidates: Vec<SocketAddr>,
     /// From this instant the handshake also goes out through the relay.
     relay_from: Instant,
+    /// An attempt to move a relayed session to a direct path: direct candidates only, and
+    /// nothing waits on it (on expiry the relayed session simply stays).
+    upgrade: bool,
     next_send: Instant,
     deadline: Instant,
 }
+
+/// A relayed session we keep trying to move to a direct path.
+#[derive(Debug)]
+struct Upgrade {
+    /// The peer's Noise key (from the session).
+    remote_static: [u8; 32],
+    /// Its direct candidates.
+    candidates: Vec<SocketAddr>,
+    next_try: Instant,
+}
+
+/// Interval between attempts to move a relayed session to a direct path.
+const UPGRADE_INTERVAL: Duration = Duration::from_secs(2);
+/// Chat messages remembered per client to drop duplicates (a message re-sent after a
+/// session moved to another path).
+const RECENT_MESSAGES: usize = 4096;
 
 /// Probes sent towards a caller's candidates while its handshake is expected.
 #[derive(Debug)]
@@ -388,10 +407,21 @@ pub struct Client {
     answered_inits: HashMap<[u8; 32], (Vec<u8>, Instant)>,
     /// Our TURN allocation, when the supernode offers a relay.
     relay: Option<RelayClient>,
+    /// Relayed sessions we try to move to a direct path, by peer.
+    upgrades: HashMap<Username, Upgrade>,
+    /// Recently received and saved chat messages `(from, msg_id)`, to answer duplicates
+    /// silently.
+    recent: HashSet<(Username, u64)>,
+    /// Chat messages handed to the driver and not yet saved, by acknowledgement token.
+    unsaved: HashMap<u64, (Username, u64)>,
+    recent_order: VecDeque<(Username, u64)>,
     /// Peer addresses reached through our relay: datagrams to them are wrapped.
     relayed_peers: HashSet<SocketAddr>,
     /// Datagrams to send through the relay whatever their destination.
     relay_sends: VecDeque<Transmit>,
+    /// Datagrams to send directly whatever their destination (attempts at a direct path
+    /// to a peer currently reached through the relay).
+    direct_sends: VecDeque<Transmit>,
     /// Anchor for the TURN client's clock.
     t0: Instant,
     /// The latest `now` the driver gave us (for wrapping datagrams in `poll_transmit`).
@@ -457,8 +487,13 @@ impl Client {
             resend: Vec::new(),
             answered_inits: HashMap::new(),
             relay: None,
+            upgrades: HashMap::new(),
+            recent: HashSet::new(),
+            unsaved: HashMap::new(),
+            recent_order: VecDeque::new(),
             relayed_peers: HashSet::new(),
             relay_sends: VecDeque::new(),
+            direct_sends: VecDeque::new(),
             t0: now,
             last_now: now,
             renew_after: None,
@@ -875,6 +910,15 @@ impl Client {
     /// Confirms that the message with `token` was saved; acknowledges it to its sender.
     pub fn message_saved(&mut self, now: Instant, token: u64) {
         self.last_now = self.last_now.max(now);
+        if let Some(key) = self.unsaved.remove(&token) {
+            self.recent.insert(key.clone());
+            self.recent_order.push_back(key);
+            if self.recent_order.len() > RECENT_MESSAGES {
+                if let Some(old) = self.recent_order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
         match self.acks.remove(&token) {
             Some(Ack::Server(rid)) => {
                 if let Server::Up { link, .. } = &mut self.server {
@@ -934,14 +978,17 @@ impl Client {
             return;
         }
         let packet = Packet::decode(bytes);
-        if relayed
-            && matches!(
-                packet,
-                Ok(Packet::HandshakeInit { .. } | Packet::HandshakeResponse { .. })
-            )
-        {
-            // This peer reaches us through our relay: everything we send it goes back there.
-            self.relayed_peers.insert(from);
+        if matches!(
+            packet,
+            Ok(Packet::HandshakeInit { .. } | Packet::HandshakeResponse { .. })
+        ) {
+            // The latest handshake decides the path: through our relay, everything we send
+            // this peer goes back there; directly, it no longer does.
+            if relayed {
+                self.relayed_peers.insert(from);
+            } else {
+                self.relayed_peers.remove(&from);
+            }
         }
         match packet {
             Ok(Packet::HandshakeResponse {
@@ -1042,7 +1089,28 @@ impl Client {
                     }
                     let link =
                         Link::new(LinkConfig::peer(), transport, receiver, sender, from, now);
+                    let remote_static = *link.remote_static();
                     self.add_peer(now, receiver, d.user.clone(), link);
+                    let relayed = self.peers.get(&receiver).is_some_and(|p| p.relayed);
+                    let relay_ip = self.relay.as_ref().map(|r| r.server.ip());
+                    if relayed && !self.cfg.relay_only {
+                        let candidates: Vec<SocketAddr> = d
+                            .candidates
+                            .iter()
+                            .copied()
+                            .filter(|c| Some(c.ip()) != relay_ip)
+                            .collect();
+                        self.upgrades.insert(
+                            d.user.clone(),
+                            Upgrade {
+                                remote_static,
+                                candidates,
+                                next_try: now + UPGRADE_INTERVAL,
+                            },
+                        );
+                    } else {
+                        self.upgrades.remove(&d.user);
+                    }
                     let waiting = self.outbox.remove(&d.user).unwrap_or_default();
                     for o in waiting {
                         self.send_message(now, o);
@@ -1055,11 +1123,25 @@ impl Client {
     }
 
     fn add_peer(&mut self, now: Instant, index: u32, user: Username, link: Link) {
+        let mut handed_over = Vec::new();
         if let Some(old) = self.peer_by_user.insert(user.clone(), index) {
             if let Some(mut p) = self.peers.remove(&old) {
                 p.link.close(now);
                 while let Some(t) = p.link.poll_transmit() {
                     self.transmits.push_back(t);
+                }
+            }
+            // Messages in flight on the replaced session go on over the new one (same
+            // ids: the peer answers a copy it already has without showing it twice).
+            let stranded: Vec<(u32, u64)> = self
+                .peer_reqs
+                .keys()
+                .filter(|(i, _)| *i == old)
+                .copied()
+                .collect();
+            for k in stranded {
+                if let Some(o) = self.peer_reqs.remove(&k) {
+                    handed_over.push(o);
                 }
             }
         }
@@ -1075,11 +1157,14 @@ impl Client {
         self.peers.insert(
             index,
             Peer {
-                user,
+                user: user.clone(),
                 link,
                 relayed,
             },
         );
+        for o in handed_over {
+            self.send_message(now, o);
+        }
     }
 
     fn on_peer_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
@@ -1100,13 +1185,21 @@ impl Client {
         let Ok(r) = Responder::read(&self.keys.noise_private(), seed, noise) else {
             return;
         };
-        // Only a contact whose connection setup we agreed to may open a session.
-        let Some((user, until)) = self.expected.get(&r.remote_static).cloned() else {
+        // Only a contact whose connection setup we agreed to may open a session, or one we
+        // already have a session with (it is moving that session to another path).
+        let agreed = self
+            .expected
+            .get(&r.remote_static)
+            .filter(|(_, until)| now <= *until)
+            .map(|(u, _)| u.clone());
+        let live = self
+            .peers
+            .values()
+            .find(|p| p.link.remote_static() == &r.remote_static)
+            .map(|p| p.user.clone());
+        let Some(user) = agreed.or(live) else {
             return;
         };
-        if now > until {
-            return;
-        }
         let Ok(hello) = Hello::decode(&r.payload) else {
             return;
         };
@@ -1478,6 +1571,21 @@ impl Client {
                 return self.store_outbox(now, &user);
             }
         };
+        if !self.start_dial(now, user.clone(), cert.repr().noise_key, candidates, false) {
+            self.store_outbox(now, &user);
+        }
+    }
+
+    /// Starts a handshake towards `remote_static` at `candidates`; false if it could not
+    /// even be built.
+    fn start_dial(
+        &mut self,
+        now: Instant,
+        user: Username,
+        remote_static: [u8; 32],
+        candidates: Vec<SocketAddr>,
+        upgrade: bool,
+    ) -> bool {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             unix_ms: self.unix_ms(now),
@@ -1487,9 +1595,9 @@ impl Client {
         };
         let seed = self.seed();
         let Some((hs, msg1)) = hello.encode().ok().and_then(|p| {
-            Handshake::initiate(&self.keys.noise_private(), &cert.repr().noise_key, seed, &p).ok()
+            Handshake::initiate(&self.keys.noise_private(), &remote_static, seed, &p).ok()
         }) else {
-            return self.store_outbox(now, &user);
+            return false;
         };
         let index = self.index();
         let mut packet = Vec::new();
@@ -1511,13 +1619,17 @@ impl Client {
             } else {
                 now + RELAY_AFTER
             },
+            upgrade,
             next_send: now,
             deadline: now + self.cfg.dial_timeout,
         };
-        // Let the callee's probes reach us through the relay too.
-        self.permit(now, &cands);
+        if !upgrade {
+            // Let the callee's probes reach us through the relay too.
+            self.permit(now, &cands);
+        }
         self.dials.insert(index, d);
         self.dial_tick(now);
+        true
     }
 
     /// Sends due handshake probes to every candidate; gives up on expired dials.
@@ -1542,12 +1654,20 @@ impl Client {
                     if Some(c.ip()) == relay_ip && now < d.relay_from {
                         continue;
                     }
-                    self.transmits.push_back(Transmit {
+                    let t = Transmit {
                         dst: *c,
                         payload: d.packet.clone(),
-                    });
+                    };
+                    if d.upgrade {
+                        self.direct_sends.push_back(t);
+                    } else {
+                        self.transmits.push_back(t);
+                    }
                 }
-                if now >= d.relay_from && self.relay.as_ref().is_some_and(|r| r.relayed.is_some()) {
+                if !d.upgrade
+                    && now >= d.relay_from
+                    && self.relay.as_ref().is_some_and(|r| r.relayed.is_some())
+                {
                     // No direct answer yet: try every candidate through our relay as well.
                     for c in d.candidates.iter().chain(&d.relay_candidates) {
                         self.relay_sends.push_back(Transmit {
@@ -1561,8 +1681,34 @@ impl Client {
         }
         for i in expired {
             if let Some(d) = self.dials.remove(&i) {
+                if d.upgrade {
+                    continue; // the relayed session stays; try again later
+                }
                 tracing::debug!(peer = %d.user, "no direct path; using the mailbox");
                 self.store_outbox(now, &d.user);
+            }
+        }
+        // Keep trying to move relayed sessions to a direct path.
+        let due: Vec<Username> = self
+            .upgrades
+            .iter()
+            .filter(|(u, up)| now >= up.next_try && !self.dials.values().any(|d| &d.user == *u))
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in due {
+            let relayed_now = self
+                .peer_by_user
+                .get(&u)
+                .and_then(|i| self.peers.get(i))
+                .is_some_and(|p| p.relayed);
+            if !relayed_now {
+                self.upgrades.remove(&u);
+                continue;
+            }
+            if let Some(up) = self.upgrades.get_mut(&u) {
+                up.next_try = now + UPGRADE_INTERVAL;
+                let (key, cands) = (up.remote_static, up.candidates.clone());
+                self.start_dial(now, u, key, cands, true);
             }
         }
     }
@@ -1779,6 +1925,19 @@ impl Client {
                     } => {
                         let from = p.user.clone();
                         let via = if p.relayed { Via::Relay } else { Via::Direct };
+                        let key = (from.clone(), msg_id);
+                        if self.recent.contains(&key) {
+                            // A copy re-sent after the session moved, already saved: answer
+                            // it without showing it twice.
+                            let _ = p.link.respond(now, id, Response::Ok);
+                            return;
+                        }
+                        if self.unsaved.values().any(|k| *k == key) {
+                            // The first copy is still being saved: let this one be
+                            // retransmitted and answered once it is.
+                            return;
+                        }
+                        self.unsaved.insert(self.next_ack, key);
                         self.received(Ack::Peer(index, id), from, msg_id, sent_at, text, via);
                     }
                     _ => {
@@ -1953,6 +2112,9 @@ impl Client {
             fold(Some(p.next_send.min(p.until)));
         }
         fold(self.relay.as_ref().and_then(|r| r.wait));
+        for u in self.upgrades.values() {
+            fold(Some(u.next_try));
+        }
         for (_, _, d) in &self.queued {
             fold(Some(*d));
         }
@@ -1977,6 +2139,9 @@ impl Client {
                         None => continue, // no permission yet: dropped, as a lost datagram
                     }
                 }
+                return Some(t);
+            }
+            if let Some(t) = self.direct_sends.pop_front() {
                 return Some(t);
             }
             let t = self.relay_sends.pop_front()?;

@@ -25,6 +25,8 @@ pub struct Net {
     nats: Vec<Nat>,
     /// Private address -> the NAT it sits behind.
     behind: HashMap<SocketAddr, usize>,
+    /// IP pairs between which every datagram is lost (a broken path), both directions.
+    blocked: HashSet<(IpAddr, IpAddr)>,
 }
 
 /// How a simulated NAT maps and filters (RFC 4787 terms).
@@ -100,6 +102,7 @@ impl Net {
             sent: 0,
             nats: Vec::new(),
             behind: HashMap::new(),
+            blocked: HashSet::new(),
         }
     }
 
@@ -114,6 +117,18 @@ impl Net {
             contacted: HashSet::new(),
         });
         self.nats.len() - 1
+    }
+
+    /// Loses every datagram between `a` and `b` until [`Net::unblock`].
+    pub fn block(&mut self, a: IpAddr, b: IpAddr) {
+        self.blocked.insert((a, b));
+        self.blocked.insert((b, a));
+    }
+
+    /// Heals a path broken by [`Net::block`].
+    pub fn unblock(&mut self, a: IpAddr, b: IpAddr) {
+        self.blocked.remove(&(a, b));
+        self.blocked.remove(&(b, a));
     }
 
     /// Puts the host with private address `addr` behind NAT `nat`.
@@ -138,6 +153,9 @@ impl Net {
             (Some(a), None) => self.nats[a].outbound(from, t.dst),
             (None, None) => from,
         };
+        if self.blocked.contains(&(from.ip(), t.dst.ip())) {
+            return;
+        }
         if self.unit() < self.loss {
             return;
         }

@@ -1224,3 +1224,64 @@ fn hard_nat_pairs_connect_through_the_relay() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// A session that had to start on the relay moves to the direct path once one appears,
+/// while messages keep flowing: every message arrives exactly once, and later ones go
+/// direct.
+#[test]
+fn a_relayed_session_moves_to_a_direct_path_without_losing_or_duplicating_messages() {
+    let mut w = World::with_relay(90, Net::perfect(90));
+    let a = w.add_client(None, None);
+    let b = w.add_client(None, None);
+    let (ia, ib) = (w.clients[a].0.ip(), w.clients[b].0.ip());
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    w.run_for(Duration::from_millis(500));
+    // The direct path is broken at first: the session starts on the relay.
+    w.net.block(ia, ib);
+    let r = w.command(
+        a,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "m0".into(),
+        },
+    );
+    assert_eq!(sent_via(&r), Via::Relay);
+    // The path heals; alice keeps sending while her client moves the session.
+    w.net.unblock(ia, ib);
+    let mut vias = Vec::new();
+    for i in 1..=30 {
+        let id = w.clients[a].1.command(
+            w.now,
+            Command::SendMessage {
+                to: user("bob"),
+                text: format!("m{i}"),
+            },
+        );
+        w.run_for(Duration::from_millis(200));
+        vias.push(sent_via(&w.wait_done(a, id, Duration::from_secs(10))));
+    }
+    w.run_for(Duration::from_secs(2));
+    for i in 0..=30 {
+        let n = w
+            .messages(b)
+            .iter()
+            .filter(|(_, t, _)| *t == format!("m{i}"))
+            .count();
+        assert_eq!(n, 1, "m{i} arrived {n} times");
+    }
+    assert_eq!(
+        vias.last(),
+        Some(&Via::Direct),
+        "the session moved to the direct path: {vias:?}"
+    );
+    assert!(
+        vias.contains(&Via::Relay),
+        "some messages went through the relay first: {vias:?}"
+    );
+    assert!(
+        !vias.contains(&Via::Offline),
+        "no message fell back to the mailbox: {vias:?}"
+    );
+}
