@@ -54,7 +54,8 @@ pub fn client_for(
 ) -> Result<(Client, ClientConfig), ProfileError> {
     let b = profile.server()?;
     let addr = b.addr()?;
-    let cfg = ClientConfig::new(addr, b.node_key, b.authority);
+    let mut cfg = ClientConfig::new(addr, b.node_key, b.authority);
+    cfg.relay_only = profile.relay_only();
     let now = Instant::now();
     let client = Client::new(
         cfg.clone(),
@@ -252,6 +253,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                     "supernode": shared.server,
                     "presence": s.presence,
                     "transport": s.transport,
+                    "relay_only": shared.profile.relay_only(),
                     "direct_peers": s.direct_peers,
                     "agent_pid": std::process::id(),
                     "reason": shared.reason.lock().ok().and_then(|r| r.clone()),

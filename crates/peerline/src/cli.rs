@@ -78,6 +78,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PresenceCmd,
     },
+    /// Privacy settings.
+    Privacy {
+        /// Privacy command.
+        #[command(subcommand)]
+        cmd: PrivacyCmd,
+    },
     /// Find users by username prefix.
     Search {
         /// Prefix.
@@ -149,6 +155,24 @@ pub enum PresenceCmd {
     Set {
         /// The presence.
         state: String,
+    },
+}
+
+/// `privacy` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum PrivacyCmd {
+    /// Relay-only mode: never reveal this device's addresses to peers; sessions always go
+    /// through the operator's relay (or the mailbox without one).
+    RelayOnly {
+        /// on or off.
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+    /// Show the privacy settings.
+    Show {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -546,6 +570,26 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             };
             agent(&profile, req)?;
             println!("{done}");
+        }
+        Cmd::Privacy {
+            cmd: PrivacyCmd::RelayOnly { state },
+        } => {
+            profile.save_relay_only(state == "on")?;
+            if agent_running(&profile) {
+                println!("relay-only mode {state}: takes effect at the next `peerline down` and `peerline up`");
+            } else {
+                println!("relay-only mode {state}");
+            }
+        }
+        Cmd::Privacy {
+            cmd: PrivacyCmd::Show { json },
+        } => {
+            let on = profile.relay_only();
+            if json {
+                print_json(&json!({"relay_only": on}));
+            } else {
+                println!("relay-only mode: {}", if on { "on" } else { "off" });
+            }
         }
         Cmd::Presence {
             cmd: PresenceCmd::Set { state },

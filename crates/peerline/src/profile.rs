@@ -162,6 +162,17 @@ impl Profile {
         write_private_file(&path, p.as_str().as_bytes()).map_err(io(&path))
     }
 
+    /// Whether relay-only mode is on (never reveal this device's addresses to peers).
+    pub fn relay_only(&self) -> bool {
+        std::fs::read_to_string(self.path("relay-only")).is_ok_and(|t| t.trim() == "on")
+    }
+
+    /// Turns relay-only mode on or off (takes effect when the agent next starts).
+    pub fn save_relay_only(&self, on: bool) -> Result<(), ProfileError> {
+        let path = self.path("relay-only");
+        write_private_file(&path, if on { b"on" } else { b"off" }).map_err(io(&path))
+    }
+
     /// Saves the supernode's bootstrap entry.
     pub fn save_server(&self, b: &Bootstrap) -> Result<(), ProfileError> {
         let p = self.path("server");

@@ -231,6 +231,17 @@ fn three_users_contacts_direct_offline_and_a_crashed_supernode() {
     let err = dave.fails(&["register", "no spaces", "--server", &bootstrap]);
     assert!(err.contains("' '"), "{err}");
 
+    // Privacy settings live in the profile.
+    assert_eq!(
+        dave.json(&["privacy", "show", "--json"])["relay_only"],
+        false
+    );
+    dave.ok(&["privacy", "relay-only", "on"]);
+    assert_eq!(
+        dave.json(&["privacy", "show", "--json"])["relay_only"],
+        true
+    );
+
     // Contact request, then accept.
     alice.ok(&["contacts", "add", "bob"]);
     let list = bob.json(&["contacts", "list", "--json"]);
