@@ -37,6 +37,9 @@ use turn_client_proto::udp::TurnClientUdp;
 /// The clock type `turn-client-proto` takes.
 type TurnInstant = turn_client_proto::stun::Instant;
 
+/// Pause before allocating again after a relay allocation ended or failed.
+const RELAY_RETRY: Duration = Duration::from_secs(30);
+
 /// After this long without a direct path, a dial also tries through the relay.
 pub const RELAY_AFTER: Duration = Duration::from_millis(800);
 
@@ -424,6 +427,8 @@ pub struct Client {
     direct_sends: VecDeque<Transmit>,
     /// Anchor for the TURN client's clock.
     t0: Instant,
+    /// When to ask for relay credentials again after the allocation ended.
+    relay_retry: Option<Instant>,
     /// The latest `now` the driver gave us (for wrapping datagrams in `poll_transmit`).
     last_now: Instant,
     renew_after: Option<Instant>,
@@ -495,6 +500,7 @@ impl Client {
             relay_sends: VecDeque::new(),
             direct_sends: VecDeque::new(),
             t0: now,
+            relay_retry: None,
             last_now: now,
             renew_after: None,
             transmits: VecDeque::new(),
@@ -666,11 +672,7 @@ impl Client {
         self.events.push_back(ClientEvent::Online);
         self.schedule_renewal(now);
         if self.relay.as_ref().is_none_or(|r| r.closed) {
-            if let Server::Up { link, .. } = &mut self.server {
-                if let Ok(id) = link.send_request(now, Request::RelayCredentials) {
-                    self.server_reqs.insert(id, ServerReq::Relay);
-                }
-            }
+            self.request_relay(now);
         }
         if self.presence != Presence::Online {
             let p = self.presence;
@@ -1450,6 +1452,16 @@ impl Client {
 
     // ----- relay (TURN client) -----
 
+    /// Asks the supernode for (fresh) relay credentials.
+    fn request_relay(&mut self, now: Instant) {
+        self.relay_retry = None;
+        if let Server::Up { link, .. } = &mut self.server {
+            if let Ok(id) = link.send_request(now, Request::RelayCredentials) {
+                self.server_reqs.insert(id, ServerReq::Relay);
+            }
+        }
+    }
+
     fn turn_now(&self, now: Instant) -> TurnInstant {
         let nanos = now.saturating_duration_since(self.t0).as_nanos();
         TurnInstant::from_nanos(i64::try_from(nanos).unwrap_or(i64::MAX))
@@ -1490,6 +1502,11 @@ impl Client {
                 Some(t0 + Duration::from_nanos(nanos))
             }
             TurnPollRet::Closed => {
+                if !r.closed {
+                    // The allocation ended (its credentials expired, or the relay went
+                    // away): get fresh credentials and allocate again in a while.
+                    self.relay_retry = Some(now + RELAY_RETRY);
+                }
                 r.closed = true;
                 None
             }
@@ -1501,13 +1518,22 @@ impl Client {
                 payload: t.data.to_vec(),
             });
         }
+        if r.relayed.is_some() && !r.closed && r.turn.relayed_addresses().next().is_none() {
+            // The allocation expired (a refresh failed, e.g. with expired credentials).
+            r.relayed = None;
+            r.closed = true;
+            self.relay_retry = Some(now + RELAY_RETRY);
+        }
         while let Some(e) = r.turn.poll_event() {
             match e {
                 TurnEvent::AllocationCreated(_, addr) => {
                     tracing::debug!("relay allocation ready");
                     r.relayed = Some(addr);
                 }
-                TurnEvent::AllocationCreateFailed(_) => r.closed = true,
+                TurnEvent::AllocationCreateFailed(_) => {
+                    r.closed = true;
+                    self.relay_retry = Some(now + RELAY_RETRY);
+                }
                 _ => {}
             }
         }
@@ -2018,6 +2044,9 @@ impl Client {
         {
             self.relay_flush(now);
         }
+        if self.is_online() && self.relay_retry.is_some_and(|t| now >= t) {
+            self.request_relay(now);
+        }
         match &mut self.server {
             Server::Stopped => {}
             Server::Offline { retry_at, attempt } => {
@@ -2112,6 +2141,7 @@ impl Client {
             fold(Some(p.next_send.min(p.until)));
         }
         fold(self.relay.as_ref().and_then(|r| r.wait));
+        fold(self.relay_retry);
         for u in self.upgrades.values() {
             fold(Some(u.next_try));
         }

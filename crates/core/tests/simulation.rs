@@ -94,12 +94,17 @@ impl World {
 
     /// A world whose supernode offers a TURN relay at [`relay_addr`].
     fn with_relay(seed: u64, net: Net) -> Self {
+        Self::with_relay_credentials(seed, net, Duration::from_secs(24 * 3600))
+    }
+
+    /// As [`World::with_relay`], with relay credentials valid for `lifetime`.
+    fn with_relay_credentials(seed: u64, net: Net, lifetime: Duration) -> Self {
         let secret = [0x5a; 32];
         let cfg = SupernodeConfig {
             relay: Some(RelayOffer {
                 server: relay_addr(),
                 secret,
-                lifetime: Duration::from_secs(24 * 3600),
+                lifetime,
             }),
             ..SupernodeConfig::default()
         };
@@ -1284,4 +1289,35 @@ fn a_relayed_session_moves_to_a_direct_path_without_losing_or_duplicating_messag
         !vias.contains(&Via::Offline),
         "no message fell back to the mailbox: {vias:?}"
     );
+}
+
+/// Relay credentials expire; a client that stays online gets fresh ones and allocates
+/// again by itself once its allocation can no longer be refreshed.
+#[test]
+fn a_long_online_client_renews_its_relay_allocation() {
+    let mut w = World::with_relay_credentials(95, Net::perfect(95), Duration::from_secs(120));
+    let a = w.add_client(None, None);
+    w.register(a, "alice");
+    w.run_for(Duration::from_secs(1));
+    let first = w.clients[a].1.relayed_address().expect("allocated");
+    let mut seen = vec![first];
+    // Allocations live up to an hour and are refreshed before they end; the 120 s
+    // credentials make that refresh fail, and the client must come back with a new one.
+    for _ in 0..140 {
+        w.run_for(Duration::from_secs(30));
+        if let Some(r) = w.clients[a].1.relayed_address() {
+            if !seen.contains(&r) {
+                seen.push(r);
+            }
+        }
+    }
+    assert!(
+        seen.len() >= 2,
+        "no new allocation after the credentials expired: {seen:?}"
+    );
+    assert!(
+        w.clients[a].1.relayed_address().is_some(),
+        "allocated at the end"
+    );
+    assert!(w.clients[a].1.is_online());
 }
