@@ -376,6 +376,14 @@ impl World {
         cert
     }
 
+    /// Steps until client `i` has received a message with `text`.
+    fn saw_message(&mut self, i: usize, text: &str) -> bool {
+        self.saw(
+            i,
+            |e| matches!(e, ClientEvent::Message { text: t, .. } if t == text),
+        )
+    }
+
     fn register(&mut self, i: usize, name: &str) {
         let r = self.command(
             i,
@@ -825,14 +833,8 @@ fn an_unresponsive_contact_costs_a_mailbox_fallback_not_a_reconnection() {
     assert_eq!(sent_via(&r), Via::Offline);
     // Bob resumes and gets both.
     w.frozen.clear();
-    assert!(w.saw(
-        b,
-        |e| matches!(e, ClientEvent::Message { text, .. } if text == "still there?")
-    ));
-    assert!(w.saw(
-        b,
-        |e| matches!(e, ClientEvent::Message { text, .. } if text == "are you there?")
-    ));
+    assert!(w.saw_message(b, "still there?"));
+    assert!(w.saw_message(b, "are you there?"));
     // Frozen long enough that the delivery itself gives up: the message stays in the
     // mailbox and goes out once bob is heard from again.
     w.frozen.push(b);
@@ -941,10 +943,7 @@ fn an_invisible_user_gets_messages_but_gives_out_no_address() {
         },
     );
     assert_eq!(sent_via(&r), Via::Offline);
-    assert!(w.saw(
-        b,
-        |e| matches!(e, ClientEvent::Message { text, .. } if text == "psst")
-    ));
+    assert!(w.saw_message(b, "psst"));
     assert!(
         w.clients[a].1.direct_peers().is_empty(),
         "no direct session, so no address exchanged"
@@ -1002,10 +1001,7 @@ fn nat_matrix_direct_wherever_hole_punching_can_work() {
                     expect
                 ));
             }
-            assert!(w.saw(
-                b,
-                |e| matches!(e, ClientEvent::Message { text, .. } if text == "hi")
-            ));
+            assert!(w.saw_message(b, "hi"));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
@@ -1205,10 +1201,7 @@ fn hard_nat_pairs_connect_through_the_relay() {
         if got != *expect {
             failures.push(format!("{ka:?} -> {kb:?}: {got:?}, expected {expect:?}"));
         }
-        assert!(w.saw(
-            b,
-            |e| matches!(e, ClientEvent::Message { text, .. } if text == "hi")
-        ));
+        assert!(w.saw_message(b, "hi"));
         // And back over the same session.
         let r = w.command(
             b,
@@ -1222,10 +1215,7 @@ fn hard_nat_pairs_connect_through_the_relay() {
             Via::Offline,
             "{ka:?} <- {kb:?}: reply went to the mailbox"
         );
-        assert!(w.saw(
-            a,
-            |e| matches!(e, ClientEvent::Message { text, .. } if text == "hi back")
-        ));
+        assert!(w.saw_message(a, "hi back"));
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
