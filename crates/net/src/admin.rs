@@ -3,26 +3,37 @@
 //! Hand-written rather than pulling an HTTP stack: it answers one GET with a text body
 //! and is bound to loopback by default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-/// Rendered metrics, refreshed by the driver.
+/// Rendered metrics, one section per driver (supernode, relay), each refreshed by its
+/// own driver and served together.
 #[derive(Debug, Default, Clone)]
-pub struct MetricsText(pub Arc<Mutex<String>>);
+pub struct MetricsText(Arc<Mutex<BTreeMap<&'static str, String>>>);
 
 impl MetricsText {
-    /// Replaces the text.
+    /// Replaces the supernode's section.
     pub fn set(&self, s: String) {
+        self.set_section("supernode", s);
+    }
+
+    /// Replaces one section.
+    pub fn set_section(&self, name: &'static str, s: String) {
         if let Ok(mut g) = self.0.lock() {
-            *g = s;
+            g.insert(name, s);
         }
     }
 
-    fn get(&self) -> String {
-        self.0.lock().map(|g| g.clone()).unwrap_or_default()
+    /// All sections, in name order.
+    pub fn get(&self) -> String {
+        self.0
+            .lock()
+            .map(|g| g.values().cloned().collect())
+            .unwrap_or_default()
     }
 }
 

@@ -51,6 +51,65 @@ pub struct RelayRuntime {
     pub advertise_ip: Option<IpAddr>,
 }
 
+fn render_metrics(relay: &Relay) -> String {
+    let s = relay.stats();
+    let mut out = String::new();
+    let mut m = |name: &str, kind: &str, help: &str, v: u64| {
+        out.push_str(&format!(
+            "# HELP peerline_relay_{name} {help}\n# TYPE peerline_relay_{name} {kind}\npeerline_relay_{name} {v}\n"
+        ));
+    };
+    m(
+        "allocations",
+        "gauge",
+        "TURN allocations alive.",
+        relay.allocation_count() as u64,
+    );
+    m(
+        "allocations_created_total",
+        "counter",
+        "TURN allocations created.",
+        s.allocations_created,
+    );
+    m(
+        "requests_total",
+        "counter",
+        "TURN requests answered.",
+        s.requests,
+    );
+    m(
+        "auth_failures_total",
+        "counter",
+        "TURN requests refused for credentials.",
+        s.auth_failures,
+    );
+    m(
+        "relayed_to_peers_total",
+        "counter",
+        "Datagrams relayed from clients to peers.",
+        s.relayed_to_peers,
+    );
+    m(
+        "relayed_to_clients_total",
+        "counter",
+        "Datagrams relayed from peers to clients.",
+        s.relayed_to_clients,
+    );
+    m(
+        "relayed_bytes_total",
+        "counter",
+        "Payload bytes relayed.",
+        s.relayed_bytes,
+    );
+    m(
+        "dropped_total",
+        "counter",
+        "Datagrams dropped by the relay.",
+        s.dropped,
+    );
+    out
+}
+
 /// A relay driver failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -92,6 +151,7 @@ pub struct RelayServer {
     socket: UdpSocket,
     local: SocketAddr,
     rt: RelayRuntime,
+    metrics: Option<crate::admin::MetricsText>,
 }
 
 impl RelayServer {
@@ -104,7 +164,18 @@ impl RelayServer {
                 source,
             })?;
         let local = socket.local_addr().unwrap_or(rt.listen);
-        Ok(RelayServer { socket, local, rt })
+        Ok(RelayServer {
+            socket,
+            local,
+            rt,
+            metrics: None,
+        })
+    }
+
+    /// Publishes the relay's counters (section `relay`) for the admin endpoint.
+    pub fn with_metrics(mut self, metrics: crate::admin::MetricsText) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The address clients send to (useful when `listen` had port 0).
@@ -114,7 +185,14 @@ impl RelayServer {
 
     /// Runs the relay until `shutdown` resolves; every relayed socket is closed on return.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), RelayError> {
-        let RelayServer { socket, local, rt } = self;
+        let RelayServer {
+            socket,
+            local,
+            rt,
+            metrics,
+        } = self;
+        let mut metrics_tick = tokio::time::interval(Duration::from_secs(1));
+        metrics_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let bind_ip = local.ip();
         let advertise_ip = rt.advertise_ip.unwrap_or(bind_ip);
         if advertise_ip.is_unspecified() {
@@ -210,6 +288,11 @@ impl RelayServer {
                 }
                 _ = tokio::time::sleep_until(deadline.into()) => {
                     relay.handle_timeout(Instant::now());
+                }
+                _ = metrics_tick.tick(), if metrics.is_some() => {
+                    if let Some(m) = &metrics {
+                        m.set_section("relay", render_metrics(&relay));
+                    }
                 }
                 _ = &mut shutdown => break,
             }

@@ -243,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(None) => {}
                     Ok(Some(r)) => match RelayServer::bind(r).await {
                         Ok(server) => {
+                            let server = server.with_metrics(metrics.clone());
                             bound = Some(server.local_addr());
                             relay_task = Some(tokio::spawn(server.run(stopped(stop.clone()))));
                         }
