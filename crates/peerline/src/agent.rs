@@ -45,6 +45,22 @@ struct Shared {
     stop: Notify,
     /// Why the agent last went offline (shown by `status` and `up`).
     reason: Mutex<Option<String>>,
+    /// Live events for `peerline events` (and the terminal app): one JSON object each.
+    events: tokio::sync::broadcast::Sender<serde_json::Value>,
+}
+
+/// Events kept for a slow `events` reader before it is told it missed some.
+const EVENT_BACKLOG: usize = 256;
+
+impl Shared {
+    fn emit(&self, kind: &str, mut data: serde_json::Value) {
+        if let Some(o) = data.as_object_mut() {
+            o.insert("type".into(), json!(kind));
+            o.insert("time".into(), json!(peerline_net::unix_ms_now()));
+        }
+        // No subscriber is fine: nobody is listening.
+        let _ = self.events.send(data);
+    }
 }
 
 /// Builds the client core for a registered profile.
@@ -106,6 +122,7 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
         server: profile.server()?.host,
         stop: Notify::new(),
         reason: Mutex::new(None),
+        events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
     });
     tracing::info!(user = %me, "agent started");
 
@@ -150,13 +167,17 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
                 via: via.as_str().into(),
                 msg_id,
             };
-            let saved = shared
-                .history
-                .lock()
-                .map(|h| h.add(&entry).is_ok())
-                .unwrap_or(false);
+            // The guard is dropped inside `map`, before any await.
+            let added = shared.history.lock().ok().map(|h| h.add(&entry));
+            let saved = matches!(added, Some(Ok(_)));
             if saved {
                 tracing::info!(from = %from, via = via.as_str(), "message received");
+                if matches!(added, Some(Ok(true))) {
+                    shared.emit(
+                        "message",
+                        json!({"from": entry.from, "to": entry.to, "text": entry.text, "sent_at": entry.time, "via": entry.via}),
+                    );
+                }
                 // Only now may the sender (or the supernode's mailbox) forget it.
                 let _ = shared.input.send(Input::Saved(token)).await;
             } else {
@@ -170,21 +191,31 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
         }
         ClientEvent::Online => {
             tracing::info!("online");
+            shared.emit("online", json!({}));
             if let Ok(mut r) = shared.reason.lock() {
                 *r = None;
             }
         }
         ClientEvent::Offline { reason } => {
             tracing::warn!(%reason, "offline; reconnecting");
+            shared.emit("offline", json!({"reason": reason}));
             if let Ok(mut r) = shared.reason.lock() {
                 *r = Some(reason);
             }
         }
-        ClientEvent::Contact { user, state, .. } => {
-            tracing::info!(user = %user, state = state.as_str(), "contact")
+        ClientEvent::Contact { user, state, note } => {
+            tracing::info!(user = %user, state = state.as_str(), "contact");
+            shared.emit(
+                "contact",
+                json!({"user": user.as_str(), "state": state.as_str(), "note": note}),
+            );
         }
         ClientEvent::Presence { user, presence } => {
-            tracing::info!(user = %user, presence = presence.as_str(), "presence")
+            tracing::info!(user = %user, presence = presence.as_str(), "presence");
+            shared.emit(
+                "presence",
+                json!({"user": user.as_str(), "presence": presence.as_str()}),
+            );
         }
         ClientEvent::CommandDone { .. } => {}
     }
@@ -197,6 +228,9 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) {
     let Ok(Some(line)) = lines.next_line().await else {
         return;
     };
+    if let Ok(ControlRequest::Events) = serde_json::from_str::<ControlRequest>(&line) {
+        return stream_events(&shared, &mut w).await;
+    }
     let resp = match serde_json::from_str::<ControlRequest>(&line) {
         Ok(req) => handle(&shared, req).await,
         Err(_) => ControlResponse::err("malformed control request"),
@@ -204,6 +238,24 @@ async fn serve(shared: Arc<Shared>, stream: UnixStream) {
     let mut out = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
     out.push('\n');
     let _ = w.write_all(out.as_bytes()).await;
+}
+
+/// Streams events, one JSON line each, until the reader goes away.
+async fn stream_events(shared: &Shared, w: &mut tokio::net::unix::OwnedWriteHalf) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut rx = shared.events.subscribe();
+    loop {
+        let v = match rx.recv().await {
+            Ok(v) => v,
+            Err(RecvError::Lagged(n)) => json!({"type": "lagged", "missed": n}),
+            Err(RecvError::Closed) => return,
+        };
+        let mut line = v.to_string();
+        line.push('\n');
+        if w.write_all(line.as_bytes()).await.is_err() {
+            return;
+        }
+    }
 }
 
 fn user(s: &str) -> Result<Username, ControlResponse> {
@@ -260,6 +312,10 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 })),
                 Err(_) => ControlResponse::err("the agent is shutting down"),
             };
+        }
+        ControlRequest::Events => {
+            // Handled in `serve` (the connection stays open); never reaches here.
+            return ControlResponse::err("events are streamed on their own connection");
         }
         ControlRequest::Connect => {
             let _ = shared.input.send(Input::Connect).await;
@@ -345,6 +401,10 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 if let Ok(h) = shared.history.lock() {
                     let _ = h.add(&entry);
                 }
+                shared.emit(
+                    "sent",
+                    json!({"from": entry.from, "to": entry.to, "text": entry.text, "sent_at": entry.time, "via": entry.via}),
+                );
             }
             return to_response(r);
         }

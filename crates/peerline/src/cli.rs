@@ -98,6 +98,12 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: MsgCmd,
     },
+    /// Follow the agent's live events (messages, presence, contact requests, online state).
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a self-contained demo: a supernode and three users on loopback.
     Demo {
         /// JSON transcript.
@@ -444,6 +450,42 @@ fn down(profile: &Profile) -> anyhow::Result<()> {
     }
 }
 
+/// Prints the agent's events as they happen, until the agent stops or the reader quits.
+fn events(profile: &Profile, json_out: bool) -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(profile.socket_path())
+        .map_err(|_| anyhow!(ControlError::NotRunning))?;
+    s.write_all(b"{\"op\":\"events\"}\n")?;
+    let stdout = std::io::stdout();
+    for line in BufReader::new(s).lines() {
+        let line = line?;
+        let mut out = stdout.lock();
+        if json_out {
+            writeln!(out, "{line}")?;
+        } else {
+            let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            let t = time_str(v["time"].as_u64().unwrap_or(0));
+            let s = |k: &str| v[k].as_str().unwrap_or("?").to_string();
+            let text = match v["type"].as_str().unwrap_or("") {
+                "message" => format!("{} -> {} [{}] {}", s("from"), s("to"), s("via"), s("text")),
+                "sent" => format!("{} -> {} [{}] {}", s("from"), s("to"), s("via"), s("text")),
+                "presence" => format!("{} is {}", s("user"), s("presence")),
+                "contact" => format!("contact {}: {} {}", s("user"), s("state"), s("note")),
+                "online" => "online".to_string(),
+                "offline" => format!("offline: {}", s("reason")),
+                "lagged" => format!("(missed {} events)", v["missed"]),
+                other => format!("{other}: {line}"),
+            };
+            writeln!(out, "{t} {text}")?;
+        }
+        // A closed pipe (`| head`) ends the command quietly.
+        if out.flush().is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
 fn time_str(ms: u64) -> String {
     let s = ms / 1000;
     let (h, m, sec) = ((s / 3600) % 24, (s / 60) % 60, s % 60);
@@ -494,6 +536,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("enrolled this device as {user} on {host}");
         }
         Cmd::Up { json } => up(&profile, json)?,
+        Cmd::Events { json } => events(&profile, json)?,
         Cmd::Down => down(&profile)?,
         Cmd::Status { json } => {
             let v = status_value(&profile)?;

@@ -18,6 +18,8 @@ pub enum ControlRequest {
     Down,
     /// Connect now (taking the account back from another device if needed).
     Connect,
+    /// Keep the connection open and stream events, one JSON object per line.
+    Events,
     /// Contact request.
     ContactAdd {
         /// Whom.

@@ -252,10 +252,43 @@ fn three_users_contacts_direct_offline_and_a_crashed_supernode() {
     assert_eq!(list[0]["state"], "accepted");
     assert_eq!(list[0]["presence"], "online");
 
+    // Bob follows his events live.
+    let mut events = Command::new(peerline_bin())
+        .arg("--profile")
+        .arg(&bob.profile)
+        .args(["events", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let events_out = events.stdout.take().unwrap();
+    let (ev_tx, ev_rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(events_out)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = ev_tx.send(v);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+
     // An online message arrives directly.
     let sent = alice.json(&["msg", "send", "bob", "hello bob", "--json"]);
     assert_eq!(sent["via"], "direct");
     bob.wait_message("alice", "hello bob", "direct");
+    let got = ev_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("an event within 5 s");
+    assert_eq!(got["type"], "message", "{got}");
+    assert_eq!(got["from"], "alice");
+    assert_eq!(got["text"], "hello bob");
+    assert_eq!(got["via"], "direct");
+    let _ = events.kill();
+    let _ = events.wait();
 
     // A non-contact's message is refused with a reason and never delivered.
     let err = carol.fails(&["msg", "send", "alice", "buy cheap watches"]);
