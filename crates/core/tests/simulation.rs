@@ -376,6 +376,12 @@ impl World {
         cert
     }
 
+    /// Client `i` sends `text` to `to`; returns how the command ended.
+    fn send(&mut self, i: usize, to: &str, text: impl AsRef<str>) -> CommandResult {
+        let text = text.as_ref().to_string();
+        self.command(i, Command::SendMessage { to: user(to), text })
+    }
+
     /// Steps until client `i` has received a message with `text`.
     fn saw_message(&mut self, i: usize, text: &str) -> bool {
         self.saw(
@@ -478,13 +484,7 @@ fn full_scenario(w: &mut World) {
     );
     assert!(w.saw(b, |e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Incoming, note } if u.as_str() == "alice" && note == "it's alice")));
     // Not yet accepted: no messaging.
-    match w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "too early".into(),
-        },
-    ) {
+    match w.send(a, "bob", "too early") {
         CommandResult::Error {
             code: ErrorCode::NotContact,
             ..
@@ -506,13 +506,7 @@ fn full_scenario(w: &mut World) {
     assert!(w.saw(a, |e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Online } if u.as_str() == "bob")));
 
     // Online message goes direct.
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "hello bob".into(),
-        },
-    );
+    let r = w.send(a, "bob", "hello bob");
     assert_eq!(
         sent_via(&r),
         Via::Direct,
@@ -523,26 +517,14 @@ fn full_scenario(w: &mut World) {
         .messages(b)
         .contains(&(user("alice"), "hello bob".into(), Via::Direct)));
     // And back, over the same session.
-    let r = w.command(
-        b,
-        Command::SendMessage {
-            to: user("alice"),
-            text: "hi alice".into(),
-        },
-    );
+    let r = w.send(b, "alice", "hi alice");
     assert_eq!(sent_via(&r), Via::Direct);
     assert!(w
         .messages(a)
         .contains(&(user("bob"), "hi alice".into(), Via::Direct)));
 
     // A non-contact is refused with a reason and nothing is delivered.
-    match w.command(
-        c,
-        Command::SendMessage {
-            to: user("alice"),
-            text: "spam".into(),
-        },
-    ) {
+    match w.send(c, "alice", "spam") {
         CommandResult::Error {
             code: ErrorCode::NotContact,
             detail,
@@ -550,13 +532,7 @@ fn full_scenario(w: &mut World) {
         other => panic!("expected NotContact, got {other:?}"),
     }
     // Unknown user is named in the error.
-    match w.command(
-        a,
-        Command::SendMessage {
-            to: user("nobody"),
-            text: "x".into(),
-        },
-    ) {
+    match w.send(a, "nobody", "x") {
         CommandResult::Error {
             code: ErrorCode::UnknownUser,
             detail,
@@ -634,13 +610,7 @@ fn offline_delivery_on_next_login() {
     w.befriend(a, b, "bob", "alice");
     let bob_cert = w.take_offline(b);
     w.run_for(Duration::from_millis(200));
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "see you".into(),
-        },
-    );
+    let r = w.send(a, "bob", "see you");
     assert_eq!(sent_via(&r), Via::Offline);
     assert_eq!(w.store_pending("bob"), 1);
 
@@ -669,13 +639,7 @@ fn clients_reconnect_by_themselves_after_a_supernode_crash() {
     assert!(w.events[a]
         .iter()
         .any(|e| matches!(e, ClientEvent::Offline { .. })));
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "after the crash".into(),
-        },
-    );
+    let r = w.send(a, "bob", "after the crash");
     assert!(matches!(sent_via(&r), Via::Direct));
 }
 
@@ -823,13 +787,7 @@ fn an_unresponsive_contact_costs_a_mailbox_fallback_not_a_reconnection() {
     assert_eq!(sent_via(&r), Via::Offline);
     assert_eq!(offline_events(&w, a), 0, "alice did not lose her supernode");
     // Not stuck: the next message takes the same way.
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "still there?".into(),
-        },
-    );
+    let r = w.send(a, "bob", "still there?");
     assert_eq!(sent_via(&r), Via::Offline);
     // Bob resumes and gets both.
     w.frozen.clear();
@@ -838,13 +796,7 @@ fn an_unresponsive_contact_costs_a_mailbox_fallback_not_a_reconnection() {
     // Frozen long enough that the delivery itself gives up: the message stays in the
     // mailbox and goes out once bob is heard from again.
     w.frozen.push(b);
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "third try".into(),
-        },
-    );
+    let r = w.send(a, "bob", "third try");
     assert_eq!(sent_via(&r), Via::Offline);
     w.run_for(Duration::from_secs(20));
     w.frozen.clear();
@@ -935,13 +887,7 @@ fn an_invisible_user_gets_messages_but_gives_out_no_address() {
         CommandResult::Ok
     );
     assert!(w.saw(a, |e| matches!(e, ClientEvent::Presence { user: u, presence: Presence::Offline } if u.as_str() == "bob")));
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "psst".into(),
-        },
-    );
+    let r = w.send(a, "bob", "psst");
     assert_eq!(sent_via(&r), Via::Offline);
     assert!(w.saw_message(b, "psst"));
     assert!(
@@ -976,13 +922,7 @@ fn nat_matrix_direct_wherever_hole_punching_can_work() {
             w.register(a, "alice");
             w.register(b, "bob");
             w.befriend(a, b, "bob", "alice");
-            let r = w.command(
-                a,
-                Command::SendMessage {
-                    to: user("bob"),
-                    text: "hi".into(),
-                },
-            );
+            let r = w.send(a, "bob", "hi");
             let got = sent_via(&r);
             let hard = |k: &Option<NatKind>| *k == Some(Symmetric);
             let port_dependent =
@@ -1023,13 +963,7 @@ fn two_users_behind_one_nat_connect_over_local_addresses() {
     w.register(a, "alice");
     w.register(b, "bob");
     w.befriend(a, b, "bob", "alice");
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "next door".into(),
-        },
-    );
+    let r = w.send(a, "bob", "next door");
     assert_eq!(sent_via(&r), Via::Direct);
 }
 
@@ -1085,13 +1019,7 @@ fn a_relay_only_users_addresses_never_reach_the_peer() {
         } else {
             (other, private, "oscar", "paula")
         };
-        let r = w.command(
-            from,
-            Command::SendMessage {
-                to: user(tname),
-                text: "hello".into(),
-            },
-        );
+        let r = w.send(from, tname, "hello");
         assert_eq!(sent_via(&r), Via::Offline);
         assert!(w.saw(to, |e| matches!(e, ClientEvent::Message { text, from: f, .. } if text == "hello" && f.as_str() == fname)));
         w.run_for(Duration::from_secs(5));
@@ -1131,26 +1059,14 @@ fn a_relay_only_user_talks_through_the_relay_without_revealing_an_address() {
         } else {
             (other, private, "oscar", "paula")
         };
-        let r = w.command(
-            from,
-            Command::SendMessage {
-                to: user(tname),
-                text: "hello".into(),
-            },
-        );
+        let r = w.send(from, tname, "hello");
         assert_eq!(
             sent_via(&r),
             Via::Relay,
             "relay-only caller: {relay_only_is_caller}"
         );
         assert!(w.saw(to, |e| matches!(e, ClientEvent::Message { text, from: f, via: Via::Relay, .. } if text == "hello" && f.as_str() == fname)));
-        let r = w.command(
-            to,
-            Command::SendMessage {
-                to: user(fname),
-                text: "and back".into(),
-            },
-        );
+        let r = w.send(to, fname, "and back");
         assert_eq!(sent_via(&r), Via::Relay);
         w.run_for(Duration::from_secs(3));
         let oscar = w.clients[other].0;
@@ -1190,26 +1106,14 @@ fn hard_nat_pairs_connect_through_the_relay() {
             w.clients[a].1.relayed_address().is_some(),
             "alice got a relay allocation"
         );
-        let r = w.command(
-            a,
-            Command::SendMessage {
-                to: user("bob"),
-                text: "hi".into(),
-            },
-        );
+        let r = w.send(a, "bob", "hi");
         let got = sent_via(&r);
         if got != *expect {
             failures.push(format!("{ka:?} -> {kb:?}: {got:?}, expected {expect:?}"));
         }
         assert!(w.saw_message(b, "hi"));
         // And back over the same session.
-        let r = w.command(
-            b,
-            Command::SendMessage {
-                to: user("alice"),
-                text: "hi back".into(),
-            },
-        );
+        let r = w.send(b, "alice", "hi back");
         assert_ne!(
             sent_via(&r),
             Via::Offline,
@@ -1235,13 +1139,7 @@ fn a_relayed_session_moves_to_a_direct_path_without_losing_or_duplicating_messag
     w.run_for(Duration::from_millis(500));
     // The direct path is broken at first: the session starts on the relay.
     w.net.block(ia, ib);
-    let r = w.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "m0".into(),
-        },
-    );
+    let r = w.send(a, "bob", "m0");
     assert_eq!(sent_via(&r), Via::Relay);
     // The path heals; alice keeps sending while her client moves the session.
     w.net.unblock(ia, ib);
