@@ -371,6 +371,23 @@ fn put_contact(
     Ok(())
 }
 
+/// Inserts a device row inside `tx` (`Exists` if its Noise key is enrolled already).
+fn insert_device(tx: &rusqlite::Transaction<'_>, device: &Device) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO devices (noise_key, username, device_id, sign_key, revoked)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            &device.noise_key[..],
+            device.username.as_str(),
+            &device.device_id[..],
+            &device.sign_key[..],
+            device.revoked
+        ],
+    )
+    .map_err(insert_err)?;
+    Ok(())
+}
+
 impl Store for SqliteStore {
     fn create_account(&mut self, account: &Account, device: &Device) -> Result<(), StoreError> {
         if device.username != account.username {
@@ -389,18 +406,7 @@ impl Store for SqliteStore {
             ],
         )
         .map_err(insert_err)?;
-        tx.execute(
-            "INSERT INTO devices (noise_key, username, device_id, sign_key, revoked)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                &device.noise_key[..],
-                device.username.as_str(),
-                &device.device_id[..],
-                &device.sign_key[..],
-                device.revoked
-            ],
-        )
-        .map_err(insert_err)?;
+        insert_device(&tx, device)?;
         // Dropping `tx` on an error above rolls back, so nothing is written.
         tx.commit().map_err(backend)
     }
@@ -446,18 +452,7 @@ impl Store for SqliteStore {
         if !exists {
             return Err(StoreError::NotFound);
         }
-        tx.execute(
-            "INSERT INTO devices (noise_key, username, device_id, sign_key, revoked)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![
-                &device.noise_key[..],
-                device.username.as_str(),
-                &device.device_id[..],
-                &device.sign_key[..],
-                device.revoked
-            ],
-        )
-        .map_err(insert_err)?;
+        insert_device(&tx, device)?;
         tx.commit().map_err(backend)
     }
 
