@@ -31,6 +31,8 @@ use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
 use turn_client_proto::api::{
     Transmit as TurnTransmit, TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet,
 };
+use turn_client_proto::client::TurnClient;
+use turn_client_proto::tcp::TurnClientTcp;
 use turn_client_proto::types::{TransportType, TurnCredentials};
 use turn_client_proto::udp::TurnClientUdp;
 
@@ -47,7 +49,10 @@ pub const RELAY_AFTER: Duration = Duration::from_millis(800);
 #[derive(Debug)]
 struct RelayClient {
     server: SocketAddr,
-    turn: TurnClientUdp,
+    turn: TurnClient,
+    /// The credentials, to allocate again over another transport.
+    username: String,
+    password: String,
     /// Our relayed address, once allocated.
     relayed: Option<SocketAddr>,
     /// The allocation failed or ended.
@@ -427,6 +432,8 @@ pub struct Client {
     direct_sends: VecDeque<Transmit>,
     /// Anchor for the TURN client's clock.
     t0: Instant,
+    /// Reach the relay over TCP (the driver found UDP blocked).
+    relay_over_tcp: bool,
     /// When to ask for relay credentials again after the allocation ended.
     relay_retry: Option<Instant>,
     /// The latest `now` the driver gave us (for wrapping datagrams in `poll_transmit`).
@@ -500,6 +507,7 @@ impl Client {
             relay_sends: VecDeque::new(),
             direct_sends: VecDeque::new(),
             t0: now,
+            relay_over_tcp: false,
             relay_retry: None,
             last_now: now,
             renew_after: None,
@@ -957,10 +965,15 @@ impl Client {
             let tn = self.turn_now(now);
             let local = self.local_candidates.first().copied().unwrap_or(from);
             let Some(r) = self.relay.as_mut() else { return };
-            let peer_data = match r.turn.recv(
-                TurnTransmit::new(bytes, TransportType::Udp, from, local),
-                tn,
-            ) {
+            let transport = if self.relay_over_tcp {
+                TransportType::Tcp
+            } else {
+                TransportType::Udp
+            };
+            let peer_data = match r
+                .turn
+                .recv(TurnTransmit::new(bytes, transport, from, local), tn)
+            {
                 TurnRecvRet::PeerData(d) => Some((d.peer, d.data().to_vec())),
                 _ => None,
             };
@@ -1483,7 +1496,13 @@ impl Client {
         );
         self.relay = Some(RelayClient {
             server,
-            turn: TurnClientUdp::allocate(local, server, config),
+            turn: if self.relay_over_tcp {
+                TurnClient::Tcp(TurnClientTcp::allocate(local, server, config))
+            } else {
+                TurnClient::Udp(TurnClientUdp::allocate(local, server, config))
+            },
+            username: username.to_string(),
+            password: password.to_string(),
             relayed: None,
             closed: false,
             wait: None,
@@ -1536,6 +1555,40 @@ impl Client {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// `ready` (allocated), `allocating`, or `none` (no relay offered, or it failed).
+    pub fn relay_state(&self) -> &'static str {
+        match &self.relay {
+            Some(r) if r.relayed.is_some() && !r.closed => "ready",
+            Some(r) if !r.closed => "allocating",
+            _ => "none",
+        }
+    }
+
+    /// The relay's address, once the supernode offered one (the driver routes it).
+    pub fn relay_server(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().map(|r| r.server)
+    }
+
+    /// Whether the relay is spoken to over TCP.
+    pub fn relay_over_tcp(&self) -> bool {
+        self.relay_over_tcp
+    }
+
+    /// Reaches the relay over TCP from now on (UDP is blocked here): allocates again over
+    /// TCP with the same credentials, and relays peer sessions at once, since direct UDP
+    /// cannot work.
+    pub fn set_relay_over_tcp(&mut self, now: Instant) {
+        if self.relay_over_tcp {
+            return;
+        }
+        self.relay_over_tcp = true;
+        self.last_now = self.last_now.max(now);
+        if let Some(r) = self.relay.take() {
+            let (server, username, password) = (r.server, r.username, r.password);
+            self.start_relay(now, server, &username, &password);
         }
     }
 
@@ -1640,7 +1693,7 @@ impl Client {
             packet,
             candidates: cands.clone(),
             relay_candidates: Vec::new(),
-            relay_from: if self.cfg.relay_only {
+            relay_from: if self.cfg.relay_only || self.relay_over_tcp {
                 now
             } else {
                 now + RELAY_AFTER

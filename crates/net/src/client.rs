@@ -38,6 +38,8 @@ pub struct Status {
     pub local: Option<SocketAddr>,
     /// How the supernode is reached: `udp`, or `tcp` in fallback.
     pub transport: &'static str,
+    /// The relay allocation: `ready`, `allocating` or `none`.
+    pub relay: &'static str,
 }
 
 /// The wildcard address of the same family as `server`, port chosen by the OS.
@@ -76,12 +78,31 @@ pub async fn run_client(
     let mut waiting: HashMap<CommandId, oneshot::Sender<CommandResult>> = HashMap::new();
     let mut buf = vec![0u8; 2048];
     let mut tcp: Option<crate::tcp::TcpLink> = None;
+    // TURN over TCP to the relay, once UDP proved blocked.
+    let mut relay_tcp: Option<crate::tcp::TcpLink> = None;
     let mut fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER);
     client.connect(Instant::now());
     loop {
         while let Some(t) = client.poll_transmit() {
             if let (Some(link), true) = (&tcp, t.dst == server) {
                 let _ = link.tx.try_send(t.payload);
+                continue;
+            }
+            if client.relay_over_tcp() && client.relay_server() == Some(t.dst) {
+                if relay_tcp.is_none() {
+                    match tokio::time::timeout(
+                        Duration::from_secs(3),
+                        crate::tcp::connect_raw(t.dst),
+                    )
+                    .await
+                    {
+                        Ok(Ok(link)) => relay_tcp = Some(link),
+                        _ => tracing::warn!("cannot reach the relay over TCP"),
+                    }
+                }
+                if let Some(link) = &relay_tcp {
+                    let _ = link.tx.try_send(t.payload);
+                }
                 continue;
             }
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
@@ -121,6 +142,15 @@ pub async fn run_client(
                     client.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
             }
+            b = async { match relay_tcp.as_mut() { Some(l) => l.rx.recv().await, None => std::future::pending().await } } => {
+                match (b, client.relay_server()) {
+                    (Some(b), Some(rs)) => client.handle_datagram(Instant::now(), rs, &b),
+                    _ => {
+                        tracing::warn!("TCP connection to the relay closed");
+                        relay_tcp = None;
+                    }
+                }
+            }
             b = async { match tcp.as_mut() { Some(l) => l.rx.recv().await, None => std::future::pending().await } } => {
                 match b {
                     Some(b) => client.handle_datagram(Instant::now(), server, &b),
@@ -139,6 +169,8 @@ pub async fn run_client(
                         Ok(Ok(link)) => {
                             tracing::info!("UDP to the supernode gets no answer; using TCP");
                             tcp = Some(link);
+                            // UDP is blocked here: the relay must be reached over TCP too.
+                            client.set_relay_over_tcp(now);
                             client.connect(now);
                         }
                         _ => fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER),
@@ -161,6 +193,7 @@ pub async fn run_client(
                         direct_peers: client.direct_peers().iter().map(|u| u.to_string()).collect(),
                         local: socket.local_addr().ok(),
                         transport: if tcp.is_some() { "tcp" } else { "udp" },
+                        relay: client.relay_state(),
                     });
                 }
                 Some(Input::Shutdown) | None => {

@@ -152,3 +152,37 @@ pub async fn connect(addr: SocketAddr) -> std::io::Result<TcpLink> {
         rx: in_rx,
     })
 }
+
+/// Connects to `addr` for a protocol that frames itself (TURN over TCP): bytes are written
+/// as given and handed back as they arrive, in chunks of at most 64 KiB.
+pub async fn connect_raw(addr: SocketAddr) -> std::io::Result<TcpLink> {
+    let stream = TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut r, mut w) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    tokio::spawn(async move {
+        while let Some(b) = out_rx.recv().await {
+            if w.write_all(&b).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if in_tx.send(buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    Ok(TcpLink {
+        tx: out_tx,
+        rx: in_rx,
+    })
+}

@@ -305,6 +305,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                     "supernode": shared.server,
                     "presence": s.presence,
                     "transport": s.transport,
+                    "relay": s.relay,
                     "relay_only": shared.profile.relay_only(),
                     "direct_peers": s.direct_peers,
                     "agent_pid": std::process::id(),

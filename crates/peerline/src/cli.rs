@@ -415,6 +415,14 @@ fn up(profile: &Profile, json_out: bool) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+    // Give a relay allocation in progress a moment: a connection set up right after `up`
+    // can then offer it (it matters most where UDP is blocked and only the relay works).
+    let start = Instant::now();
+    while status_value(profile)?["relay"] == json!("allocating")
+        && start.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let v = status_value(profile)?;
     if json_out {
         print_json(&v);

@@ -149,6 +149,7 @@ impl Config {
                 ..RelayConfig::default()
             },
             advertise_ip: Some(advertise),
+            tcp: true,
         }))
     }
 
