@@ -128,56 +128,50 @@ pub struct TcpLink {
 
 /// Connects to `addr` and starts the framing tasks.
 pub async fn connect(addr: SocketAddr) -> std::io::Result<TcpLink> {
-    let stream = TcpStream::connect(addr).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut r, mut w) = stream.into_split();
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
-    tokio::spawn(async move {
-        while let Some(b) = out_rx.recv().await {
-            if write_frame(&mut w, &b).await.is_err() {
-                break;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        while let Ok(Some(b)) = read_frame(&mut r).await {
-            if in_tx.send(b).await.is_err() {
-                break;
-            }
-        }
-    });
-    Ok(TcpLink {
-        tx: out_tx,
-        rx: in_rx,
-    })
+    spawn_link(TcpStream::connect(addr).await?, true)
 }
 
 /// Connects to `addr` for a protocol that frames itself (TURN over TCP): bytes are written
 /// as given and handed back as they arrive, in chunks of at most 64 KiB.
 pub async fn connect_raw(addr: SocketAddr) -> std::io::Result<TcpLink> {
-    let stream = TcpStream::connect(addr).await?;
+    spawn_link(TcpStream::connect(addr).await?, false)
+}
+
+/// Starts the writer and reader tasks of a client connection; `framed` puts each datagram
+/// behind its 2-byte length, otherwise bytes pass as they are.
+fn spawn_link(stream: TcpStream, framed: bool) -> std::io::Result<TcpLink> {
     let _ = stream.set_nodelay(true);
     let (mut r, mut w) = stream.into_split();
     let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     let (in_tx, in_rx) = mpsc::channel::<Vec<u8>>(QUEUE);
     tokio::spawn(async move {
         while let Some(b) = out_rx.recv().await {
-            if w.write_all(&b).await.is_err() {
+            let sent = if framed {
+                write_frame(&mut w, &b).await
+            } else {
+                w.write_all(&b).await
+            };
+            if sent.is_err() {
                 break;
             }
         }
     });
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; if framed { 0 } else { 64 * 1024 }];
         loop {
-            match r.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if in_tx.send(buf[..n].to_vec()).await.is_err() {
-                        break;
-                    }
+            let b = if framed {
+                match read_frame(&mut r).await {
+                    Ok(Some(b)) => b,
+                    _ => break,
                 }
+            } else {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf[..n].to_vec(),
+                }
+            };
+            if in_tx.send(b).await.is_err() {
+                break;
             }
         }
     });
