@@ -27,6 +27,7 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::clock::WallClock;
 use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
+use crate::nat::{Birthday, BirthdayConfig, MappingProbe, Sends};
 
 use turn_client_proto::api::{
     Transmit as TurnTransmit, TurnClientApi, TurnConfig, TurnEvent, TurnPollRet, TurnRecvRet,
@@ -44,6 +45,9 @@ const RELAY_RETRY: Duration = Duration::from_secs(30);
 
 /// After this long without a direct path, a dial also tries through the relay.
 pub const RELAY_AFTER: Duration = Duration::from_millis(800);
+/// Longest the relay waits while a birthday attempt runs (plain punching 0.3 s, then the
+/// probes about 0.75 s).
+const RELAY_AFTER_BIRTHDAY: Duration = Duration::from_millis(1800);
 
 /// Our allocation on the operator's TURN relay.
 #[derive(Debug)]
@@ -81,6 +85,8 @@ pub struct ClientConfig {
     /// Relay-only mode: never reveal this device's addresses to peers (no direct
     /// sessions; messages go through the supernode until a relay exists).
     pub relay_only: bool,
+    /// The birthday technique for pairs where one NAT has endpoint-dependent mapping.
+    pub birthday: BirthdayConfig,
 }
 
 impl ClientConfig {
@@ -95,6 +101,7 @@ impl ClientConfig {
             command_timeout: Duration::from_secs(10),
             dial_timeout: Duration::from_secs(3),
             relay_only: false,
+            birthday: BirthdayConfig::default(),
         }
     }
 }
@@ -373,6 +380,9 @@ struct Peer {
     link: Link,
     /// The session runs through our TURN allocation.
     relayed: bool,
+    /// The extra socket the session runs on (found by the birthday technique), or `None`
+    /// for the main socket.
+    socket: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -430,6 +440,12 @@ pub struct Client {
     /// Datagrams to send directly whatever their destination (attempts at a direct path
     /// to a peer currently reached through the relay).
     direct_sends: VecDeque<Transmit>,
+    /// Our reflexive address as the supernode and the relay see it.
+    mapping: MappingProbe,
+    /// Birthday attempts by peer.
+    birthdays: HashMap<Username, Birthday>,
+    /// Datagrams to send from an extra socket: `(socket, datagram)`.
+    extra_transmits: VecDeque<(usize, Transmit)>,
     /// Anchor for the TURN client's clock.
     t0: Instant,
     /// Reach the relay over TCP (the driver found UDP blocked).
@@ -506,6 +522,9 @@ impl Client {
             relayed_peers: HashSet::new(),
             relay_sends: VecDeque::new(),
             direct_sends: VecDeque::new(),
+            mapping: MappingProbe::default(),
+            birthdays: HashMap::new(),
+            extra_transmits: VecDeque::new(),
             t0: now,
             relay_over_tcp: false,
             relay_retry: None,
@@ -549,6 +568,205 @@ impl Client {
 
     fn unix_ms(&self, now: Instant) -> u64 {
         self.clock.unix_ms(now)
+    }
+
+    fn random_tid(&mut self) -> u128 {
+        (u128::from(self.rng.next_u64()) << 64) | u128::from(self.rng.next_u64())
+    }
+
+    /// Whether our NAT's mapping depends on the destination (learnt from two STUN
+    /// servers). Never claimed in relay-only mode, which reveals nothing about us.
+    pub fn hard_nat(&self) -> bool {
+        !self.cfg.relay_only && self.mapping.endpoint_dependent()
+    }
+
+    /// How many extra UDP sockets the driver should hold open: the birthday technique's,
+    /// while an attempt on our side runs or a session found by one lives; else 0. Their
+    /// datagrams go through [`Client::poll_extra_transmit`] and
+    /// [`Client::handle_extra_datagram`], identified by index.
+    pub fn extra_sockets(&self) -> usize {
+        let hard_attempt = self
+            .birthdays
+            .values()
+            .any(|b| matches!(b.role, crate::nat::Role::Hard { .. }));
+        if hard_attempt || self.peers.values().any(|p| p.socket.is_some()) {
+            self.cfg.birthday.sockets
+        } else {
+            0
+        }
+    }
+
+    /// Next datagram to send from an extra socket, as `(socket index, datagram)`.
+    pub fn poll_extra_transmit(&mut self) -> Option<(usize, Transmit)> {
+        if self.extra_transmits.is_empty() {
+            self.flush_links();
+        }
+        self.extra_transmits.pop_front()
+    }
+
+    /// Starts a birthday attempt with `user` when exactly one side's NAT is hard.
+    fn start_birthday(
+        &mut self,
+        now: Instant,
+        user: &Username,
+        peer_candidates: &[SocketAddr],
+        peer_hard: bool,
+    ) {
+        if self.cfg.relay_only || self.relay_over_tcp {
+            return;
+        }
+        // The supernode puts the address it sees first: the peer's public one.
+        let relay_ip = self.relay.as_ref().map(|r| r.server.ip());
+        let Some(public) = peer_candidates
+            .first()
+            .copied()
+            .filter(|c| Some(c.ip()) != relay_ip)
+        else {
+            return;
+        };
+        let Some(b) = Birthday::start(&self.cfg.birthday, now, self.hard_nat(), peer_hard, public)
+        else {
+            return;
+        };
+        tracing::debug!(peer = %user, role = ?b.role, "birthday attempt");
+        // The relay waits while the attempt has its chance.
+        let until = b.until.min(now + RELAY_AFTER_BIRTHDAY);
+        for d in self.dials.values_mut().filter(|d| &d.user == user) {
+            d.relay_from = d.relay_from.max(until);
+        }
+        self.birthdays.insert(user.clone(), b);
+        self.birthday_tick(now);
+    }
+
+    /// Sends due birthday probes; ends attempts that are over or succeeded.
+    fn birthday_tick(&mut self, now: Instant) {
+        let cfg = self.cfg.birthday.clone();
+        let peer_by_user = &self.peer_by_user;
+        let peers = &self.peers;
+        // Over, or a direct session is up (a relayed one does not stop the attempt).
+        self.birthdays.retain(|u, b| {
+            let direct = peer_by_user
+                .get(u)
+                .and_then(|i| peers.get(i))
+                .is_some_and(|p| !p.relayed);
+            !b.finished(&cfg, now) && !direct
+        });
+        let probe = {
+            let mut b = Vec::with_capacity(8);
+            Packet::Probe.encode(&mut b);
+            b
+        };
+        let rng = &mut self.rng;
+        for b in self.birthdays.values_mut() {
+            match b.step(&cfg, now, || rng.next_u32()) {
+                Sends::None => {}
+                Sends::FromEverySocket(dst) => {
+                    for k in 0..cfg.sockets {
+                        self.extra_transmits.push_back((
+                            k,
+                            Transmit {
+                                dst,
+                                payload: probe.clone(),
+                            },
+                        ));
+                    }
+                }
+                Sends::Spray(dsts) => {
+                    for dst in dsts {
+                        self.direct_sends.push_back(Transmit {
+                            dst,
+                            payload: probe.clone(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a datagram that arrived on extra socket `socket`.
+    pub fn handle_extra_datagram(
+        &mut self,
+        now: Instant,
+        socket: usize,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) {
+        self.last_now = self.last_now.max(now);
+        if self.cfg.relay_only || socket >= self.cfg.birthday.sockets {
+            return;
+        }
+        match Packet::decode(bytes) {
+            Ok(Packet::Probe) => {
+                // Only a peer we run an attempt with may open a path here.
+                let Some(user) = self
+                    .birthdays
+                    .iter()
+                    .find(|(_, b)| {
+                        matches!(b.role, crate::nat::Role::Hard { target } if target.ip() == from.ip())
+                    })
+                    .map(|(u, _)| u.clone())
+                else {
+                    return;
+                };
+                tracing::debug!(peer = %user, socket, "birthday probe arrived");
+                let mut probe = Vec::with_capacity(8);
+                Packet::Probe.encode(&mut probe);
+                // Answer from this socket: the peer (if it dials) learns the port; and if
+                // we dial, our handshake goes out through the mapping that works.
+                self.extra_transmits.push_back((
+                    socket,
+                    Transmit {
+                        dst: from,
+                        payload: probe,
+                    },
+                ));
+                for d in self.dials.values().filter(|d| d.user == user && !d.upgrade) {
+                    self.extra_transmits.push_back((
+                        socket,
+                        Transmit {
+                            dst: from,
+                            payload: d.packet.clone(),
+                        },
+                    ));
+                }
+            }
+            Ok(Packet::HandshakeInit { sender, noise }) => {
+                self.on_peer_handshake(now, from, sender, noise, Some(socket))
+            }
+            Ok(Packet::HandshakeResponse {
+                sender,
+                receiver,
+                noise,
+            }) if self.dials.contains_key(&receiver) => {
+                self.on_handshake_response(now, from, sender, receiver, noise, Some(socket));
+            }
+            Ok(Packet::Transport {
+                receiver,
+                counter,
+                ciphertext,
+            }) => {
+                if let Some(p) = self.peers.get_mut(&receiver) {
+                    // Authenticated traffic decides the path, as the link follows `from`.
+                    if p.link
+                        .handle_transport(now, from, counter, ciphertext)
+                        .is_ok()
+                    {
+                        p.socket = Some(socket);
+                        p.relayed = false;
+                    }
+                    self.process(now);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Queues `t` on the main socket, or on extra socket `socket`.
+    fn send_on(&mut self, socket: Option<usize>, t: Transmit) {
+        match socket {
+            Some(k) => self.extra_transmits.push_back((k, t)),
+            None => self.transmits.push_back(t),
+        }
     }
 
     fn seed(&mut self) -> [u8; 32] {
@@ -653,6 +871,8 @@ impl Client {
     }
 
     fn on_server_up(&mut self, now: Instant) {
+        let tid = self.random_tid();
+        self.mapping.ask(now, self.cfg.server, tid);
         let Server::Up { link, authed } = &mut self.server else {
             return;
         };
@@ -877,6 +1097,7 @@ impl Client {
             let body = Request::Connect {
                 user: to.clone(),
                 candidates,
+                hard_nat: self.hard_nat(),
             };
             if let Err(CommandResult::Error { detail, .. }) =
                 self.server_request(now, body, ServerReq::Connect(to.clone()))
@@ -961,6 +1182,9 @@ impl Client {
     /// Handles a datagram from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.last_now = self.last_now.max(now);
+        if peerline_wire::packet::is_stun(bytes) && self.mapping.handle(from, bytes) {
+            return;
+        }
         if self.relay.as_ref().is_some_and(|r| r.server == from) {
             let tn = self.turn_now(now);
             let local = self.local_candidates.first().copied().unwrap_or(from);
@@ -1010,9 +1234,9 @@ impl Client {
                 sender,
                 receiver,
                 noise,
-            }) => self.on_handshake_response(now, from, sender, receiver, noise),
+            }) => self.on_handshake_response(now, from, sender, receiver, noise, None),
             Ok(Packet::HandshakeInit { sender, noise }) => {
-                self.on_peer_handshake(now, from, sender, noise)
+                self.on_peer_handshake(now, from, sender, noise, None)
             }
             Ok(Packet::Transport {
                 receiver,
@@ -1026,7 +1250,13 @@ impl Client {
                     }
                 }
                 if let Some(p) = self.peers.get_mut(&receiver) {
-                    let _ = p.link.handle_transport(now, from, counter, ciphertext);
+                    // Authenticated traffic decides the path, as the link follows `from`.
+                    if p.link
+                        .handle_transport(now, from, counter, ciphertext)
+                        .is_ok()
+                    {
+                        p.socket = None;
+                    }
                     self.process(now);
                 }
             }
@@ -1055,6 +1285,7 @@ impl Client {
         sender: u32,
         receiver: u32,
         noise: &[u8],
+        socket: Option<usize>,
     ) {
         if let Server::Handshaking { index, .. } = &self.server {
             if *index == receiver && from == self.cfg.server {
@@ -1105,7 +1336,7 @@ impl Client {
                     let link =
                         Link::new(LinkConfig::peer(), transport, receiver, sender, from, now);
                     let remote_static = *link.remote_static();
-                    self.add_peer(now, receiver, d.user.clone(), link);
+                    self.add_peer(now, receiver, d.user.clone(), link, socket);
                     let relayed = self.peers.get(&receiver).is_some_and(|p| p.relayed);
                     let relay_ip = self.relay.as_ref().map(|r| r.server.ip());
                     if relayed && !self.cfg.relay_only {
@@ -1137,13 +1368,20 @@ impl Client {
         }
     }
 
-    fn add_peer(&mut self, now: Instant, index: u32, user: Username, link: Link) {
+    fn add_peer(
+        &mut self,
+        now: Instant,
+        index: u32,
+        user: Username,
+        link: Link,
+        socket: Option<usize>,
+    ) {
         let mut handed_over = Vec::new();
         if let Some(old) = self.peer_by_user.insert(user.clone(), index) {
             if let Some(mut p) = self.peers.remove(&old) {
                 p.link.close(now);
                 while let Some(t) = p.link.poll_transmit() {
-                    self.transmits.push_back(t);
+                    self.send_on(p.socket, t);
                 }
             }
             // Messages in flight on the replaced session go on over the new one (same
@@ -1163,18 +1401,20 @@ impl Client {
         // Through our relay, or to an address on the operator's relay (the peer's
         // relayed address): either way the path is relayed.
         let remote = link.remote_addr();
-        let relayed = self.relayed_peers.contains(&remote)
-            || self
-                .relay
-                .as_ref()
-                .is_some_and(|r| r.server.ip() == remote.ip());
-        tracing::debug!(peer = %user, relayed, "peer session up");
+        let relayed = socket.is_none()
+            && (self.relayed_peers.contains(&remote)
+                || self
+                    .relay
+                    .as_ref()
+                    .is_some_and(|r| r.server.ip() == remote.ip()));
+        tracing::debug!(peer = %user, relayed, ?socket, "peer session up");
         self.peers.insert(
             index,
             Peer {
                 user: user.clone(),
                 link,
                 relayed,
+                socket,
             },
         );
         for o in handed_over {
@@ -1182,7 +1422,14 @@ impl Client {
         }
     }
 
-    fn on_peer_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+    fn on_peer_handshake(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sender: u32,
+        noise: &[u8],
+        socket: Option<usize>,
+    ) {
         let Some(my_cert) = self.cert.as_ref().map(|c| c.as_bytes().to_vec()) else {
             return;
         };
@@ -1193,7 +1440,7 @@ impl Client {
             .retain(|_, (_, t)| now.saturating_duration_since(*t) < ANSWERED_INIT_TTL);
         if let Some((resp, _)) = self.answered_inits.get(&ephemeral) {
             let payload = resp.clone();
-            self.transmits.push_back(Transmit { dst: from, payload });
+            self.send_on(socket, Transmit { dst: from, payload });
             return;
         }
         let seed = self.seed();
@@ -1247,12 +1494,15 @@ impl Client {
         }
         .encode(&mut out);
         self.answered_inits.insert(ephemeral, (out.clone(), now));
-        self.transmits.push_back(Transmit {
-            dst: from,
-            payload: out,
-        });
+        self.send_on(
+            socket,
+            Transmit {
+                dst: from,
+                payload: out,
+            },
+        );
         let link = Link::new(LinkConfig::peer(), transport, index, sender, from, now);
-        self.add_peer(now, index, user, link);
+        self.add_peer(now, index, user, link, socket);
     }
 
     fn flush_links(&mut self) {
@@ -1263,7 +1513,10 @@ impl Client {
         }
         for p in self.peers.values_mut() {
             while let Some(t) = p.link.poll_transmit() {
-                self.transmits.push_back(t);
+                match p.socket {
+                    Some(k) => self.extra_transmits.push_back((k, t)),
+                    None => self.transmits.push_back(t),
+                }
             }
         }
     }
@@ -1385,8 +1638,16 @@ impl Client {
                 }
             },
             ServerReq::Connect(user) => match body {
-                Response::ConnectAccepted { cert, candidates } => {
-                    self.dial(now, user, &cert, candidates)
+                Response::ConnectAccepted {
+                    cert,
+                    candidates,
+                    hard_nat,
+                } => {
+                    let peer_candidates = candidates.clone();
+                    self.dial(now, user.clone(), &cert, candidates);
+                    if self.dials.values().any(|d| d.user == user) {
+                        self.start_birthday(now, &user, &peer_candidates, hard_nat);
+                    }
                 }
                 Response::Error {
                     code: ErrorCode::Offline | ErrorCode::Declined,
@@ -1507,6 +1768,12 @@ impl Client {
             closed: false,
             wait: None,
         });
+        if !self.relay_over_tcp {
+            // A second STUN server: comparing its answer with the supernode's tells whether
+            // our NAT maps each destination to a new port.
+            let tid = self.random_tid();
+            self.mapping.ask(now, server, tid);
+        }
         self.relay_flush(now);
     }
 
@@ -1902,6 +2169,7 @@ impl Client {
                 user,
                 cert,
                 candidates: caller_candidates,
+                hard_nat: caller_hard,
             } => {
                 let unix = self.clock.unix_s(now);
                 match Certificate::verify(&cert, &self.cfg.authority) {
@@ -1921,10 +2189,19 @@ impl Client {
                             (user.clone(), now + Duration::from_secs(30)),
                         );
                         let candidates = self.offer();
+                        let hard_nat = self.hard_nat();
                         let Server::Up { link, .. } = &mut self.server else {
                             return;
                         };
-                        let _ = link.respond(now, id, Response::ConnectAnswer { candidates });
+                        let _ = link.respond(
+                            now,
+                            id,
+                            Response::ConnectAnswer {
+                                candidates,
+                                hard_nat,
+                            },
+                        );
+                        self.start_birthday(now, &user, &caller_candidates, caller_hard);
                         permit_later.extend(caller_candidates.iter().copied());
                         // Open our NAT towards the caller while the answer travels back:
                         // its handshake then finds the way in.
@@ -2131,6 +2408,10 @@ impl Client {
         }
         self.dial_tick(now);
         self.punch_tick(now);
+        self.birthday_tick(now);
+        for (dst, payload) in self.mapping.poll_requests(now) {
+            self.transmits.push_back(Transmit { dst, payload });
+        }
         let (late, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.resend)
             .into_iter()
             .partition(|(_, d)| now >= *d);
@@ -2193,6 +2474,10 @@ impl Client {
         for p in &self.punches {
             fold(Some(p.next_send.min(p.until)));
         }
+        for b in self.birthdays.values() {
+            fold(Some(b.next.min(b.until)));
+        }
+        fold(self.mapping.poll_timeout());
         fold(self.relay.as_ref().and_then(|r| r.wait));
         fold(self.relay_retry);
         for u in self.upgrades.values() {

@@ -10,6 +10,7 @@ pub mod clock;
 pub mod directory;
 pub mod link;
 pub mod memstore;
+pub mod nat;
 pub mod ops;
 pub mod relay;
 #[doc(hidden)]

@@ -38,7 +38,8 @@ pub enum NatKind {
     Restricted,
     /// Endpoint-independent mapping, address-and-port-dependent filtering.
     PortRestricted,
-    /// Endpoint-dependent mapping (a new port per destination), port-dependent filtering.
+    /// Endpoint-dependent mapping (a new random port per destination, as Linux's
+    /// `masquerade random`), port-dependent filtering.
     Symmetric,
 }
 
@@ -57,13 +58,23 @@ pub struct Nat {
 }
 
 impl Nat {
-    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr) -> SocketAddr {
+    fn outbound(&mut self, src: SocketAddr, dst: SocketAddr, random: u32) -> SocketAddr {
         let key = (src, (self.kind == NatKind::Symmetric).then_some(dst));
         let port = match self.out.get(&key) {
             Some(p) => *p,
             None => {
-                let p = self.next_port;
-                self.next_port += 7; // not port-preserving: peers must learn real ports
+                let p = if self.kind == NatKind::Symmetric {
+                    // Random over the whole range, skipping ports in use.
+                    let mut p = 1024 + (random % 64_512) as u16;
+                    while self.back.contains_key(&p) {
+                        p = if p == u16::MAX { 1024 } else { p + 1 };
+                    }
+                    p
+                } else {
+                    let p = self.next_port;
+                    self.next_port += 7; // not port-preserving: peers must learn real ports
+                    p
+                };
                 self.out.insert(key, p);
                 self.back.insert(p, src);
                 p
@@ -150,7 +161,10 @@ impl Net {
             (Some(a), Some(b)) if a == b => from,
             // A private address of another network is unreachable.
             (_, Some(_)) => return,
-            (Some(a), None) => self.nats[a].outbound(from, t.dst),
+            (Some(a), None) => {
+                let r = self.rng.next_u32();
+                self.nats[a].outbound(from, t.dst, r)
+            }
             (None, None) => from,
         };
         if self.blocked.contains(&(from.ip(), t.dst.ip())) {

@@ -172,6 +172,7 @@ enum Waiting {
         req: u64,
         to: Username,
         candidates: Vec<SocketAddr>,
+        hard_nat: bool,
     },
     /// Offline message queued: answer, then deliver if the recipient is online.
     Queue {
@@ -922,6 +923,7 @@ impl Supernode {
                 Request::Connect {
                     user,
                     mut candidates,
+                    hard_nat,
                 },
                 Some(me),
             ) => {
@@ -944,6 +946,7 @@ impl Supernode {
                         req,
                         to: user,
                         candidates,
+                        hard_nat,
                     },
                 );
             }
@@ -998,7 +1001,13 @@ impl Supernode {
             Push::Connect { caller, req } => {
                 let callee = self.sessions.get(&index);
                 let answer = match (body, callee) {
-                    (Some(Response::ConnectAnswer { mut candidates }), Some(s)) => {
+                    (
+                        Some(Response::ConnectAnswer {
+                            mut candidates,
+                            hard_nat,
+                        }),
+                        Some(s),
+                    ) => {
                         let cert = match &s.auth {
                             Auth::User(c) => c.as_bytes().to_vec(),
                             _ => Vec::new(),
@@ -1010,7 +1019,11 @@ impl Supernode {
                             candidates.insert(0, seen);
                             candidates.truncate(MAX_CANDIDATES);
                         }
-                        Response::ConnectAccepted { cert, candidates }
+                        Response::ConnectAccepted {
+                            cert,
+                            candidates,
+                            hard_nat,
+                        }
                     }
                     (Some(Response::Error { .. }), _) => {
                         err(ErrorCode::Declined, "the contact declined the connection")
@@ -1240,6 +1253,7 @@ impl Supernode {
                     req,
                     to,
                     candidates,
+                    hard_nat,
                 },
                 OpResult::Done(r),
             ) => {
@@ -1267,6 +1281,7 @@ impl Supernode {
                             user: me,
                             cert,
                             candidates,
+                            hard_nat,
                         };
                         self.push(
                             now,

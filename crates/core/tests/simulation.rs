@@ -24,6 +24,14 @@ use rand_chacha::ChaCha20Rng;
 
 const UNIX_START_MS: u64 = 1_790_000_000_000;
 
+/// Extra sockets a client opens for the birthday technique (the default).
+const BIRTHDAY_SOCKETS: usize = 256;
+
+/// The address of a client's extra socket `k`: the next ports after its main one.
+fn extra_addr(main: SocketAddr, k: usize) -> SocketAddr {
+    SocketAddr::new(main.ip(), main.port() + 1 + k as u16)
+}
+
 fn sn_addr() -> SocketAddr {
     "203.0.113.1:7000".parse().unwrap()
 }
@@ -54,6 +62,8 @@ struct World {
     sn_log: Vec<(SocketAddr, Vec<u8>)>,
     /// (source, destination) of every datagram delivered to a client.
     client_log: Vec<(SocketAddr, SocketAddr)>,
+    /// (client, extra socket) of every datagram delivered to an extra socket.
+    extra_log: Vec<(usize, usize)>,
     /// The TURN relay, in worlds that have one.
     relay: Option<Relay>,
     /// Relayed addresses handed out by the relay.
@@ -87,6 +97,7 @@ impl World {
             frozen: Vec::new(),
             sn_log: Vec::new(),
             client_log: Vec::new(),
+            extra_log: Vec::new(),
             relay: None,
             allocations: Vec::new(),
         }
@@ -223,6 +234,9 @@ impl World {
                 let public: IpAddr = format!("192.0.2.{}", i + 1).parse().unwrap();
                 let nat = self.net.add_nat(kind, public);
                 self.net.place_behind(private, nat);
+                for k in 0..BIRTHDAY_SOCKETS {
+                    self.net.place_behind(extra_addr(private, k), nat);
+                }
                 self.add_client_at(private, None, None)
             }
         }
@@ -274,6 +288,10 @@ impl World {
             while let Some(t) = c.poll_transmit() {
                 self.net.send(now, *addr, t);
             }
+            while let Some((k, t)) = c.poll_extra_transmit() {
+                assert!(k < c.extra_sockets(), "sent from a socket the driver holds");
+                self.net.send(now, extra_addr(*addr, k), t);
+            }
             while let Some(e) = c.poll_event() {
                 if let ClientEvent::Message { token, .. } = &e {
                     c.message_saved(now, *token);
@@ -298,6 +316,18 @@ impl World {
                 self.client_log.push((from, dst));
                 if !self.frozen.contains(&i) {
                     self.clients[i].1.handle_datagram(now, from, &payload);
+                }
+            } else if let Some((i, k)) = self.clients.iter().enumerate().find_map(|(i, (a, c))| {
+                (0..c.extra_sockets())
+                    .find(|k| extra_addr(*a, *k) == dst)
+                    .map(|k| (i, k))
+            }) {
+                self.client_log.push((from, dst));
+                self.extra_log.push((i, k));
+                if !self.frozen.contains(&i) {
+                    self.clients[i]
+                        .1
+                        .handle_extra_datagram(now, k, from, &payload);
                 }
             }
         }
@@ -1088,8 +1118,9 @@ fn hard_nat_pairs_connect_through_the_relay() {
     use NatKind::*;
     let cases = [
         (Some(Symmetric), Some(Symmetric), Via::Relay),
-        (Some(Symmetric), Some(PortRestricted), Via::Relay),
-        (Some(PortRestricted), Some(Symmetric), Via::Relay),
+        // One hard side: the birthday technique finds a direct path.
+        (Some(Symmetric), Some(PortRestricted), Via::Direct),
+        (Some(PortRestricted), Some(Symmetric), Via::Direct),
         (Some(PortRestricted), Some(PortRestricted), Via::Direct),
         (None, Some(Symmetric), Via::Direct),
     ];
@@ -1208,4 +1239,114 @@ fn a_long_online_client_renews_its_relay_allocation() {
         "allocated at the end"
     );
     assert!(w.clients[a].1.is_online());
+}
+
+/// A symmetric NAT (a new random port per destination) meets a port-restricted one:
+/// plain punching cannot work, and the birthday technique finds a direct path within its
+/// bounds, in both directions of the call. The hard side learns it is hard from the two
+/// STUN answers (supernode and relay), its extra sockets carry the session, and they are
+/// closed again once nothing uses them.
+#[test]
+fn birthday_technique_connects_a_symmetric_nat_to_a_port_restricted_one() {
+    use NatKind::*;
+    for (seed, caller_hard) in [(90u64, true), (91, false), (92, true), (93, false)] {
+        let mut w = World::with_relay(seed, Net::perfect(seed));
+        let (ka, kb) = if caller_hard {
+            (Symmetric, PortRestricted)
+        } else {
+            (PortRestricted, Symmetric)
+        };
+        let a = w.add_client_behind(Some(ka));
+        let b = w.add_client_behind(Some(kb));
+        w.register(a, "alice");
+        w.register(b, "bob");
+        w.befriend(a, b, "bob", "alice");
+        w.run_for(Duration::from_millis(500)); // STUN answers and relay allocations
+        let hard = if caller_hard { a } else { b };
+        let easy = if caller_hard { b } else { a };
+        assert!(
+            w.clients[hard].1.hard_nat(),
+            "the symmetric side knows it is hard"
+        );
+        assert!(
+            !w.clients[easy].1.hard_nat(),
+            "the port-restricted side is not"
+        );
+        let r = w.send(a, "bob", "hi");
+        assert_eq!(sent_via(&r), Via::Direct, "seed {seed}: direct, not relay");
+        assert!(w.saw_message(b, "hi"));
+        assert!(
+            w.extra_log.iter().any(|(i, _)| *i == hard),
+            "the path runs through one of the hard side's extra sockets"
+        );
+        let sent_before = w.net.sent;
+        let r = w.send(b, "alice", "and back");
+        assert_eq!(sent_via(&r), Via::Direct);
+        assert!(w.saw_message(a, "and back"));
+        assert!(
+            w.net.sent - sent_before < 20,
+            "the session needs no more probes"
+        );
+        assert_eq!(w.clients[hard].1.extra_sockets(), BIRTHDAY_SOCKETS);
+        assert_eq!(w.clients[easy].1.extra_sockets(), 0);
+    }
+}
+
+/// The easy side's probes are bounded: with no hard side listening (it went silent), a
+/// birthday attempt sends at most its budget and ends; the message then takes the relay.
+#[test]
+fn birthday_probes_are_bounded_when_nothing_answers() {
+    use NatKind::*;
+    let mut w = World::with_relay(95, Net::perfect(95));
+    let a = w.add_client_behind(Some(PortRestricted));
+    let b = w.add_client_behind(Some(Symmetric));
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    w.run_for(Duration::from_millis(500));
+    assert!(w.clients[b].1.hard_nat());
+    // Bob's extra sockets are lost: no mapping will ever answer alice's probes.
+    let bob_public: IpAddr = format!("192.0.2.{}", b + 1).parse().unwrap();
+    let before = w.net.sent;
+    let mut probes_to_bob = 0usize;
+    let id = w.clients[a].1.command(
+        w.now,
+        Command::SendMessage {
+            to: user("bob"),
+            text: "hi".into(),
+        },
+    );
+    let end = w.now + Duration::from_secs(6);
+    while w.now < end {
+        // Drop everything bob's extra sockets send, and count alice's datagrams to bob.
+        let now = w.now;
+        let c = &mut w.clients[b].1;
+        while c.poll_extra_transmit().is_some() {}
+        let c = &mut w.clients[a].1;
+        let mut out = Vec::new();
+        while let Some(t) = c.poll_transmit() {
+            out.push(t);
+        }
+        for t in out {
+            if t.dst.ip() == bob_public {
+                probes_to_bob += 1;
+            }
+            let addr = w.clients[a].0;
+            w.net.send(now, addr, t);
+        }
+        w.step();
+    }
+    let r = w.wait_done(a, id, Duration::from_secs(5));
+    assert_eq!(
+        sent_via(&r),
+        Via::Relay,
+        "no birthday path: the relay carries it"
+    );
+    let budget = peerline_core::nat::BirthdayConfig::default().probes;
+    assert!(
+        probes_to_bob <= budget + 64,
+        "{probes_to_bob} datagrams to bob's address, budget {budget}"
+    );
+    assert!(probes_to_bob >= budget, "the whole budget was tried");
+    assert!(w.net.sent > before);
 }

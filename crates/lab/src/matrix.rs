@@ -243,17 +243,18 @@ fn pair_inner(
     outcome
 }
 
-/// The path this build should find for a pair: direct wherever hole punching works, and
-/// the supernode's co-located relay for symmetric facing symmetric or port-restricted and
-/// for UDP-blocked hosts (which reach the supernode and the relay over TCP). No pair fails.
+/// The path this build should find for a pair: direct wherever hole punching or the
+/// birthday technique works, and the supernode's co-located relay for symmetric facing
+/// symmetric and for UDP-blocked hosts (which reach the supernode and the relay over TCP).
+/// No pair fails.
 pub fn expected_path(a: NatType, b: NatType, same_nat: bool) -> &'static str {
     use NatType::*;
     if same_nat {
         return "direct";
     }
-    let hard_pair =
-        |x: NatType, y: NatType| x == Symmetric && matches!(y, Symmetric | PortRestricted);
-    if a == UdpBlocked || b == UdpBlocked || hard_pair(a, b) || hard_pair(b, a) {
+    // Symmetric with port-restricted meets through the birthday technique; with another
+    // symmetric NAT the odds are hopeless and the relay carries the session.
+    if a == UdpBlocked || b == UdpBlocked || (a == Symmetric && b == Symmetric) {
         "relay"
     } else {
         "direct"

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerline_core::client::{Client, ClientEvent, Command, CommandId, CommandResult};
@@ -58,6 +59,68 @@ pub fn local_candidates(socket: &UdpSocket, server: SocketAddr) -> Vec<SocketAdd
     vec![SocketAddr::new(crate::route_source(server), port)]
 }
 
+/// The extra UDP sockets the birthday technique asks for, each with a task that hands its
+/// datagrams to the driver loop.
+struct ExtraSockets {
+    sockets: Vec<Arc<UdpSocket>>,
+    readers: Vec<tokio::task::JoinHandle<()>>,
+    rx: mpsc::Receiver<(usize, SocketAddr, Vec<u8>)>,
+    tx: mpsc::Sender<(usize, SocketAddr, Vec<u8>)>,
+}
+
+impl ExtraSockets {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::channel(1024);
+        ExtraSockets {
+            sockets: Vec::new(),
+            readers: Vec::new(),
+            rx,
+            tx,
+        }
+    }
+
+    /// Opens or closes sockets until `want` are open (all of them close at 0).
+    fn resize(&mut self, want: usize, like: SocketAddr) {
+        if want == 0 {
+            for r in self.readers.drain(..) {
+                r.abort();
+            }
+            self.sockets.clear();
+            return;
+        }
+        while self.sockets.len() < want {
+            let s = match std::net::UdpSocket::bind(SocketAddr::new(like.ip(), 0))
+                .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                .and_then(UdpSocket::from_std)
+            {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot open an extra socket");
+                    return;
+                }
+            };
+            let (k, sock, tx) = (self.sockets.len(), s.clone(), self.tx.clone());
+            self.readers.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 2048];
+                while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+                    if tx.send((k, from, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }));
+            self.sockets.push(s);
+        }
+    }
+}
+
+impl Drop for ExtraSockets {
+    fn drop(&mut self) {
+        for r in &self.readers {
+            r.abort();
+        }
+    }
+}
+
 /// How long the client tries UDP before falling back to TCP to its supernode.
 pub const TCP_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 
@@ -81,8 +144,20 @@ pub async fn run_client(
     // TURN over TCP to the relay, once UDP proved blocked.
     let mut relay_tcp: Option<crate::tcp::TcpLink> = None;
     let mut fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER);
+    let mut extra = ExtraSockets::new();
+    let bind_like = socket.local_addr().unwrap_or_else(|_| bind_addr(server));
     client.connect(Instant::now());
     loop {
+        let want = client.extra_sockets();
+        if want != extra.sockets.len() {
+            extra.resize(want, bind_like);
+        }
+        while let Some((k, t)) = client.poll_extra_transmit() {
+            if let Some(s) = extra.sockets.get(k) {
+                // Never wait on one socket: a full buffer is a lost probe.
+                let _ = s.try_send_to(&t.payload, t.dst);
+            }
+        }
         while let Some(t) = client.poll_transmit() {
             if let (Some(link), true) = (&tcp, t.dst == server) {
                 let _ = link.tx.try_send(t.payload);
@@ -141,6 +216,9 @@ pub async fn run_client(
                 if let Ok((n, from)) = r {
                     client.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
+            }
+            Some((k, from, b)) = extra.rx.recv() => {
+                client.handle_extra_datagram(Instant::now(), k, from, &b);
             }
             b = async { match relay_tcp.as_mut() { Some(l) => l.rx.recv().await, None => std::future::pending().await } } => {
                 match (b, client.relay_server()) {

@@ -239,6 +239,9 @@ pub enum Request {
         user: Username,
         /// Our candidate addresses (the supernode adds the reflexive one it sees).
         candidates: Vec<SocketAddr>,
+        /// Our NAT maps each destination to a new port (endpoint-dependent mapping): the
+        /// peer should spray probes for the birthday technique.
+        hard_nat: bool,
     },
     /// Store a message for a contact who is offline. Answer `Ok` only once the message is
     /// durably committed. `msg_id` makes the request idempotent across sessions.
@@ -277,6 +280,8 @@ pub enum Request {
         cert: Vec<u8>,
         /// The caller's candidates.
         candidates: Vec<SocketAddr>,
+        /// The caller's NAT has endpoint-dependent mapping.
+        hard_nat: bool,
     },
     /// Supernode to client: a stored offline message. Answer `Ok` once the client has
     /// saved it; only then does the supernode delete it.
@@ -338,11 +343,15 @@ pub enum Response {
         cert: Vec<u8>,
         /// Callee's candidates.
         candidates: Vec<SocketAddr>,
+        /// The callee's NAT has endpoint-dependent mapping.
+        hard_nat: bool,
     },
     /// Client to supernode: the callee's answer to `IncomingConnect`.
     ConnectAnswer {
         /// The callee's candidates.
         candidates: Vec<SocketAddr>,
+        /// The callee's NAT has endpoint-dependent mapping.
+        hard_nat: bool,
     },
     /// Time-limited TURN credentials (RFC 8656 long-term credential mechanism, in
     /// coturn's shared-secret style).
@@ -487,11 +496,15 @@ impl Response {
             Response::Certificate(c) => check_count(c.len(), MAX_CERT),
             Response::Contacts { entries, .. } => check_count(entries.len(), CONTACTS_PAGE),
             Response::SearchResults { users } => check_count(users.len(), MAX_SEARCH_RESULTS),
-            Response::ConnectAccepted { cert, candidates } => {
+            Response::ConnectAccepted {
+                cert, candidates, ..
+            } => {
                 check_count(cert.len(), MAX_CERT)?;
                 check_count(candidates.len(), MAX_CANDIDATES)
             }
-            Response::ConnectAnswer { candidates } => check_count(candidates.len(), MAX_CANDIDATES),
+            Response::ConnectAnswer { candidates, .. } => {
+                check_count(candidates.len(), MAX_CANDIDATES)
+            }
             Response::RelayCredentials {
                 username, password, ..
             } => {
@@ -627,6 +640,7 @@ mod tests {
             Request::Connect {
                 user: user("bob"),
                 candidates: vec![addr, v6],
+                hard_nat: true,
             },
             Request::StoreMessage {
                 to: user("bob"),
@@ -647,6 +661,7 @@ mod tests {
                 user: user("bob"),
                 cert: vec![1, 2, 3],
                 candidates: vec![addr],
+                hard_nat: false,
             },
             Request::Deliver {
                 id: 1,
@@ -680,9 +695,11 @@ mod tests {
             Response::ConnectAccepted {
                 cert: vec![1; 10],
                 candidates: vec![addr],
+                hard_nat: true,
             },
             Response::ConnectAnswer {
                 candidates: vec![v6],
+                hard_nat: false,
             },
             Response::RelayCredentials {
                 server: addr,
