@@ -17,14 +17,15 @@ use std::time::{Duration, Instant};
 use peerline_crypto::noise::{Handshake, Responder};
 use peerline_crypto::{Certificate, DeviceKeys};
 use peerline_wire::msg::{
-    ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response,
-    Welcome, MAX_CANDIDATES,
+    CallSignal, ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request,
+    Response, Welcome, MAX_CANDIDATES,
 };
 use peerline_wire::packet::Packet;
 use peerline_wire::{Username, PROTOCOL_VERSION};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use crate::call::{Call, CallInfo, CallState, Direction, CONNECT_TIMEOUT};
 use crate::clock::WallClock;
 use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
 use crate::nat::{Birthday, BirthdayConfig, MappingProbe, Sends};
@@ -161,6 +162,28 @@ pub enum Command {
         /// Text.
         text: String,
     },
+    /// Ring a user. Done with [`CommandResult::Call`] once their device rings.
+    CallStart {
+        /// Callee.
+        user: Username,
+    },
+    /// Answer an incoming call.
+    CallAnswer {
+        /// The call.
+        call_id: u64,
+        /// Accept (or decline).
+        accept: bool,
+    },
+    /// Cancel, decline or hang up a call, whatever its state.
+    CallHangUp {
+        /// The call.
+        call_id: u64,
+    },
+    /// Who may ring us: contacts only, or anyone.
+    SetCallPolicy {
+        /// Anyone.
+        anyone: bool,
+    },
 }
 
 /// How a message travelled.
@@ -202,6 +225,11 @@ pub enum CommandResult {
         msg_id: u64,
         /// Time written (unix ms).
         sent_at: u64,
+    },
+    /// A call rings at the other side.
+    Call {
+        /// Its id.
+        call_id: u64,
     },
     /// Failed.
     Error {
@@ -271,6 +299,15 @@ pub enum ClientEvent {
         /// Now.
         presence: Presence,
     },
+    /// A call changed state (rings, was answered, became active, changed path, ended).
+    Call(CallInfo),
+    /// A media datagram of an active call arrived from the other side.
+    CallMedia {
+        /// The call.
+        call_id: u64,
+        /// The payload, as the other side's media engine sent it.
+        bytes: Vec<u8>,
+    },
 }
 
 /// How long a peer's handshake answer is kept for repeated initiations.
@@ -310,6 +347,9 @@ enum Server {
 #[derive(Debug)]
 enum ServerReq {
     Command(CommandId, Command),
+    CallInvite(CommandId, u64),
+    /// A call signal; the command to finish with the answer, if any.
+    CallSignal(Option<CommandId>, u64),
     ContactPage(CommandId),
     Connect(Username),
     Store(CommandId),
@@ -440,6 +480,10 @@ pub struct Client {
     /// Datagrams to send directly whatever their destination (attempts at a direct path
     /// to a peer currently reached through the relay).
     direct_sends: VecDeque<Transmit>,
+    /// Calls by id (ended ones are dropped once reported).
+    calls: HashMap<u64, Call>,
+    /// Strangers whose session with us exists only for a call: no messages.
+    call_only: HashSet<Username>,
     /// Our reflexive address as the supernode and the relay see it.
     mapping: MappingProbe,
     /// Birthday attempts by peer.
@@ -522,6 +566,8 @@ impl Client {
             relayed_peers: HashSet::new(),
             relay_sends: VecDeque::new(),
             direct_sends: VecDeque::new(),
+            calls: HashMap::new(),
+            call_only: HashSet::new(),
             mapping: MappingProbe::default(),
             birthdays: HashMap::new(),
             extra_transmits: VecDeque::new(),
@@ -859,6 +905,28 @@ impl Client {
                         self.resend.push((o, deadline));
                     }
                 }
+                ServerReq::CallInvite(id, call_id) => {
+                    // A call is not worth ringing late: the user tries again.
+                    self.calls.remove(&call_id);
+                    self.done(
+                        id,
+                        CommandResult::error(
+                            ErrorCode::Unavailable,
+                            "lost the supernode while ringing: try again",
+                        ),
+                    );
+                }
+                ServerReq::CallSignal(id, _) => {
+                    if let Some(id) = id {
+                        self.done(
+                            id,
+                            CommandResult::error(
+                                ErrorCode::Unavailable,
+                                "lost the supernode: the other side was not told",
+                            ),
+                        );
+                    }
+                }
                 ServerReq::Renew | ServerReq::Presence | ServerReq::Relay => {}
             }
         }
@@ -1059,6 +1127,15 @@ impl Client {
                 };
                 return self.send_message(now, out);
             }
+            Command::CallStart { user } => return self.call_start(now, id, user),
+            Command::CallAnswer { call_id, accept } => {
+                return self.call_answer(now, id, call_id, accept)
+            }
+            Command::CallHangUp { call_id } => {
+                self.call_hang_up(now, call_id, "hung up");
+                return self.done(id, CommandResult::Ok);
+            }
+            Command::SetCallPolicy { anyone } => Request::SetCallPolicy { anyone },
         };
         if let Err(e) = self.server_request(now, body, ServerReq::Command(id, kept)) {
             self.done(id, e);
@@ -1417,6 +1494,7 @@ impl Client {
                 socket,
             },
         );
+        self.call_session_up(now, &user);
         for o in handed_over {
             self.send_message(now, o);
         }
@@ -1566,6 +1644,8 @@ impl Client {
             LinkEvent::Dead => {
                 self.go_offline(now, "no answer from the supernode", 0);
             }
+            // Nothing but media uses datagrams, and never with the supernode.
+            LinkEvent::Datagram(_) => {}
             LinkEvent::Closed => {
                 // The supernode closes a session only when the same account logs in from
                 // another device. Reconnecting would take it back and start a tug of war,
@@ -1583,6 +1663,26 @@ impl Client {
     fn on_server_response(&mut self, now: Instant, purpose: ServerReq, body: Option<Response>) {
         let Some(body) = body else { return };
         match purpose {
+            ServerReq::CallInvite(id, call_id) => self.on_invite_answer(id, call_id, body),
+            ServerReq::CallSignal(id, call_id) => {
+                let result = match &body {
+                    Response::Ok => CommandResult::Ok,
+                    other => err_result(other).unwrap_or(CommandResult::error(
+                        ErrorCode::Internal,
+                        "unexpected answer",
+                    )),
+                };
+                if matches!(result, CommandResult::Error { .. }) {
+                    // The other side cannot be told (offline, or the call is unknown).
+                    if let Some(c) = self.calls.get_mut(&call_id).filter(|c| c.live()) {
+                        c.end("the other side is unreachable");
+                        self.call_event(call_id);
+                    }
+                }
+                if let Some(id) = id {
+                    self.done(id, result);
+                }
+            }
             ServerReq::Command(id, _) => {
                 let result = match body {
                     Response::Certificate(bytes) => {
@@ -1642,7 +1742,9 @@ impl Client {
                     cert,
                     candidates,
                     hard_nat,
+                    call_only,
                 } => {
+                    self.mark_call_only(&user, call_only);
                     let peer_candidates = candidates.clone();
                     self.dial(now, user.clone(), &cert, candidates);
                     if self.dials.values().any(|d| d.user == user) {
@@ -2145,14 +2247,31 @@ impl Client {
             return;
         };
         match body {
+            Request::IncomingCall { user, call_id } => {
+                let answer = self.on_incoming_call(now, user, call_id);
+                if let Server::Up { link, .. } = &mut self.server {
+                    let _ = link.respond(now, id, answer);
+                }
+            }
+            Request::CallSignal {
+                user,
+                call_id,
+                signal,
+            } => {
+                let _ = link.respond(now, id, Response::Ok);
+                self.on_call_signal(now, &user, call_id, signal);
+            }
             Request::ContactEvent { user, state, note } => {
                 let _ = link.respond(now, id, Response::Ok);
-                if state != ContactState::Accepted {
+                if state == ContactState::Accepted {
+                    // Now contacts: a session made for a call may carry messages too.
+                    self.call_only.remove(&user);
+                } else {
                     if let Some(pi) = self.peer_by_user.remove(&user) {
                         if let Some(mut p) = self.peers.remove(&pi) {
                             p.link.close(now);
                             while let Some(t) = p.link.poll_transmit() {
-                                self.transmits.push_back(t);
+                                self.send_on(p.socket, t);
                             }
                         }
                     }
@@ -2170,7 +2289,13 @@ impl Client {
                 cert,
                 candidates: caller_candidates,
                 hard_nat: caller_hard,
+                call_only,
             } => {
+                if call_only {
+                    self.call_only.insert(user.clone());
+                } else {
+                    self.call_only.remove(&user);
+                }
                 let unix = self.clock.unix_s(now);
                 match Certificate::verify(&cert, &self.cfg.authority) {
                     _ if self.cfg.relay_only
@@ -2274,6 +2399,16 @@ impl Client {
                     return;
                 };
                 match body {
+                    Request::Chat { .. } if self.call_only.contains(&p.user) => {
+                        let _ = p.link.respond(
+                            now,
+                            id,
+                            Response::error(
+                                ErrorCode::NotContact,
+                                "not a contact: only the call is allowed",
+                            ),
+                        );
+                    }
                     Request::Chat {
                         msg_id,
                         sent_at,
@@ -2295,6 +2430,14 @@ impl Client {
                         }
                         self.unsaved.insert(self.next_ack, key);
                         self.received(Ack::Peer(index, id), from, msg_id, sent_at, text, via);
+                    }
+                    Request::CallSignal {
+                        call_id, signal, ..
+                    } => {
+                        // The session proves who sends it, whatever `user` says.
+                        let from = p.user.clone();
+                        let _ = p.link.respond(now, id, Response::Ok);
+                        self.on_call_signal(now, &from, call_id, signal);
                     }
                     _ => {
                         let _ = p.link.respond(
@@ -2339,6 +2482,11 @@ impl Client {
                 self.drop_peer(now, index);
             }
             LinkEvent::Dead | LinkEvent::Closed => self.drop_peer(now, index),
+            LinkEvent::Datagram(bytes) => {
+                if let Some(user) = self.peers.get(&index).map(|p| p.user.clone()) {
+                    self.on_call_media(now, &user, bytes);
+                }
+            }
         }
     }
 
@@ -2346,6 +2494,7 @@ impl Client {
         if let Some(p) = self.peers.remove(&index) {
             if self.peer_by_user.get(&p.user) == Some(&index) {
                 self.peer_by_user.remove(&p.user);
+                self.call_session_down(now, &p.user);
             }
         }
         let stranded: Vec<(u32, u64)> = self
@@ -2409,6 +2558,7 @@ impl Client {
         self.dial_tick(now);
         self.punch_tick(now);
         self.birthday_tick(now);
+        self.call_tick(now);
         for (dst, payload) in self.mapping.poll_requests(now) {
             self.transmits.push_back(Transmit { dst, payload });
         }
@@ -2478,6 +2628,7 @@ impl Client {
             fold(Some(b.next.min(b.until)));
         }
         fold(self.mapping.poll_timeout());
+        fold(self.calls_timeout());
         fold(self.relay.as_ref().and_then(|r| r.wait));
         fold(self.relay_retry);
         for u in self.upgrades.values() {
@@ -2522,5 +2673,324 @@ impl Client {
     /// Next event.
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
+    }
+}
+
+// ----- calls -----
+
+impl Client {
+    /// The calls not yet over.
+    pub fn calls(&self) -> Vec<CallInfo> {
+        let mut v: Vec<CallInfo> = self
+            .calls
+            .values()
+            .filter(|c| c.live())
+            .map(|c| c.info.clone())
+            .collect();
+        v.sort_by_key(|c| c.call_id);
+        v
+    }
+
+    /// Sends a media datagram on active call `call_id` over the peer session; false if
+    /// the call is not active (the datagram is dropped).
+    pub fn send_call_media(&mut self, now: Instant, call_id: u64, bytes: Vec<u8>) -> bool {
+        self.last_now = self.last_now.max(now);
+        let Some(c) = self
+            .calls
+            .get(&call_id)
+            .filter(|c| c.info.state == CallState::Active)
+        else {
+            return false;
+        };
+        let Some(p) = self
+            .peer_by_user
+            .get(&c.info.peer)
+            .and_then(|i| self.peers.get_mut(i))
+        else {
+            return false;
+        };
+        let ok = p.link.send_datagram(now, bytes).is_ok();
+        self.flush_links();
+        ok
+    }
+
+    fn call_event(&mut self, call_id: u64) {
+        if let Some(c) = self.calls.get(&call_id) {
+            self.events.push_back(ClientEvent::Call(c.info.clone()));
+            if !c.live() {
+                self.calls.remove(&call_id);
+            }
+        }
+    }
+
+    fn in_a_call(&self) -> bool {
+        self.calls.values().any(|c| c.live())
+    }
+
+    fn call_start(&mut self, now: Instant, id: CommandId, user: Username) {
+        if self.username() == Some(&user) {
+            return self.done(
+                id,
+                CommandResult::error(ErrorCode::BadRequest, "you cannot call yourself"),
+            );
+        }
+        if self.in_a_call() {
+            return self.done(
+                id,
+                CommandResult::error(ErrorCode::Busy, "already in a call: hang up first"),
+            );
+        }
+        let call_id = self.rng.next_u64();
+        let body = Request::CallInvite {
+            user: user.clone(),
+            call_id,
+        };
+        if let Err(e) = self.server_request(now, body, ServerReq::CallInvite(id, call_id)) {
+            return self.done(id, e);
+        }
+        self.calls.insert(
+            call_id,
+            Call::new(call_id, user, Direction::Outgoing, now, Some(id)),
+        );
+    }
+
+    fn call_answer(&mut self, now: Instant, id: CommandId, call_id: u64, accept: bool) {
+        let Some(c) = self
+            .calls
+            .get_mut(&call_id)
+            .filter(|c| c.info.state == CallState::Incoming)
+        else {
+            return self.done(
+                id,
+                CommandResult::error(ErrorCode::BadRequest, "no such call is ringing"),
+            );
+        };
+        let peer = c.info.peer.clone();
+        let signal = if accept {
+            c.info.state = CallState::Connecting;
+            c.started = now;
+            c.deadline = Some(now + CONNECT_TIMEOUT);
+            CallSignal::Accept
+        } else {
+            c.end("declined");
+            CallSignal::Decline
+        };
+        let body = Request::CallSignal {
+            user: peer.clone(),
+            call_id,
+            signal,
+        };
+        if let Err(e) = self.server_request(now, body, ServerReq::CallSignal(Some(id), call_id)) {
+            if let Some(c) = self.calls.get_mut(&call_id) {
+                c.end("not connected to the supernode");
+            }
+            self.call_event(call_id);
+            return self.done(id, e);
+        }
+        if accept && self.peer_by_user.contains_key(&peer) {
+            // A session with the caller already exists: media can flow at once.
+            self.call_session_up(now, &peer);
+        }
+        self.call_event(call_id);
+    }
+
+    /// Ends our side of a call and tells the other side (through the supernode, and over
+    /// the peer session when there is one).
+    fn call_hang_up(&mut self, now: Instant, call_id: u64, reason: &str) {
+        let Some(c) = self.calls.get_mut(&call_id).filter(|c| c.live()) else {
+            return;
+        };
+        let signal = match (c.info.state, c.info.direction) {
+            (CallState::Ringing, _) => CallSignal::Cancel,
+            (CallState::Incoming, _) => CallSignal::Decline,
+            _ => CallSignal::HangUp,
+        };
+        let peer = c.info.peer.clone();
+        c.end(reason);
+        let body = Request::CallSignal {
+            user: peer.clone(),
+            call_id,
+            signal,
+        };
+        let _ = self.server_request(now, body.clone(), ServerReq::CallSignal(None, call_id));
+        if let Some(p) = self
+            .peer_by_user
+            .get(&peer)
+            .and_then(|i| self.peers.get_mut(i))
+        {
+            let _ = p.link.send_request(now, body);
+        }
+        self.call_event(call_id);
+    }
+
+    /// A signal from `from` about `call_id` (pushed by the supernode or over the peer
+    /// session).
+    fn on_call_signal(&mut self, now: Instant, from: &Username, call_id: u64, signal: CallSignal) {
+        let Some(c) = self
+            .calls
+            .get_mut(&call_id)
+            .filter(|c| &c.info.peer == from && c.live())
+        else {
+            return;
+        };
+        match (signal, c.info.direction, c.info.state) {
+            (CallSignal::Accept, Direction::Outgoing, CallState::Ringing) => {
+                c.info.state = CallState::Connecting;
+                c.deadline = Some(now + CONNECT_TIMEOUT);
+                let peer = c.info.peer.clone();
+                if self.peer_by_user.contains_key(&peer) {
+                    self.call_session_up(now, &peer);
+                } else {
+                    self.ensure_session(now, &peer);
+                }
+            }
+            (CallSignal::Decline, Direction::Outgoing, CallState::Ringing) => c.end("declined"),
+            (CallSignal::Cancel, Direction::Incoming, CallState::Incoming) => c.end("cancelled"),
+            (CallSignal::HangUp, _, _) => c.end("the other side hung up"),
+            _ => return,
+        }
+        self.call_event(call_id);
+    }
+
+    /// Opens a peer session to `user` for a call (unless one exists or is being set up).
+    fn ensure_session(&mut self, now: Instant, user: &Username) {
+        if self.peer_by_user.contains_key(user) || self.outbox.contains_key(user) {
+            return;
+        }
+        if self.cfg.relay_only && self.relayed_address().is_none() {
+            // A connection setup would hand out our addresses.
+            return;
+        }
+        // An empty outbox marks the setup as under way; the dial drains it.
+        self.outbox.insert(user.clone(), Vec::new());
+        let body = Request::Connect {
+            user: user.clone(),
+            candidates: self.offer(),
+            hard_nat: self.hard_nat(),
+        };
+        if self
+            .server_request(now, body, ServerReq::Connect(user.clone()))
+            .is_err()
+        {
+            self.outbox.remove(user);
+        }
+    }
+
+    /// A peer session with `user` came up (or moved): calls waiting for it go active.
+    fn call_session_up(&mut self, now: Instant, user: &Username) {
+        let via = match self.peer_by_user.get(user).and_then(|i| self.peers.get(i)) {
+            Some(p) if p.relayed => Via::Relay,
+            Some(_) => Via::Direct,
+            None => return,
+        };
+        let ids: Vec<u64> = self
+            .calls
+            .values()
+            .filter(|c| {
+                &c.info.peer == user
+                    && (c.info.state == CallState::Connecting
+                        || (c.info.state == CallState::Active && c.info.via != Some(via)))
+            })
+            .map(|c| c.info.call_id)
+            .collect();
+        for id in ids {
+            if let Some(c) = self.calls.get_mut(&id) {
+                c.activate(now, via);
+            }
+            self.call_event(id);
+        }
+    }
+
+    /// Records whether the session with `user` is for a call only.
+    fn mark_call_only(&mut self, user: &Username, call_only: bool) {
+        if call_only {
+            self.call_only.insert(user.clone());
+        } else {
+            self.call_only.remove(user);
+        }
+    }
+
+    /// The peer session with `user` is gone: its active calls end.
+    fn call_session_down(&mut self, now: Instant, user: &Username) {
+        let ids: Vec<u64> = self
+            .calls
+            .values()
+            .filter(|c| &c.info.peer == user && c.info.state == CallState::Active)
+            .map(|c| c.info.call_id)
+            .collect();
+        for id in ids {
+            self.call_hang_up(now, id, "the connection to the other side broke");
+        }
+    }
+
+    /// A media datagram over the peer session with `user`.
+    fn on_call_media(&mut self, now: Instant, user: &Username, bytes: Vec<u8>) {
+        let Some(c) = self
+            .calls
+            .values_mut()
+            .find(|c| &c.info.peer == user && c.info.state == CallState::Active)
+        else {
+            return;
+        };
+        c.last_media = now;
+        let call_id = c.info.call_id;
+        self.events
+            .push_back(ClientEvent::CallMedia { call_id, bytes });
+    }
+
+    /// Runs call timers.
+    fn call_tick(&mut self, now: Instant) {
+        let due: Vec<(u64, &'static str)> = self
+            .calls
+            .values()
+            .filter_map(|c| c.timed_out(now).map(|r| (c.info.call_id, r)))
+            .collect();
+        for (id, reason) in due {
+            self.call_hang_up(now, id, reason);
+        }
+    }
+
+    fn calls_timeout(&self) -> Option<Instant> {
+        self.calls.values().filter_map(|c| c.next_timer()).min()
+    }
+
+    /// The supernode pushed `IncomingCall`: ring, or answer busy.
+    fn on_incoming_call(&mut self, now: Instant, from: Username, call_id: u64) -> Response {
+        if self.in_a_call() {
+            return Response::error(ErrorCode::Busy, "in another call");
+        }
+        self.calls.insert(
+            call_id,
+            Call::new(call_id, from, Direction::Incoming, now, None),
+        );
+        self.call_event(call_id);
+        Response::Ok
+    }
+
+    /// The supernode answered our invite.
+    fn on_invite_answer(&mut self, id: CommandId, call_id: u64, body: Response) {
+        match body {
+            Response::Ok => {
+                if let Some(c) = self.calls.get_mut(&call_id) {
+                    c.invite = None;
+                }
+                self.done(id, CommandResult::Call { call_id });
+                if self
+                    .calls
+                    .get(&call_id)
+                    .is_some_and(|c| c.info.state == CallState::Ringing)
+                {
+                    self.call_event(call_id);
+                }
+            }
+            other => {
+                self.calls.remove(&call_id);
+                let r = err_result(&other).unwrap_or(CommandResult::error(
+                    ErrorCode::Internal,
+                    "unexpected answer",
+                ));
+                self.done(id, r);
+            }
+        }
     }
 }

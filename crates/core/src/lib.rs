@@ -5,6 +5,8 @@
 //! calls, and takes its randomness from the caller. The tokio glue lives in `peerline-net`.
 #![deny(missing_docs)]
 
+pub mod call;
+pub mod calls;
 pub mod client;
 pub mod clock;
 pub mod directory;

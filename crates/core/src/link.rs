@@ -117,6 +117,8 @@ pub enum LinkEvent {
         /// Id of our request.
         id: u64,
     },
+    /// An unreliable datagram (call media) from the other side.
+    Datagram(Vec<u8>),
     /// The other side closed the session.
     Closed,
     /// Nothing was received for the idle timeout.
@@ -131,6 +133,9 @@ pub struct Transmit {
     /// Bytes.
     pub payload: Vec<u8>,
 }
+
+/// Events a link holds before it drops incoming datagrams.
+const MAX_QUEUED_DATAGRAMS: usize = 256;
 
 #[derive(Debug)]
 struct Pending {
@@ -233,6 +238,13 @@ impl Link {
         Ok(())
     }
 
+    /// Sends an unreliable datagram (call media): sealed like everything else, but never
+    /// acknowledged or retransmitted.
+    pub fn send_datagram(&mut self, now: Instant, bytes: Vec<u8>) -> Result<(), LinkError> {
+        let plaintext = Frame::Datagram(bytes).encode()?;
+        self.seal(now, &plaintext)
+    }
+
     /// Sends a request; returns its id. The answer arrives as [`LinkEvent::Response`].
     pub fn send_request(&mut self, now: Instant, body: Request) -> Result<u64, LinkError> {
         self.send_request_limited(now, body, u32::MAX)
@@ -331,6 +343,12 @@ impl Link {
             Frame::Close => {
                 self.dead = true;
                 self.events.push_back(LinkEvent::Closed);
+            }
+            Frame::Datagram(d) => {
+                // Unreliable by contract: when the owner falls behind, drop rather than queue.
+                if self.events.len() < MAX_QUEUED_DATAGRAMS {
+                    self.events.push_back(LinkEvent::Datagram(d));
+                }
             }
             Frame::Request { id, body } => {
                 if let Some(answer) = self.answered.get(&id).cloned() {

@@ -105,6 +105,15 @@ pub enum Op {
         /// Asked.
         to: Username,
     },
+    /// May `from` ring `to`? `Ok(true)` for mutual contacts, `Ok(false)` for a stranger
+    /// (allowed only if `to` takes calls from anyone); `Err(NotContact)` when `to` blocked
+    /// `from` or does not exist, so a refusal never tells which.
+    CheckCall {
+        /// Caller.
+        from: Username,
+        /// Callee.
+        to: Username,
+    },
     /// Queue an offline message (contacts only, within quota, idempotent).
     Queue {
         /// The message.
@@ -184,6 +193,8 @@ pub enum OpResult {
     Done(Result<(), OpError>),
     /// Queue.
     Queued(Result<QueueOutcome, OpError>),
+    /// CheckCall: whether the two are mutual contacts.
+    Callable(Result<bool, OpError>),
     /// Pending.
     Messages(Result<Vec<StoredMessage>, OpError>),
 }
@@ -392,6 +403,12 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                 return Err(not_contact(&to));
             }
             Ok(())
+        })()),
+        Op::CheckCall { from, to } => OpResult::Callable((|| {
+            if !exists(store, &to)? || state(store, &to, &from)? == Some(ContactState::Blocked) {
+                return Err(not_contact(&to));
+            }
+            mutual(store, &from, &to)
         })()),
         Op::Queue { msg, quota } => OpResult::Queued((|| {
             if !exists(store, &msg.to)? {

@@ -19,7 +19,7 @@ use peerline_crypto::cert::CertRequest;
 use peerline_crypto::noise::Responder;
 use peerline_crypto::{Authority, CertError, Certificate};
 use peerline_wire::msg::{
-    ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome,
+    CallSignal, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome,
     CONTACTS_PAGE, MAX_CANDIDATES, MAX_SEARCH_RESULTS,
 };
 use peerline_wire::packet::Packet;
@@ -27,6 +27,7 @@ use peerline_wire::{Username, PROTOCOL_VERSION};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
+use crate::calls::{CallKey, CallRefusal, Calls};
 use crate::clock::WallClock;
 use crate::directory::{Directory, Location};
 use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
@@ -101,6 +102,8 @@ pub struct Stats {
     pub messages_delivered: u64,
     /// STUN messages seen (Binding requests are answered).
     pub stun: u64,
+    /// Calls rung (the callee's device answered the invite).
+    pub calls_rung: u64,
 }
 
 /// Something the driver may log or count.
@@ -134,6 +137,8 @@ struct Session {
     /// session (that would reveal their address); contacts use the mailbox (and, once it
     /// exists, the relay).
     relay_only: bool,
+    /// Strangers may ring this user, not only contacts.
+    anyone_can_call: bool,
     /// Whether the last delivery batch was full (more may be waiting).
     more_waiting: bool,
     /// A delivery went unanswered: fetch the mailbox again once the client shows life.
@@ -174,6 +179,13 @@ enum Waiting {
         candidates: Vec<SocketAddr>,
         hard_nat: bool,
     },
+    /// Call invite: after the callability check, ring the callee.
+    Call {
+        session: u32,
+        req: u64,
+        to: Username,
+        call_id: u64,
+    },
     /// Offline message queued: answer, then deliver if the recipient is online.
     Queue {
         session: u32,
@@ -193,10 +205,28 @@ enum Waiting {
 /// A push (supernode-initiated request) awaiting the client's answer.
 #[derive(Debug)]
 enum Push {
-    Connect { caller: u32, req: u64 },
-    Deliver { id: u64 },
+    Connect {
+        caller: u32,
+        req: u64,
+        /// The session is for an answered call between strangers.
+        call_only: bool,
+    },
+    /// `IncomingCall`: answer the caller's invite from the callee's answer.
+    Ring {
+        caller: u32,
+        req: u64,
+        key: CallKey,
+    },
+    Deliver {
+        id: u64,
+    },
     Info,
 }
+
+/// Calls known at once, in all (each costs about 100 bytes).
+const MAX_CALLS: usize = 100_000;
+/// Calls one user may have ringing or running at once.
+const MAX_CALLS_PER_USER: usize = 4;
 
 /// The supernode state machine.
 pub struct Supernode {
@@ -218,6 +248,7 @@ pub struct Supernode {
     reset_window: (Instant, u32),
     recent_inits: HashSet<[u8; 32]>,
     recent_order: VecDeque<[u8; 32]>,
+    calls: Calls,
     stats: Stats,
 }
 
@@ -273,6 +304,7 @@ impl Supernode {
             reset_window: (now, 0),
             recent_inits: HashSet::new(),
             recent_order: VecDeque::new(),
+            calls: Calls::new(MAX_CALLS, MAX_CALLS_PER_USER),
             stats: Stats::default(),
         }
     }
@@ -539,6 +571,7 @@ impl Supernode {
                 auth,
                 presence: hello.presence,
                 relay_only: hello.relay_only,
+                anyone_can_call: false,
                 contacts: HashSet::new(),
                 delivering: HashSet::new(),
                 more_waiting: false,
@@ -614,13 +647,23 @@ impl Supernode {
             .copied()
             .collect();
         for key in orphaned {
-            if let Some(Push::Connect { caller, req }) = self.pushes.remove(&key) {
-                self.reply(
+            match self.pushes.remove(&key) {
+                Some(Push::Connect { caller, req, .. }) => self.reply(
                     now,
                     caller,
                     req,
                     err(ErrorCode::Offline, format!("{user} went offline")),
-                );
+                ),
+                Some(Push::Ring { caller, req, key }) => {
+                    self.calls.end(&key);
+                    self.reply(
+                        now,
+                        caller,
+                        req,
+                        err(ErrorCode::Offline, format!("{user} went offline")),
+                    );
+                }
+                _ => {}
             }
         }
     }
@@ -658,7 +701,7 @@ impl Supernode {
         // Ringing a callee must give up well before the caller's own request does, so an
         // unresponsive callee costs the caller a mailbox fallback, not a reconnection.
         let attempts = match kind {
-            Push::Connect { .. } => CONNECT_PUSH_ATTEMPTS,
+            Push::Connect { .. } | Push::Ring { .. } => CONNECT_PUSH_ATTEMPTS,
             _ => u32::MAX,
         };
         if let Ok(id) = s.link.send_request_limited(now, body, attempts) {
@@ -701,6 +744,8 @@ impl Supernode {
             LinkEvent::Response { id, body } => self.on_push_answer(now, index, id, Some(body)),
             LinkEvent::RequestFailed { id } => self.on_push_answer(now, index, id, None),
             LinkEvent::Closed | LinkEvent::Dead => self.logout(now, index),
+            // Media never goes through a supernode.
+            LinkEvent::Datagram(_) => self.stats.dropped += 1,
         }
     }
 
@@ -842,6 +887,93 @@ impl Supernode {
                     self.push_presence(now, &c, &me, p.as_seen());
                 }
             }
+            (Request::CallInvite { user: to, call_id }, Some(me)) => {
+                match self.calls.check(now, &me, &to, call_id) {
+                    Ok(()) => {}
+                    Err(CallRefusal::DuplicateId) => {
+                        return self.reply(
+                            now,
+                            index,
+                            id,
+                            err(ErrorCode::BadRequest, "that call id is in use"),
+                        )
+                    }
+                    Err(CallRefusal::TooMany) => {
+                        return self.reply(
+                            now,
+                            index,
+                            id,
+                            err(ErrorCode::RateLimited, "too many calls at once"),
+                        )
+                    }
+                }
+                self.op(
+                    Op::CheckCall {
+                        from: me,
+                        to: to.clone(),
+                    },
+                    Waiting::Call {
+                        session,
+                        req,
+                        to,
+                        call_id,
+                    },
+                );
+            }
+            (
+                Request::CallSignal {
+                    user: other,
+                    call_id,
+                    signal,
+                },
+                Some(me),
+            ) => {
+                self.calls.prune(now);
+                // The caller's id names the call: find it from either side.
+                let Some((key, from_caller)) = self.calls.find(&me, &other, call_id) else {
+                    return self.reply(now, index, id, err(ErrorCode::BadRequest, "no such call"));
+                };
+                let allowed = match signal {
+                    CallSignal::Accept | CallSignal::Decline => !from_caller,
+                    CallSignal::Cancel => from_caller,
+                    CallSignal::HangUp => true,
+                };
+                if !allowed {
+                    return self.reply(
+                        now,
+                        index,
+                        id,
+                        err(ErrorCode::BadRequest, "that side cannot send this signal"),
+                    );
+                }
+                match signal {
+                    CallSignal::Accept => self.calls.accept(now, &key),
+                    _ => self.calls.end(&key),
+                }
+                match self.session_of(&other) {
+                    Some(i) => {
+                        self.reply(now, index, id, Response::Ok);
+                        let body = Request::CallSignal {
+                            user: me,
+                            call_id,
+                            signal,
+                        };
+                        self.push(now, i, body, Push::Info);
+                    }
+                    None => self.reply(
+                        now,
+                        index,
+                        id,
+                        err(ErrorCode::Offline, format!("{other} is offline")),
+                    ),
+                }
+            }
+            (Request::SetCallPolicy { anyone }, Some(_)) => {
+                if let Some(s) = self.sessions.get_mut(&index) {
+                    s.anyone_can_call = anyone;
+                }
+                self.reply(now, index, id, Response::Ok);
+            }
             (Request::RelayCredentials, Some(me)) => {
                 let body = match &self.cfg.relay {
                     Some(r) => {
@@ -978,6 +1110,7 @@ impl Supernode {
                 Request::ContactEvent { .. }
                 | Request::PresenceEvent { .. }
                 | Request::IncomingConnect { .. }
+                | Request::IncomingCall { .. }
                 | Request::Deliver { .. }
                 | Request::Chat { .. },
                 Some(_),
@@ -998,7 +1131,35 @@ impl Supernode {
         };
         match kind {
             Push::Info => {}
-            Push::Connect { caller, req } => {
+            Push::Ring { caller, req, key } => {
+                let answer = match body {
+                    Some(Response::Ok) => {
+                        self.stats.calls_rung += 1;
+                        Response::Ok
+                    }
+                    Some(Response::Error {
+                        code: ErrorCode::Busy,
+                        ..
+                    }) => {
+                        self.calls.end(&key);
+                        err(ErrorCode::Busy, format!("{} is in another call", key.0))
+                    }
+                    Some(_) => {
+                        self.calls.end(&key);
+                        err(ErrorCode::Declined, "the call was refused")
+                    }
+                    None => {
+                        self.calls.end(&key);
+                        err(ErrorCode::Offline, "the callee did not answer")
+                    }
+                };
+                self.reply(now, caller, req, answer);
+            }
+            Push::Connect {
+                caller,
+                req,
+                call_only,
+            } => {
                 let callee = self.sessions.get(&index);
                 let answer = match (body, callee) {
                     (
@@ -1023,6 +1184,7 @@ impl Supernode {
                             cert,
                             candidates,
                             hard_nat,
+                            call_only,
                         }
                     }
                     (Some(Response::Error { .. }), _) => {
@@ -1257,14 +1419,18 @@ impl Supernode {
                 },
                 OpResult::Done(r),
             ) => {
-                if let Err(e) = r {
-                    return self.reply(now, session, req, op_err(e));
-                }
                 let Some(caller) = self.sessions.get(&session) else {
                     return;
                 };
                 let (Some(me), Auth::User(cert)) = (caller.user().cloned(), &caller.auth) else {
                     return;
+                };
+                // Strangers in an answered call (the callee takes calls from anyone) may
+                // open the session its media needs, marked for the call only.
+                let call_only = match r {
+                    Ok(()) => false,
+                    Err(_) if self.calls.in_accepted_call(&me, &to) => true,
+                    Err(e) => return self.reply(now, session, req, op_err(e)),
                 };
                 let cert = cert.as_bytes().to_vec();
                 // An invisible user looks offline to contacts: messages go to the mailbox,
@@ -1282,6 +1448,7 @@ impl Supernode {
                             cert,
                             candidates,
                             hard_nat,
+                            call_only,
                         };
                         self.push(
                             now,
@@ -1290,6 +1457,7 @@ impl Supernode {
                             Push::Connect {
                                 caller: session,
                                 req,
+                                call_only,
                             },
                         );
                     }
@@ -1298,6 +1466,70 @@ impl Supernode {
                         session,
                         req,
                         err(ErrorCode::Offline, format!("{to} is offline")),
+                    ),
+                }
+            }
+            (
+                Waiting::Call {
+                    session,
+                    req,
+                    to,
+                    call_id,
+                },
+                OpResult::Callable(r),
+            ) => {
+                let Some(me) = self.sessions.get(&session).and_then(|s| s.user().cloned()) else {
+                    return;
+                };
+                // Invisible users look offline; strangers may ring only a callee who takes
+                // calls from anyone. Every refusal to a stranger reads the same, online or
+                // not.
+                let callee = self.session_of(&to).filter(|i| {
+                    self.sessions
+                        .get(i)
+                        .is_some_and(|s| s.presence != Presence::Invisible)
+                });
+                let anyone = callee
+                    .and_then(|i| self.sessions.get(&i))
+                    .is_some_and(|s| s.anyone_can_call);
+                let mutual = r.as_ref().ok().copied();
+                match (mutual, callee) {
+                    (Some(m), Some(i)) if m || anyone => {
+                        let key: CallKey = (me.clone(), call_id);
+                        if self.calls.ring(now, key.clone(), to).is_err() {
+                            return self.reply(
+                                now,
+                                session,
+                                req,
+                                err(ErrorCode::RateLimited, "too many calls at once"),
+                            );
+                        }
+                        let body = Request::IncomingCall { user: me, call_id };
+                        self.push(
+                            now,
+                            i,
+                            body,
+                            Push::Ring {
+                                caller: session,
+                                req,
+                                key,
+                            },
+                        );
+                    }
+                    (Some(true), None) => self.reply(
+                        now,
+                        session,
+                        req,
+                        err(ErrorCode::Offline, format!("{to} is offline")),
+                    ),
+                    _ => self.reply(
+                        now,
+                        session,
+                        req,
+                        err(
+                            ErrorCode::NotContact,
+                            format!("{to} is not your contact: you can only call your contacts"),
+                        ),
                     ),
                 }
             }
@@ -1341,6 +1573,7 @@ impl Supernode {
                     Waiting::Certify { .. } => "certify",
                     Waiting::Contact { .. } => "contact",
                     Waiting::Connect { .. } => "connect",
+                    Waiting::Call { .. } => "call",
                     Waiting::Queue { .. } => "queue",
                     Waiting::List { .. } => "list",
                     Waiting::Contacts { .. } => "contacts",

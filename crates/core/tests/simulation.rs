@@ -1350,3 +1350,345 @@ fn birthday_probes_are_bounded_when_nothing_answers() {
     assert!(probes_to_bob >= budget, "the whole budget was tried");
     assert!(w.net.sent > before);
 }
+
+// ----- calls -----
+
+use peerline_core::call::{CallInfo, CallState};
+
+impl World {
+    /// The latest state client `i` reported for `call_id`.
+    fn call_state(&self, i: usize, call_id: u64) -> Option<CallInfo> {
+        self.events[i].iter().rev().find_map(|e| match e {
+            ClientEvent::Call(c) if c.call_id == call_id => Some(c.clone()),
+            _ => None,
+        })
+    }
+
+    /// Steps until client `i` reports `state` for `call_id`.
+    fn wait_call(&mut self, i: usize, call_id: u64, state: CallState) -> CallInfo {
+        let end = self.now + Duration::from_secs(40);
+        while self.now < end {
+            if let Some(c) = self.call_state(i, call_id).filter(|c| c.state == state) {
+                return c;
+            }
+            self.step();
+        }
+        panic!(
+            "client {i}: call {call_id} never became {state:?}: last {:?}",
+            self.call_state(i, call_id)
+        );
+    }
+
+    /// The id of the newest incoming call client `i` saw.
+    fn incoming_call(&mut self, i: usize) -> u64 {
+        assert!(self.saw(
+            i,
+            |e| matches!(e, ClientEvent::Call(c) if c.state == CallState::Incoming)
+        ));
+        self.events[i]
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                ClientEvent::Call(c) if c.state == CallState::Incoming => Some(c.call_id),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    fn ring(&mut self, i: usize, callee: &str) -> CommandResult {
+        self.command(i, Command::CallStart { user: user(callee) })
+    }
+
+    fn media_received(&self, i: usize, call_id: u64) -> Vec<Vec<u8>> {
+        self.events[i]
+            .iter()
+            .filter_map(|e| match e {
+                ClientEvent::CallMedia { call_id: c, bytes } if *c == call_id => {
+                    Some(bytes.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn call_id_of(r: &CommandResult) -> u64 {
+    match r {
+        CommandResult::Call { call_id } => *call_id,
+        other => panic!("not ringing: {other:?}"),
+    }
+}
+
+/// A whole call between contacts: ring, answer, media both ways over the direct session
+/// (the supernode sees none of it), hang up.
+#[test]
+fn a_call_rings_connects_directly_carries_media_and_hangs_up() {
+    let mut w = World::new(120, Net::lossy(120, 0.02, 0.01, Duration::from_millis(30)));
+    let a = w.add_client(None, None);
+    let b = w.add_client(None, None);
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    let r = w.ring(a, "bob");
+    let call = call_id_of(&r);
+    assert_eq!(w.incoming_call(b), call);
+    assert_eq!(w.call_state(a, call).unwrap().state, CallState::Ringing);
+    let r = w.command(
+        b,
+        Command::CallAnswer {
+            call_id: call,
+            accept: true,
+        },
+    );
+    assert_eq!(r, CommandResult::Ok);
+    let ca = w.wait_call(a, call, CallState::Active);
+    let cb = w.wait_call(b, call, CallState::Active);
+    assert_eq!(ca.via, Some(Via::Direct));
+    assert_eq!(cb.via, Some(Via::Direct));
+    assert!(ca.setup_ms.is_some() && cb.setup_ms.is_some());
+    // Five seconds of 50 packets a second each way.
+    let sn_before = w.sn_datagrams;
+    for n in 0..250u32 {
+        let now = w.now;
+        assert!(w.clients[a]
+            .1
+            .send_call_media(now, call, n.to_le_bytes().to_vec()));
+        assert!(w.clients[b]
+            .1
+            .send_call_media(now, call, (1000 + n).to_le_bytes().to_vec()));
+        for _ in 0..4 {
+            w.step(); // 20 ms
+        }
+    }
+    w.run_for(Duration::from_millis(200));
+    let got_b = w.media_received(b, call);
+    let got_a = w.media_received(a, call);
+    // 2 % loss: most arrive; none is made up or altered.
+    assert!(got_b.len() >= 225, "bob got {} of 250", got_b.len());
+    assert!(got_a.len() >= 225, "alice got {} of 250", got_a.len());
+    assert!(got_b
+        .iter()
+        .all(|p| u32::from_le_bytes(p[..4].try_into().unwrap()) < 250));
+    assert!(got_a
+        .iter()
+        .all(|p| (1000..1250).contains(&u32::from_le_bytes(p[..4].try_into().unwrap()))));
+    assert!(
+        w.sn_datagrams - sn_before <= 12,
+        "the supernode saw {} datagrams during 5 s of media",
+        w.sn_datagrams - sn_before
+    );
+    assert_eq!(
+        w.command(a, Command::CallHangUp { call_id: call }),
+        CommandResult::Ok
+    );
+    let end_a = w.wait_call(a, call, CallState::Ended);
+    let end_b = w.wait_call(b, call, CallState::Ended);
+    assert_eq!(end_a.end_reason.as_deref(), Some("hung up"));
+    assert_eq!(end_b.end_reason.as_deref(), Some("the other side hung up"));
+    assert!(w.clients[a].1.calls().is_empty() && w.clients[b].1.calls().is_empty());
+    let now = w.now;
+    assert!(
+        !w.clients[a].1.send_call_media(now, call, vec![1]),
+        "no media after the end"
+    );
+}
+
+/// A stranger cannot ring a user, and the refusal reads the same whether the user is
+/// online or not; decline, cancel, busy and the ring timeout each end the call as named.
+#[test]
+fn call_refusals_and_endings() {
+    let mut w = World::new(121, Net::perfect(121));
+    let a = w.add_client(None, None);
+    let b = w.add_client(None, None);
+    let c = w.add_client(None, None);
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.register(c, "carol");
+    w.befriend(a, b, "bob", "alice");
+    w.befriend(c, b, "bob", "carol");
+    // Carol is a stranger to alice: refused, online or not, with the same words.
+    let online = w.ring(c, "alice");
+    let ghost = w.ring(c, "nobody");
+    let strip = |r: &CommandResult| match r {
+        CommandResult::Error { code, detail } => {
+            (*code, detail.replace("alice", "X").replace("nobody", "X"))
+        }
+        other => panic!("not refused: {other:?}"),
+    };
+    assert_eq!(strip(&online).0, ErrorCode::NotContact);
+    assert_eq!(
+        strip(&online),
+        strip(&ghost),
+        "an online user looks like a missing one"
+    );
+    assert!(
+        !w.events[a]
+            .iter()
+            .any(|e| matches!(e, ClientEvent::Call(_))),
+        "alice never rang"
+    );
+
+    // Declined.
+    let call = call_id_of(&w.ring(a, "bob"));
+    let inc = w.incoming_call(b);
+    assert_eq!(inc, call);
+    w.command(
+        b,
+        Command::CallAnswer {
+            call_id: call,
+            accept: false,
+        },
+    );
+    assert_eq!(
+        w.wait_call(a, call, CallState::Ended).end_reason.as_deref(),
+        Some("declined")
+    );
+
+    // Cancelled by the caller while ringing.
+    let call = call_id_of(&w.ring(a, "bob"));
+    assert_eq!(w.incoming_call(b), call);
+    w.command(a, Command::CallHangUp { call_id: call });
+    assert_eq!(
+        w.wait_call(b, call, CallState::Ended).end_reason.as_deref(),
+        Some("cancelled")
+    );
+
+    // Busy: bob is in a call with alice when carol rings.
+    let call = call_id_of(&w.ring(a, "bob"));
+    assert_eq!(w.incoming_call(b), call);
+    w.command(
+        b,
+        Command::CallAnswer {
+            call_id: call,
+            accept: true,
+        },
+    );
+    w.wait_call(a, call, CallState::Active);
+    match w.ring(c, "bob") {
+        CommandResult::Error { code, .. } => assert_eq!(code, ErrorCode::Busy),
+        other => panic!("expected busy: {other:?}"),
+    }
+    w.command(b, Command::CallHangUp { call_id: call });
+    w.wait_call(a, call, CallState::Ended);
+
+    // Nobody answers: the caller gives up after 30 s and the callee stops ringing.
+    let call = call_id_of(&w.ring(a, "bob"));
+    assert_eq!(w.incoming_call(b), call);
+    let started = w.now;
+    assert_eq!(
+        w.wait_call(a, call, CallState::Ended).end_reason.as_deref(),
+        Some("no answer")
+    );
+    assert!(w.now - started >= Duration::from_secs(29));
+    assert_eq!(
+        w.wait_call(b, call, CallState::Ended).end_reason.as_deref(),
+        Some("cancelled")
+    );
+}
+
+/// A user who takes calls from anyone can be rung by a stranger, and the answered call
+/// gets its session although the two are not contacts; media stops when it ends.
+#[test]
+fn anyone_can_call_lets_a_stranger_ring_and_connect() {
+    let mut w = World::new(122, Net::perfect(122));
+    let a = w.add_client(None, None);
+    let d = w.add_client(None, None);
+    w.register(a, "alice");
+    w.register(d, "dave");
+    assert!(matches!(
+        w.ring(d, "alice"),
+        CommandResult::Error {
+            code: ErrorCode::NotContact,
+            ..
+        }
+    ));
+    assert_eq!(
+        w.command(a, Command::SetCallPolicy { anyone: true }),
+        CommandResult::Ok
+    );
+    let call = call_id_of(&w.ring(d, "alice"));
+    assert_eq!(w.incoming_call(a), call);
+    w.command(
+        a,
+        Command::CallAnswer {
+            call_id: call,
+            accept: true,
+        },
+    );
+    assert_eq!(
+        w.wait_call(d, call, CallState::Active).via,
+        Some(Via::Direct)
+    );
+    w.wait_call(a, call, CallState::Active);
+    let now = w.now;
+    assert!(w.clients[d].1.send_call_media(now, call, vec![7; 100]));
+    w.run_for(Duration::from_millis(100));
+    assert_eq!(w.media_received(a, call), vec![vec![7; 100]]);
+    // Still strangers: no messages between them.
+    match w.send(d, "alice", "hi") {
+        CommandResult::Error { code, .. } => assert_eq!(code, ErrorCode::NotContact),
+        other => panic!("a stranger's message went through: {other:?}"),
+    }
+}
+
+/// Two symmetric NATs: the call's media takes the relay, and says so.
+#[test]
+fn a_call_between_two_symmetric_nats_runs_over_the_relay() {
+    use NatKind::*;
+    let mut w = World::with_relay(123, Net::perfect(123));
+    let a = w.add_client_behind(Some(Symmetric));
+    let b = w.add_client_behind(Some(Symmetric));
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    w.run_for(Duration::from_millis(500));
+    let call = call_id_of(&w.ring(a, "bob"));
+    assert_eq!(w.incoming_call(b), call);
+    w.command(
+        b,
+        Command::CallAnswer {
+            call_id: call,
+            accept: true,
+        },
+    );
+    assert_eq!(
+        w.wait_call(a, call, CallState::Active).via,
+        Some(Via::Relay)
+    );
+    assert_eq!(
+        w.wait_call(b, call, CallState::Active).via,
+        Some(Via::Relay)
+    );
+    let now = w.now;
+    assert!(w.clients[a].1.send_call_media(now, call, vec![1, 2, 3]));
+    w.run_for(Duration::from_millis(200));
+    assert_eq!(w.media_received(b, call), vec![vec![1, 2, 3]]);
+}
+
+/// When the other side goes silent (its process died), the call ends by itself.
+#[test]
+fn a_call_ends_when_media_stops() {
+    let mut w = World::new(124, Net::perfect(124));
+    let a = w.add_client(None, None);
+    let b = w.add_client(None, None);
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, b, "bob", "alice");
+    let call = call_id_of(&w.ring(a, "bob"));
+    w.incoming_call(b);
+    w.command(
+        b,
+        Command::CallAnswer {
+            call_id: call,
+            accept: true,
+        },
+    );
+    w.wait_call(a, call, CallState::Active);
+    w.frozen.push(b);
+    let c = w.wait_call(a, call, CallState::Ended);
+    assert!(
+        c.end_reason.as_deref() == Some("no audio from the other side for 15 s")
+            || c.end_reason.as_deref() == Some("the connection to the other side broke"),
+        "{c:?}"
+    );
+}

@@ -20,6 +20,8 @@ pub enum Input {
     Status(oneshot::Sender<Status>),
     /// Connect now (or take the account back after a login elsewhere).
     Connect,
+    /// A media datagram for an active call (dropped if the call is not active).
+    CallMedia(u64, Vec<u8>),
     /// Close sessions and stop.
     Shutdown,
 }
@@ -262,6 +264,9 @@ pub async fn run_client(
                     waiting.insert(id, tx);
                 }
                 Some(Input::Saved(token)) => client.message_saved(Instant::now(), token),
+                Some(Input::CallMedia(call_id, bytes)) => {
+                    client.send_call_media(Instant::now(), call_id, bytes);
+                }
                 Some(Input::Connect) => client.connect(Instant::now()),
                 Some(Input::Status(tx)) => {
                     let _ = tx.send(Status {

@@ -217,6 +217,12 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
                 json!({"user": user.as_str(), "presence": presence.as_str()}),
             );
         }
+        ClientEvent::Call(info) => {
+            tracing::info!(call = info.call_id, peer = %info.peer, state = info.state.as_str(), "call");
+            shared.emit("call", serde_json::to_value(&info).unwrap_or_default());
+        }
+        // Media of a call this agent does not play (calls are answered by `calls wait`).
+        ClientEvent::CallMedia { .. } => {}
         ClientEvent::CommandDone { .. } => {}
     }
 }
@@ -287,6 +293,7 @@ fn to_response(r: CommandResult) -> ControlResponse {
         CommandResult::Sent { via, msg_id, sent_at } => {
             ControlResponse::ok(json!({"via": via.as_str(), "msg_id": msg_id, "time": sent_at}))
         }
+        CommandResult::Call { call_id } => ControlResponse::ok(json!({"call_id": call_id})),
         CommandResult::Error { detail, .. } => ControlResponse::err(detail),
     }
 }

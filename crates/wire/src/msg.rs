@@ -32,6 +32,8 @@ pub const CONTACTS_PAGE: usize = 25;
 pub const MAX_DETAIL: usize = 200;
 /// Longest encoded certificate in a frame.
 pub const MAX_CERT: usize = crate::cert::MAX_CERT_LEN;
+/// Longest media payload in one [`Frame::Datagram`] (an encoded audio packet).
+pub const MAX_MEDIA: usize = 1000;
 
 /// Availability a user shows to their contacts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -173,6 +175,22 @@ pub enum ErrorCode {
     Unavailable,
     /// The password is too weak.
     WeakPassword,
+    /// The callee is in another call.
+    Busy,
+}
+
+/// A call's signalling step, passed between the two parties through the supernode (and
+/// over their direct session once there is one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CallSignal {
+    /// Callee: answered; the caller opens the direct session.
+    Accept,
+    /// Callee: refused while ringing.
+    Decline,
+    /// Caller: gave up before an answer.
+    Cancel,
+    /// Either side: the call is over.
+    HangUp,
 }
 
 /// A request. Every request gets exactly one [`Response`] with the same id; a repeated
@@ -282,6 +300,9 @@ pub enum Request {
         candidates: Vec<SocketAddr>,
         /// The caller's NAT has endpoint-dependent mapping.
         hard_nat: bool,
+        /// The two are not contacts: the session is for an answered call only (no
+        /// messages).
+        call_only: bool,
     },
     /// Supernode to client: a stored offline message. Answer `Ok` once the client has
     /// saved it; only then does the supernode delete it.
@@ -309,6 +330,38 @@ pub enum Request {
     /// Client to supernode: credentials for the operator's TURN relay.
     /// Answer: `RelayCredentials`, or `Error(Unavailable)` when there is no relay.
     RelayCredentials,
+    /// Client to supernode: ring a user. Answer `Ok` once the callee's device rings, or
+    /// `Error(NotContact)` (the same whether the callee is online or not), `Offline`,
+    /// `Busy`.
+    CallInvite {
+        /// Callee.
+        user: Username,
+        /// Caller-chosen id of the call.
+        call_id: u64,
+    },
+    /// Supernode to client: a call is ringing. Answer `Ok` (ringing) or `Error(Busy)`.
+    IncomingCall {
+        /// Caller.
+        user: Username,
+        /// The caller's id of the call.
+        call_id: u64,
+    },
+    /// A step of a call. Client to supernode: `user` is the other party, and the supernode
+    /// forwards it as a push with `user` set to the sender. Peer to peer (over their
+    /// session): `user` is the sender. Answer `Ok`, or `Error(Offline)`.
+    CallSignal {
+        /// The other party (to the supernode) or the sender (in a push).
+        user: Username,
+        /// The call.
+        call_id: u64,
+        /// What happened.
+        signal: CallSignal,
+    },
+    /// Who may ring this user: contacts only (`false`, the default) or anyone. Answer `Ok`.
+    SetCallPolicy {
+        /// Anyone can call.
+        anyone: bool,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -345,6 +398,8 @@ pub enum Response {
         candidates: Vec<SocketAddr>,
         /// The callee's NAT has endpoint-dependent mapping.
         hard_nat: bool,
+        /// The two are not contacts: the session is for an answered call only.
+        call_only: bool,
     },
     /// Client to supernode: the callee's answer to `IncomingConnect`.
     ConnectAnswer {
@@ -405,6 +460,9 @@ pub enum Frame {
     },
     /// The sender is closing this session.
     Close,
+    /// An unreliable datagram inside the session (call media): never acknowledged or
+    /// retransmitted; at most [`MAX_MEDIA`] bytes.
+    Datagram(Vec<u8>),
 }
 
 /// Payload of the first handshake message (encrypted by Noise).
@@ -482,6 +540,10 @@ impl Request {
             | Request::ContactRemove { .. }
             | Request::ContactList { .. }
             | Request::RelayCredentials
+            | Request::CallInvite { .. }
+            | Request::IncomingCall { .. }
+            | Request::CallSignal { .. }
+            | Request::SetCallPolicy { .. }
             | Request::PresenceEvent { .. } => Ok(()),
         }
     }
@@ -553,6 +615,7 @@ impl Frame {
         match &f {
             Frame::Request { body, .. } => body.validate()?,
             Frame::Response { body, .. } => body.validate()?,
+            Frame::Datagram(d) => check_count(d.len(), MAX_MEDIA)?,
             Frame::Keepalive | Frame::Close => {}
         }
         Ok(f)
@@ -563,6 +626,7 @@ impl Frame {
         match self {
             Frame::Request { body, .. } => body.validate()?,
             Frame::Response { body, .. } => body.validate()?,
+            Frame::Datagram(d) => check_count(d.len(), MAX_MEDIA)?,
             Frame::Keepalive | Frame::Close => {}
         }
         encode_bounded(self)
@@ -601,6 +665,15 @@ impl Welcome {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_full_media_datagram_fits_one_transport_packet_and_a_larger_one_is_refused() {
+        let f = Frame::Datagram(vec![1; MAX_MEDIA]);
+        let b = f.encode().expect("fits");
+        assert!(b.len() <= MAX_TRANSPORT_PLAINTEXT);
+        assert_eq!(Frame::decode(&b).unwrap(), f);
+        assert!(Frame::Datagram(vec![1; MAX_MEDIA + 1]).encode().is_err());
+    }
+
     use super::*;
     use proptest::prelude::*;
 
@@ -662,6 +735,7 @@ mod tests {
                 cert: vec![1, 2, 3],
                 candidates: vec![addr],
                 hard_nat: false,
+                call_only: true,
             },
             Request::Deliver {
                 id: 1,
@@ -676,6 +750,20 @@ mod tests {
                 text: "hello ✓".into(),
             },
             Request::RelayCredentials,
+            Request::CallInvite {
+                user: user("bob"),
+                call_id: 77,
+            },
+            Request::IncomingCall {
+                user: user("alice"),
+                call_id: 77,
+            },
+            Request::CallSignal {
+                user: user("bob"),
+                call_id: 77,
+                signal: CallSignal::HangUp,
+            },
+            Request::SetCallPolicy { anyone: true },
         ];
         let resps = vec![
             Response::Ok,
@@ -696,6 +784,7 @@ mod tests {
                 cert: vec![1; 10],
                 candidates: vec![addr],
                 hard_nat: true,
+                call_only: false,
             },
             Response::ConnectAnswer {
                 candidates: vec![v6],
@@ -707,7 +796,12 @@ mod tests {
                 password: "c2VjcmV0".into(),
             },
         ];
-        let mut out = vec![Frame::Keepalive, Frame::Close];
+        let mut out = vec![
+            Frame::Keepalive,
+            Frame::Close,
+            Frame::Datagram(vec![0x5a; MAX_MEDIA]),
+            Frame::Datagram(Vec::new()),
+        ];
         out.extend(
             reqs.into_iter()
                 .enumerate()
