@@ -2,6 +2,8 @@
 # Installs the system packages the tests use, when missing:
 #   coturn      turnutils_stunclient, a standard STUN client for interoperability tests
 #   nftables, iptables, iproute2   the NAT lab (network namespaces and NAT rules)
+#   cmake       builds the libopus bundled with the `opus` crate (peerline-media)
+#   espeak-ng, sox   speech for the call quality tests and benchmark
 # Runs apt-get only as root; otherwise says what is missing and what to run.
 set -euo pipefail
 
@@ -10,6 +12,9 @@ command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v cmake >/dev/null 2>&1 || need+=(cmake)
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+command -v sox >/dev/null 2>&1 || need+=(sox)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0
