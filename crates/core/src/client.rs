@@ -484,6 +484,8 @@ pub struct Client {
     calls: HashMap<u64, Call>,
     /// Strangers whose session with us exists only for a call: no messages.
     call_only: HashSet<Username>,
+    /// Strangers may ring us (sent again at every login).
+    anyone_can_call: bool,
     /// Our reflexive address as the supernode and the relay see it.
     mapping: MappingProbe,
     /// Birthday attempts by peer.
@@ -568,6 +570,7 @@ impl Client {
             direct_sends: VecDeque::new(),
             calls: HashMap::new(),
             call_only: HashSet::new(),
+            anyone_can_call: false,
             mapping: MappingProbe::default(),
             birthdays: HashMap::new(),
             extra_transmits: VecDeque::new(),
@@ -978,6 +981,14 @@ impl Client {
                 }
             }
         }
+        if self.anyone_can_call {
+            // The supernode forgets it with the session.
+            if let Server::Up { link, .. } = &mut self.server {
+                if let Ok(id) = link.send_request(now, Request::SetCallPolicy { anyone: true }) {
+                    self.server_reqs.insert(id, ServerReq::Presence);
+                }
+            }
+        }
     }
 
     fn schedule_renewal(&mut self, now: Instant) {
@@ -1135,7 +1146,10 @@ impl Client {
                 self.call_hang_up(now, call_id, "hung up");
                 return self.done(id, CommandResult::Ok);
             }
-            Command::SetCallPolicy { anyone } => Request::SetCallPolicy { anyone },
+            Command::SetCallPolicy { anyone } => {
+                self.anyone_can_call = anyone;
+                Request::SetCallPolicy { anyone }
+            }
         };
         if let Err(e) = self.server_request(now, body, ServerReq::Command(id, kept)) {
             self.done(id, e);

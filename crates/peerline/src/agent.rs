@@ -14,6 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::calls::{CallManager, MediaPlan};
 use crate::control::{ControlRequest, ControlResponse};
 use crate::history::{Entry, History};
 use crate::profile::{Profile, ProfileError};
@@ -47,20 +48,30 @@ struct Shared {
     reason: Mutex<Option<String>>,
     /// Live events for `peerline events` (and the terminal app): one JSON object each.
     events: tokio::sync::broadcast::Sender<serde_json::Value>,
+    /// Calls and their media.
+    calls: CallManager,
 }
 
 /// Events kept for a slow `events` reader before it is told it missed some.
 const EVENT_BACKLOG: usize = 256;
 
 impl Shared {
-    fn emit(&self, kind: &str, mut data: serde_json::Value) {
-        if let Some(o) = data.as_object_mut() {
-            o.insert("type".into(), json!(kind));
-            o.insert("time".into(), json!(peerline_net::unix_ms_now()));
-        }
-        // No subscriber is fine: nobody is listening.
-        let _ = self.events.send(data);
+    fn emit(&self, kind: &str, data: serde_json::Value) {
+        emit_to(&self.events, kind, data);
     }
+}
+
+/// Publishes one live event (no subscriber is fine: nobody is listening).
+fn emit_to(
+    events: &tokio::sync::broadcast::Sender<serde_json::Value>,
+    kind: &str,
+    mut data: serde_json::Value,
+) {
+    if let Some(o) = data.as_object_mut() {
+        o.insert("type".into(), json!(kind));
+        o.insert("time".into(), json!(peerline_net::unix_ms_now()));
+    }
+    let _ = events.send(data);
 }
 
 /// Builds the client core for a registered profile.
@@ -108,6 +119,9 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
     if presence != Presence::Online {
         client.command(Instant::now(), Command::SetPresence(presence));
     }
+    if profile.anyone_can_call() {
+        client.command(Instant::now(), Command::SetCallPolicy { anyone: true });
+    }
     let listener = UnixListener::bind(&sock_path)?;
     std::fs::write(profile.pid_path(), format!("{}\n", std::process::id()))?;
 
@@ -123,6 +137,7 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
         stop: Notify::new(),
         reason: Mutex::new(None),
         events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
+        calls: CallManager::new(),
     });
     tracing::info!(user = %me, "agent started");
 
@@ -220,9 +235,14 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
         ClientEvent::Call(info) => {
             tracing::info!(call = info.call_id, peer = %info.peer, state = info.state.as_str(), "call");
             shared.emit("call", serde_json::to_value(&info).unwrap_or_default());
+            let events = shared.events.clone();
+            shared
+                .calls
+                .on_state(info, &shared.input, move |kind, data| {
+                    emit_to(&events, kind, data)
+                });
         }
-        // Media of a call this agent does not play (calls are answered by `calls wait`).
-        ClientEvent::CallMedia { .. } => {}
+        ClientEvent::CallMedia { call_id, bytes } => shared.calls.on_media(call_id, bytes),
         ClientEvent::CommandDone { .. } => {}
     }
 }
@@ -372,6 +392,69 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
             Err(e) => return ControlResponse::err(e),
         },
         ControlRequest::Search { prefix } => Command::Search { prefix },
+        ControlRequest::Call {
+            user: u,
+            play,
+            record,
+            duration_s,
+        } => {
+            let u = match user(&u) {
+                Ok(u) => u,
+                Err(e) => return e,
+            };
+            let plan = MediaPlan {
+                hang_up_at_end: play.is_some() && duration_s.is_none(),
+                play,
+                record,
+                duration: duration_s.map(Duration::from_secs_f64),
+            };
+            return place_call(shared, u, plan).await;
+        }
+        ControlRequest::CallsWait {
+            accept,
+            play,
+            record,
+            duration_s,
+            timeout_s,
+        } => {
+            let plan = MediaPlan {
+                play,
+                record,
+                duration: duration_s.map(Duration::from_secs_f64),
+                hang_up_at_end: false,
+            };
+            let wait = Duration::from_secs_f64(timeout_s.unwrap_or(3600.0).clamp(0.0, 86_400.0));
+            return wait_for_call(shared, accept, plan, wait).await;
+        }
+        ControlRequest::CallAnswer { call_id, accept } => {
+            if accept {
+                // Answered from an app: silence in, nothing recorded, report unused.
+                drop(shared.calls.plan(call_id, MediaPlan::default()));
+            }
+            Command::CallAnswer { call_id, accept }
+        }
+        ControlRequest::CallHangUp { call_id } => Command::CallHangUp { call_id },
+        ControlRequest::CallsList => {
+            return ControlResponse::ok(json!(shared.calls.live()));
+        }
+        ControlRequest::CallPolicy { from } => {
+            let anyone = match from.as_str() {
+                "anyone" => true,
+                "contacts" => false,
+                other => {
+                    return ControlResponse::err(format!(
+                        "unknown policy {other:?}: use `anyone` or `contacts`"
+                    ))
+                }
+            };
+            let r = command(shared, Command::SetCallPolicy { anyone }).await;
+            if r == CommandResult::Ok {
+                if let Err(e) = shared.profile.save_anyone_can_call(anyone) {
+                    tracing::warn!(error = %e, "could not remember the call policy");
+                }
+            }
+            return to_response(r);
+        }
         ControlRequest::MsgSend { to, text } => {
             let to = match user(&to) {
                 Ok(u) => u,
@@ -418,4 +501,85 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
         }
     };
     to_response(command(shared, cmd).await)
+}
+
+/// Rings `callee`, runs the call with `plan` and answers with its report.
+async fn place_call(shared: &Shared, callee: Username, plan: MediaPlan) -> ControlResponse {
+    let call_id = match command(shared, Command::CallStart { user: callee }).await {
+        CommandResult::Call { call_id } => call_id,
+        other => return to_response(other),
+    };
+    let report = shared.calls.plan(call_id, plan);
+    match report.await {
+        Ok(r) => ControlResponse::ok(serde_json::to_value(&r).unwrap_or_default()),
+        Err(_) => ControlResponse::err("the agent stopped during the call"),
+    }
+}
+
+/// Waits up to `wait` for a call to ring, answers it, and reports how it went.
+async fn wait_for_call(
+    shared: &Shared,
+    accept: bool,
+    plan: MediaPlan,
+    wait: Duration,
+) -> ControlResponse {
+    let mut states = shared.calls.subscribe();
+    let ringing = match shared.calls.ringing() {
+        Some(c) => c,
+        None => {
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                match tokio::time::timeout_at(deadline, states.recv()).await {
+                    Ok(Ok(c)) if c.state == peerline_core::call::CallState::Incoming => break c,
+                    Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => {
+                        continue
+                    }
+                    Ok(Err(_)) => return ControlResponse::err("the agent is shutting down"),
+                    Err(_) => {
+                        return ControlResponse::err(format!(
+                            "no call came in within {} s",
+                            wait.as_secs()
+                        ))
+                    }
+                }
+            }
+        }
+    };
+    let call_id = ringing.call_id;
+    if !accept {
+        let r = command(
+            shared,
+            Command::CallAnswer {
+                call_id,
+                accept: false,
+            },
+        )
+        .await;
+        return match r {
+            CommandResult::Ok => ControlResponse::ok(json!({
+                "call_id": call_id,
+                "peer": ringing.peer.as_str(),
+                "state": "ended",
+                "end_reason": "declined",
+            })),
+            other => to_response(other),
+        };
+    }
+    let report = shared.calls.plan(call_id, plan);
+    match command(
+        shared,
+        Command::CallAnswer {
+            call_id,
+            accept: true,
+        },
+    )
+    .await
+    {
+        CommandResult::Ok => {}
+        other => return to_response(other),
+    }
+    match report.await {
+        Ok(r) => ControlResponse::ok(serde_json::to_value(&r).unwrap_or_default()),
+        Err(_) => ControlResponse::err("the agent stopped during the call"),
+    }
 }

@@ -98,6 +98,31 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: MsgCmd,
     },
+    /// Call USER: rings, streams --play once answered, records what it hears into
+    /// --record, hangs up after --duration or at the end of --play, then prints the call's
+    /// statistics.
+    Call {
+        /// Callee.
+        user: String,
+        /// WAV file to send (any common sample rate and channel count); silence without.
+        #[arg(long)]
+        play: Option<PathBuf>,
+        /// WAV file to write with what you hear (48 kHz mono).
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Hang up after this many seconds.
+        #[arg(long)]
+        duration: Option<f64>,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Incoming calls and call settings.
+    Calls {
+        /// Calls command.
+        #[command(subcommand)]
+        cmd: CallsCmd,
+    },
     /// Follow the agent's live events (messages, presence, contact requests, online state).
     Events {
         /// One JSON object per line.
@@ -182,6 +207,53 @@ pub enum PrivacyCmd {
     },
 }
 
+/// `calls` subcommands.
+#[derive(Subcommand, Debug)]
+pub enum CallsCmd {
+    /// Wait for the next incoming call and answer (--accept) or decline (--decline) it;
+    /// returns with the call's statistics when it ends.
+    Wait {
+        /// Answer it.
+        #[arg(long, conflicts_with = "decline", required_unless_present = "decline")]
+        accept: bool,
+        /// Decline it.
+        #[arg(long)]
+        decline: bool,
+        /// WAV file to send; silence without.
+        #[arg(long)]
+        play: Option<PathBuf>,
+        /// WAV file to write with what you hear (48 kHz mono).
+        #[arg(long)]
+        record: Option<PathBuf>,
+        /// Hang up after this many seconds (else when the caller does).
+        #[arg(long)]
+        duration: Option<f64>,
+        /// Give up waiting for a call after this many seconds.
+        #[arg(long, default_value_t = 3600.0)]
+        timeout: f64,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Calls ringing or running now.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hang up, cancel or decline a call.
+    Hangup {
+        /// The call's id (from `calls list`).
+        call_id: u64,
+    },
+    /// Who may ring you: `contacts` (the default) or `anyone`.
+    From {
+        /// contacts or anyone.
+        #[arg(value_parser = ["contacts", "anyone"])]
+        who: String,
+    },
+}
+
 /// `msg` subcommands.
 #[derive(Subcommand, Debug)]
 pub enum MsgCmd {
@@ -209,6 +281,57 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn agent(profile: &Profile, req: ControlRequest) -> anyhow::Result<Value> {
     call(&profile.socket_path(), &req, CALL_TIMEOUT).map_err(|e| anyhow!(e))
+}
+
+/// `path` made absolute (the agent runs in another directory).
+fn absolute(path: PathBuf) -> anyhow::Result<PathBuf> {
+    std::path::absolute(&path).with_context(|| format!("bad path {}", path.display()))
+}
+
+/// Prints a call's report.
+fn print_call(v: &Value, json: bool) {
+    if json {
+        return print_json(v);
+    }
+    let peer = v["peer"].as_str().unwrap_or("?");
+    let reason = v["end_reason"].as_str().unwrap_or("ended");
+    if v["media"].is_null() {
+        println!("call with {peer}: {reason}");
+        return;
+    }
+    let m = &v["media"];
+    let f = |x: &Value| x.as_f64().map_or("-".to_string(), |x| format!("{x:.1}"));
+    println!(
+        "call with {peer}: {} s over a {} path, set up in {} ms; {reason}",
+        f(&v["duration_s"]),
+        v["via"].as_str().unwrap_or("?"),
+        v["setup_ms"].as_u64().map_or("-".into(), |x| x.to_string())
+    );
+    println!(
+        "  rtt {} ms, loss {} % before recovery and {} % after, jitter {} ms",
+        f(&m["rtt_ms"]),
+        f(&Value::from(
+            m["loss_before_recovery"].as_f64().unwrap_or(0.0) * 100.0
+        )),
+        f(&Value::from(
+            m["loss_after_recovery"].as_f64().unwrap_or(0.0) * 100.0
+        )),
+        f(&m["jitter_ms"])
+    );
+    println!(
+        "  playout delay {} ms (mean {}), codec {} ms, sending {} kb/s (Opus {} kb/s)",
+        f(&m["playout_delay_ms"]),
+        f(&m["mean_playout_delay_ms"]),
+        f(&m["codec_delay_ms"]),
+        f(&m["send_kbps"]),
+        f(&m["bitrate_kbps"])
+    );
+    if let Some(p) = v["recorded"].as_str() {
+        println!("  recorded to {p}");
+    }
+    if let Some(e) = v["media_error"].as_str() {
+        println!("  audio problem: {e}");
+    }
 }
 
 fn print_json(v: &Value) {
@@ -689,6 +812,79 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 println!("delivered to {user} ({})", v["via"].as_str().unwrap_or("?"));
             }
+        }
+        Cmd::Call {
+            user,
+            play,
+            record,
+            duration,
+            json,
+        } => {
+            let req = ControlRequest::Call {
+                user: user.clone(),
+                play: play.map(absolute).transpose()?,
+                record: record.map(absolute).transpose()?,
+                duration_s: duration,
+            };
+            let limit = Duration::from_secs_f64(duration.unwrap_or(3600.0) + 120.0);
+            let v = call(&profile.socket_path(), &req, limit).map_err(|e| anyhow!(e))?;
+            print_call(&v, json);
+        }
+        Cmd::Calls {
+            cmd:
+                CallsCmd::Wait {
+                    accept,
+                    decline,
+                    play,
+                    record,
+                    duration,
+                    timeout,
+                    json,
+                },
+        } => {
+            let req = ControlRequest::CallsWait {
+                accept: accept && !decline,
+                play: play.map(absolute).transpose()?,
+                record: record.map(absolute).transpose()?,
+                duration_s: duration,
+                timeout_s: Some(timeout),
+            };
+            let limit = Duration::from_secs_f64(timeout + duration.unwrap_or(86_400.0) + 120.0);
+            let v = call(&profile.socket_path(), &req, limit).map_err(|e| anyhow!(e))?;
+            print_call(&v, json);
+        }
+        Cmd::Calls {
+            cmd: CallsCmd::List { json },
+        } => {
+            let v = agent(&profile, ControlRequest::CallsList)?;
+            if json {
+                print_json(&v);
+            } else if v.as_array().is_none_or(|a| a.is_empty()) {
+                println!("no calls");
+            } else {
+                for c in v.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<32} {:<9} {:<10} {}",
+                        c["call_id"],
+                        c["peer"].as_str().unwrap_or("?"),
+                        c["direction"].as_str().unwrap_or("?"),
+                        c["state"].as_str().unwrap_or("?"),
+                        c["via"].as_str().unwrap_or("")
+                    );
+                }
+            }
+        }
+        Cmd::Calls {
+            cmd: CallsCmd::Hangup { call_id },
+        } => {
+            agent(&profile, ControlRequest::CallHangUp { call_id })?;
+            println!("call {call_id} ended");
+        }
+        Cmd::Calls {
+            cmd: CallsCmd::From { who },
+        } => {
+            agent(&profile, ControlRequest::CallPolicy { from: who.clone() })?;
+            println!("calls from {who} ring this device");
         }
         Cmd::Msg {
             cmd: MsgCmd::List { user, json },

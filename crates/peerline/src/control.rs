@@ -58,6 +58,57 @@ pub enum ControlRequest {
         /// Text.
         text: String,
     },
+    /// Call a user; answers with the call's report once it is over.
+    Call {
+        /// Callee.
+        user: String,
+        /// WAV to send.
+        #[serde(default)]
+        play: Option<std::path::PathBuf>,
+        /// WAV to write with what is heard.
+        #[serde(default)]
+        record: Option<std::path::PathBuf>,
+        /// Hang up after this many seconds (else at the end of `play`).
+        #[serde(default)]
+        duration_s: Option<f64>,
+    },
+    /// Wait for the next incoming call and accept or decline it; answers with the call's
+    /// report once it is over (or at once when declined).
+    CallsWait {
+        /// Accept (else decline).
+        accept: bool,
+        /// WAV to send.
+        #[serde(default)]
+        play: Option<std::path::PathBuf>,
+        /// WAV to write with what is heard.
+        #[serde(default)]
+        record: Option<std::path::PathBuf>,
+        /// Hang up after this many seconds.
+        #[serde(default)]
+        duration_s: Option<f64>,
+        /// Give up waiting for a call after this many seconds.
+        #[serde(default)]
+        timeout_s: Option<f64>,
+    },
+    /// Answer a ringing call without waiting for its end (silence in, nothing recorded).
+    CallAnswer {
+        /// The call.
+        call_id: u64,
+        /// Accept (else decline).
+        accept: bool,
+    },
+    /// Hang up (or cancel, or decline) a call.
+    CallHangUp {
+        /// The call.
+        call_id: u64,
+    },
+    /// Calls not yet over.
+    CallsList,
+    /// Who may ring this user: `anyone` or `contacts`.
+    CallPolicy {
+        /// `anyone` or `contacts`.
+        from: String,
+    },
 }
 
 /// The agent's answer.

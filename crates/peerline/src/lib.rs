@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+pub mod calls;
 pub mod cli;
 pub mod control;
 pub mod demo;

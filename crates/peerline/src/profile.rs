@@ -173,6 +173,18 @@ impl Profile {
         write_private_file(&path, if on { b"on" } else { b"off" }).map_err(io(&path))
     }
 
+    /// Whether anyone may ring this user (else contacts only, the default).
+    pub fn anyone_can_call(&self) -> bool {
+        std::fs::read_to_string(self.path("calls-from")).is_ok_and(|t| t.trim() == "anyone")
+    }
+
+    /// Remembers who may ring this user.
+    pub fn save_anyone_can_call(&self, anyone: bool) -> Result<(), ProfileError> {
+        let path = self.path("calls-from");
+        let v: &[u8] = if anyone { b"anyone" } else { b"contacts" };
+        write_private_file(&path, v).map_err(io(&path))
+    }
+
     /// Saves the supernode's bootstrap entry.
     pub fn save_server(&self, b: &Bootstrap) -> Result<(), ProfileError> {
         let p = self.path("server");
