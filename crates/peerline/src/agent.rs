@@ -404,6 +404,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
             };
             let plan = MediaPlan {
                 hang_up_at_end: play.is_some() && duration_s.is_none(),
+                devices: play.is_none() && record.is_none(),
                 play,
                 record,
                 duration: duration_s.map(Duration::from_secs_f64),
@@ -418,6 +419,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
             timeout_s,
         } => {
             let plan = MediaPlan {
+                devices: play.is_none() && record.is_none(),
                 play,
                 record,
                 duration: duration_s.map(Duration::from_secs_f64),

@@ -26,6 +26,8 @@ pub struct MediaPlan {
     pub duration: Option<Duration>,
     /// Hang up when `play` has been sent in full.
     pub hang_up_at_end: bool,
+    /// Use the microphone and speaker (feature `audio`) where no file is given.
+    pub devices: bool,
 }
 
 /// How a call went, as `peerline call` and `peerline calls wait` print it.
@@ -221,6 +223,25 @@ async fn run_media(
         }
         None => None,
     };
+    #[cfg(feature = "audio")]
+    let devices = if plan.devices {
+        match crate::audio::Devices::open() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                media_error = Some(format!("no sound device: {e}; sending silence"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    #[cfg(not(feature = "audio"))]
+    if plan.devices {
+        media_error = Some(
+            "this build has no sound support (build with --features audio): sending silence"
+                .to_string(),
+        );
+    }
     let mut media = match CallMedia::new(MediaConfig::default(), started) {
         Ok(m) => Some(m),
         Err(e) => {
@@ -240,6 +261,11 @@ async fn run_media(
                 let Some(m) = media.as_mut() else { break Some("the audio engine failed") };
                 let (frame, finished) = match source.as_mut() {
                     Some(s) => s.next(),
+                    #[cfg(feature = "audio")]
+                    None if devices.is_some() => (
+                        devices.as_ref().map_or([0; FRAME_SAMPLES], |d| d.capture_frame()),
+                        false,
+                    ),
                     None => ([0; FRAME_SAMPLES], false),
                 };
                 if let Err(e) = m.push_capture(&frame) {
@@ -249,7 +275,12 @@ async fn run_media(
                     // Media is unreliable by nature: a full queue is a lost packet.
                     let _ = input.try_send(Input::CallMedia(call_id, p));
                 }
-                heard.extend_from_slice(&m.pull_playout(now));
+                let out = m.pull_playout(now);
+                #[cfg(feature = "audio")]
+                if let Some(d) = devices.as_ref().filter(|_| plan.record.is_none()) {
+                    d.play_frame(&out);
+                }
+                heard.extend_from_slice(&out);
                 if now >= next_stats {
                     next_stats = now + STATS_EVERY;
                     let mut v = serde_json::to_value(m.stats()).unwrap_or_default();

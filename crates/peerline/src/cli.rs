@@ -759,10 +759,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: PrivacyCmd::Show { json },
         } => {
             let on = profile.relay_only();
+            let from = if profile.anyone_can_call() {
+                "anyone"
+            } else {
+                "contacts"
+            };
             if json {
-                print_json(&json!({"relay_only": on}));
+                print_json(&json!({"relay_only": on, "calls_from": from}));
             } else {
                 println!("relay-only mode: {}", if on { "on" } else { "off" });
+                println!("calls from: {from}");
             }
         }
         Cmd::Presence {

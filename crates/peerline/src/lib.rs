@@ -6,6 +6,8 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+#[cfg(feature = "audio")]
+pub mod audio;
 pub mod calls;
 pub mod cli;
 pub mod control;
