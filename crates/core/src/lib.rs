@@ -8,6 +8,7 @@
 pub mod client;
 pub mod clock;
 pub mod directory;
+pub mod limit;
 pub mod link;
 pub mod memstore;
 pub mod ops;

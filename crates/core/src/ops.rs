@@ -47,6 +47,12 @@ pub enum Op {
         /// Random device id.
         device_id: [u8; 16],
     },
+    /// At login: refuse a device marked revoked (an unknown device passes: its
+    /// certificate is the authority's word).
+    CheckDevice {
+        /// Device Noise key.
+        noise_key: [u8; 32],
+    },
     /// Re-issue for an enrolled, unrevoked device.
     Renew {
         /// Device Noise key.
@@ -180,7 +186,7 @@ pub enum OpResult {
     Contacts(Result<Vec<ContactRow>, OpError>),
     /// Accepted, Search.
     Users(Result<Vec<Username>, OpError>),
-    /// CheckContact, Delete.
+    /// CheckContact, CheckDevice, Delete.
     Done(Result<(), OpError>),
     /// Queue.
     Queued(Result<QueueOutcome, OpError>),
@@ -330,6 +336,15 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                     ErrorCode::BadCertificate,
                     "this device is not enrolled: register or enrol it",
                 )),
+            })())
+        }
+        Op::CheckDevice { noise_key } => {
+            OpResult::Done((|| match store.device_by_noise_key(&noise_key)? {
+                Some(d) if d.revoked => Err(OpError::new(
+                    ErrorCode::BadCertificate,
+                    "this device was revoked: enrol it again",
+                )),
+                _ => Ok(()),
             })())
         }
         Op::ContactAdd { from, to, note } => {

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod cert;
+pub mod cookie;
 pub mod identity;
 pub mod noise;
 pub mod replay;
