@@ -2,8 +2,14 @@
 # Installs the system packages the tests use, when missing:
 #   coturn      turnutils_stunclient, a standard STUN client for interoperability tests
 #   nftables, iptables, iproute2   the NAT lab (network namespaces and NAT rules)
+#   cargo-fuzz  the bounded fuzzing step (a cargo subcommand, from crates.io)
 # Runs apt-get only as root; otherwise says what is missing and what to run.
 set -euo pipefail
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz"
+    cargo install --locked cargo-fuzz >/dev/null
+fi
 
 need=()
 command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)

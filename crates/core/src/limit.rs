@@ -110,6 +110,22 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
             .take(rate, now)
     }
 
+    /// Like [`Limiter::check`], but a key that finds the table full is let through
+    /// untracked: for limits that only save work (answers to a few noisy sources), where
+    /// a flood from too many sources to track must not silence everyone else.
+    pub fn check_or_pass(&mut self, now: Instant, key: &K) -> Result<(), Duration> {
+        if self.rate.is_off() {
+            return Ok(());
+        }
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            self.prune(now);
+            if self.buckets.len() >= self.max_keys {
+                return Ok(());
+            }
+        }
+        self.check(now, key)
+    }
+
     /// Forgets keys whose bucket is full again (they would behave like new keys).
     pub fn prune(&mut self, now: Instant) {
         let rate = self.rate;
@@ -270,6 +286,21 @@ mod tests {
         assert_eq!(l.len(), 4);
         // Tracked keys keep their own budget.
         assert!(l.check(t0, &0).is_ok());
+    }
+
+    #[test]
+    fn check_or_pass_lets_untracked_keys_through_when_full() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(Rate::new(1, 0.001), 2);
+        assert!(l.check_or_pass(t0, &1).is_ok());
+        assert!(l.check_or_pass(t0, &1).is_err());
+        assert!(l.check_or_pass(t0, &2).is_ok());
+        assert!((3..100).all(|k| l.check_or_pass(t0, &k).is_ok()));
+        assert_eq!(l.len(), 2);
+        assert!(
+            l.check_or_pass(t0, &1).is_err(),
+            "tracked keys stay limited"
+        );
     }
 
     #[test]

@@ -78,6 +78,10 @@ pub struct Limits {
     pub max_clock_skew: Duration,
     /// Per source address, handshake initiations while under load (with a valid cookie).
     pub handshakes_per_source: Rate,
+    /// Per source address, cookie replies while under load. A source over it gets no
+    /// answer, which saves a send per datagram against a flood from few sources; when
+    /// more sources flood than the table tracks, everyone gets cookies again.
+    pub cookies_per_source: Rate,
     /// Per account, logins.
     pub logins_per_account: Rate,
     /// Per source address, registrations and enrolments (each costs an Argon2id hash).
@@ -108,6 +112,7 @@ impl Default for Limits {
             half_open_ttl: Duration::from_secs(10),
             max_clock_skew: Duration::from_secs(300),
             handshakes_per_source: Rate::new(20, 5.0),
+            cookies_per_source: Rate::new(10, 2.0),
             logins_per_account: Rate::new(10, 0.2),
             enrolments_per_source: Rate::new(5, 0.2),
             searches_per_account: Rate::new(20, 0.5),
@@ -129,6 +134,7 @@ impl Limits {
             load_handshakes_per_second: u32::MAX,
             load_half_open: usize::MAX,
             handshakes_per_source: Rate::OFF,
+            cookies_per_source: Rate::OFF,
             logins_per_account: Rate::OFF,
             enrolments_per_source: Rate::OFF,
             searches_per_account: Rate::OFF,
@@ -420,6 +426,7 @@ pub struct Supernode {
 
 struct Limiters {
     handshakes: Limiter<IpAddr>,
+    cookies: Limiter<IpAddr>,
     logins: Limiter<Username>,
     enrolments: Limiter<IpAddr>,
     searches: Limiter<Username>,
@@ -443,6 +450,7 @@ impl Limiters {
         }
         Limiters {
             handshakes: Limiter::new(l.handshakes_per_source, k),
+            cookies: Limiter::new(l.cookies_per_source, k),
             logins: Limiter::new(l.logins_per_account, k),
             enrolments: Limiter::new(l.enrolments_per_source, k),
             searches: Limiter::new(l.searches_per_account, k),
@@ -456,6 +464,7 @@ impl Limiters {
 
     fn prune(&mut self, now: Instant) {
         self.handshakes.prune(now);
+        self.cookies.prune(now);
         self.logins.prune(now);
         self.enrolments.prune(now);
         self.searches.prune(now);
@@ -869,7 +878,10 @@ impl Supernode {
         }
         if self.under_load(now) {
             if !self.cookie_ok(now, from, datagram) {
-                self.send_cookie(from, sender, datagram);
+                let src = source_key(from.ip());
+                if self.limiters.cookies.check_or_pass(now, &src).is_ok() {
+                    self.send_cookie(from, sender, datagram);
+                }
                 self.dropped(DropReason::CookieRequired);
                 return;
             }

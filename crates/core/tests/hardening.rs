@@ -49,14 +49,26 @@ struct World {
     /// Datagrams the supernode sent to addresses that are no client (spoofed sources).
     elsewhere: Vec<Transmit>,
     in_flight: Vec<(SocketAddr, Transmit)>,
+    /// Every datagram delivered: (time, source, destination, bytes).
+    log: Vec<(Instant, SocketAddr, SocketAddr, Vec<u8>)>,
 }
 
 impl World {
     fn new(limits: Limits) -> Self {
-        let t0 = Instant::now();
         let mut rng = ChaCha20Rng::seed_from_u64(7);
         let sn_keys = DeviceKeys::generate(&mut rng);
         let authority = Authority::generate(&mut rng).to_bytes();
+        Self::with_keys(limits, sn_keys, authority, [7; 32], rng)
+    }
+
+    fn with_keys(
+        limits: Limits,
+        sn_keys: DeviceKeys,
+        authority: [u8; 32],
+        sn_seed: [u8; 32],
+        rng: ChaCha20Rng,
+    ) -> Self {
+        let t0 = Instant::now();
         let cfg = SupernodeConfig {
             limits,
             ..SupernodeConfig::default()
@@ -65,7 +77,7 @@ impl World {
             cfg,
             sn_keys.noise_private(),
             Authority::from_bytes(&authority),
-            [7; 32],
+            sn_seed,
             Box::new(MemoryDirectory::new()),
             WallClock::new(t0, UNIX_START_MS),
             t0,
@@ -82,6 +94,7 @@ impl World {
             events: Vec::new(),
             elsewhere: Vec::new(),
             in_flight: Vec::new(),
+            log: Vec::new(),
         }
     }
 
@@ -150,6 +163,7 @@ impl World {
             }
         }
         for (from, t) in std::mem::take(&mut self.in_flight) {
+            self.log.push((now, from, t.dst, t.payload.clone()));
             if t.dst == sn_addr() {
                 self.sn.handle_datagram(now, from, &t.payload);
             } else if let Some(i) = self.clients.iter().position(|(a, _)| *a == t.dst) {
@@ -375,6 +389,26 @@ fn a_spoofed_handshake_flood_leaves_bounded_state_and_legitimate_logins() {
         "every flood session expired"
     );
     assert!(w.clients[a].1.is_online());
+}
+
+#[test]
+fn a_noisy_source_gets_few_cookie_replies() {
+    let mut w = World::new(Limits {
+        load_handshakes_per_second: 0,
+        ..Limits::default()
+    });
+    let keys = MacKeys::new(&w.sn_keys.noise_public());
+    for i in 0..1000u32 {
+        let p = cookie::encode_init(i | 1, &[i as u8; 113], &keys, None);
+        w.sn.handle_datagram(w.now, spoofed(1), &p);
+    }
+    // The burst of 10, then nothing more within the same instant.
+    assert_eq!(w.sn.stats().cookies_sent, 10);
+    assert_eq!(w.sn.stats().drops_for(DropReason::CookieRequired), 1000);
+    // Another source is unaffected.
+    let p = cookie::encode_init(3, &[1; 113], &keys, None);
+    w.sn.handle_datagram(w.now, spoofed(2), &p);
+    assert_eq!(w.sn.stats().cookies_sent, 11);
 }
 
 #[test]
@@ -869,4 +903,181 @@ fn a_relay_only_victim_gives_no_address_even_to_a_contact() {
     }
     let leaks = m.leaks(victim_addr);
     assert!(leaks.is_empty(), "{leaks:?}");
+}
+
+/// Writes fuzz seed corpora from this traffic (run by hand; the corpora are committed):
+/// `PEERLINE_CORPUS_DIR=$PWD/fuzz/corpus cargo test -p peerline-core --test hardening \
+///  -- --ignored write_fuzz_corpus`. The supernode has the keys the fuzz targets use, so
+/// the captured sessions replay past Noise there.
+#[test]
+#[ignore = "writes files; run by hand"]
+fn write_fuzz_corpus() {
+    use peerline_wire::msg::Frame;
+    let dir = std::path::PathBuf::from(
+        std::env::var("PEERLINE_CORPUS_DIR").expect("PEERLINE_CORPUS_DIR"),
+    );
+    let mut w = World::with_keys(
+        Limits::default(),
+        DeviceKeys::from_bytes(&[9; 64]),
+        Authority::from_bytes(&[3; 32]).to_bytes(),
+        [5; 32],
+        ChaCha20Rng::seed_from_u64(1),
+    );
+    let at = |i: u8| -> SocketAddr { SocketAddr::from(([198, 51, 100, i], 4000)) };
+    let a = w.add_client_at(at(0), None, None, 0, false);
+    let b = w.add_client_at(at(1), None, None, 0, false);
+    w.register(a, "alice");
+    w.register(b, "bob");
+    w.befriend(a, "alice", b, "bob");
+    w.command(a, Command::Search { prefix: "b".into() });
+    w.command(a, Command::ContactList);
+    w.command(a, Command::SetPresence(Presence::Away));
+    w.command(
+        b,
+        Command::SendMessage {
+            to: user("alice"),
+            text: "hello alice".into(),
+        },
+    );
+    w.command(
+        a,
+        Command::SendMessage {
+            to: user("carol"),
+            text: "nobody".into(),
+        },
+    );
+    w.command(a, Command::ContactRemove { user: user("bob") });
+    w.run_for(Duration::from_secs(30));
+    let write = |sub: &str, name: String, bytes: &[u8]| {
+        let d = dir.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join(name), bytes).unwrap();
+    };
+    // packet: every distinct datagram, both directions.
+    let mut seen = std::collections::HashSet::new();
+    for (_, _, _, p) in &w.log {
+        if seen.insert(p.clone()) && seen.len() <= 200 {
+            write("packet", format!("real-{:03}", seen.len()), p);
+        }
+    }
+    // supernode: the whole capture towards the supernode, as [len u16][src][delay][bytes],
+    // and each client's part alone.
+    let seq = |filter: &dyn Fn(SocketAddr) -> bool| {
+        let mut out = Vec::new();
+        let mut last = w.t0;
+        for (t, from, dst, p) in &w.log {
+            if *dst != sn_addr() || !filter(*from) {
+                continue;
+            }
+            let delay = (t.duration_since(last).as_millis() / 5).min(255) as u8;
+            last = *t;
+            let src = match from.ip() {
+                std::net::IpAddr::V4(ip) => ip.octets()[3],
+                _ => 0,
+            };
+            out.extend_from_slice(&(p.len() as u16).to_le_bytes());
+            out.extend_from_slice(&[src, delay]);
+            out.extend_from_slice(p);
+        }
+        out
+    };
+    write("supernode", "real-all".into(), &seq(&|_| true));
+    write("supernode", "real-alice".into(), &seq(&|f| f == at(0)));
+    write("supernode", "real-bob".into(), &seq(&|f| f == at(1)));
+    // client: what the supernode sent alice (source byte even = the supernode).
+    let mut out = Vec::new();
+    for (_, from, dst, p) in &w.log {
+        if *dst == at(0) && *from == sn_addr() {
+            out.extend_from_slice(&(p.len() as u16).to_le_bytes());
+            out.extend_from_slice(&[0, 1]);
+            out.extend_from_slice(p);
+        }
+    }
+    write("client", "real-alice".into(), &out);
+    // frame and supernode_session: the frames of that traffic, as plaintext.
+    let frames: Vec<Vec<u8>> = [
+        Frame::Keepalive,
+        Frame::Close,
+        Frame::Request {
+            id: 1,
+            body: Request::Search { prefix: "b".into() },
+        },
+        Frame::Request {
+            id: 2,
+            body: Request::ContactList { offset: 0 },
+        },
+        Frame::Request {
+            id: 3,
+            body: Request::SetPresence(Presence::Away),
+        },
+        Frame::Request {
+            id: 4,
+            body: Request::ContactAdd {
+                user: user("bob"),
+                note: "hi".into(),
+            },
+        },
+        Frame::Request {
+            id: 5,
+            body: Request::ContactReply {
+                user: user("bob"),
+                action: ContactAction::Accept,
+            },
+        },
+        Frame::Request {
+            id: 6,
+            body: Request::Connect {
+                user: user("bob"),
+                candidates: vec![at(0)],
+            },
+        },
+        Frame::Request {
+            id: 7,
+            body: Request::StoreMessage {
+                to: user("bob"),
+                msg_id: 9,
+                sent_at: 1,
+                text: "hello".into(),
+            },
+        },
+        Frame::Request {
+            id: 8,
+            body: Request::ContactRemove { user: user("bob") },
+        },
+        Frame::Request {
+            id: 9,
+            body: Request::RelayCredentials,
+        },
+        Frame::Request {
+            id: 10,
+            body: Request::RenewCert,
+        },
+        Frame::Response {
+            id: 1,
+            body: Response::Ok,
+        },
+        Frame::Response {
+            id: 2,
+            body: Response::ConnectAnswer {
+                candidates: vec![at(1)],
+            },
+        },
+    ]
+    .iter()
+    .map(|f| f.encode().unwrap())
+    .collect();
+    let mut session = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        write("frame", format!("real-{i:02}"), f);
+        session.extend_from_slice(&(f.len() as u16).to_le_bytes());
+        session.extend_from_slice(&[0, 2]);
+        session.extend_from_slice(f);
+    }
+    write("supernode_session", "real-requests".into(), &session);
+    // cert: the certificates the supernode issued.
+    for (i, c) in w.clients.iter().enumerate() {
+        if let Some(cert) = c.1.certificate() {
+            write("cert", format!("real-{i}"), cert.as_bytes());
+        }
+    }
 }

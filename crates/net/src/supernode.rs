@@ -61,6 +61,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Datagrams read in one go after a wakeup, before timers and storage get their turn.
+const RECV_BATCH: usize = 64;
+
 /// Hint pacing after a restart: this many reset hints per 10 ms tick.
 const HINTS_PER_TICK: usize = 50;
 
@@ -313,6 +316,15 @@ pub async fn run_supernode(
                 if let Ok((n, from)) = r {
                     let b = &buf[..n];
                     guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, b));
+                    // Under a flood, read what is already queued before going back to the
+                    // select: one wakeup per datagram would cost more than the datagram.
+                    for _ in 0..RECV_BATCH {
+                        let Ok((n, from)) = socket.try_recv_from(&mut buf) else {
+                            break;
+                        };
+                        let b = &buf[..n];
+                        guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, b));
+                    }
                 }
             }
             r = res_rx.recv() => {
