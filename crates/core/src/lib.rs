@@ -4,6 +4,7 @@
 //! state machine is driven with `handle_*(now, input)` calls and drained with `poll_*`
 //! calls, and takes its randomness from the caller. The tokio glue lives in `peerline-net`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod client;
 pub mod clock;

@@ -4,6 +4,7 @@
 //! No IO, no clock, no global randomness: key generation and handshakes take their
 //! randomness from the caller (a seed or an `RngCore`), and certificate checks take `now`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod cert;
 pub mod cookie;

@@ -1,6 +1,7 @@
 //! The operator's daemon: data dir initialisation, configuration, and running the
 //! supernode with its embedded authority and store, and the TURN relay it offers.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

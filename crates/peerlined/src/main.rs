@@ -1,4 +1,5 @@
 //! `peerlined`: the operator's daemon (supernode, authority and TURN relay).
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
