@@ -448,6 +448,9 @@ fn contact_add(
     let theirs = state(store, to, from)?;
     match (mine, theirs) {
         (Some(ContactState::Accepted), Some(ContactState::Accepted)) => Ok(Vec::new()),
+        // Asking again while the request is pending: they were told once, that is enough
+        // (repeats would let anyone spam a user with notifications).
+        (Some(ContactState::Requested), Some(ContactState::Incoming)) => Ok(Vec::new()),
         // They blocked us: look like a pending request, tell them nothing.
         (_, Some(ContactState::Blocked)) => {
             store.set_contact_pair(

@@ -570,6 +570,31 @@ fn searches_contact_requests_and_messages_are_rate_limited_per_account() {
     );
 }
 
+#[test]
+fn a_repeated_contact_request_notifies_the_recipient_once() {
+    let mut w = World::new(Limits::default());
+    let a = w.add_client();
+    w.register(a, "alice");
+    let b = w.add_client();
+    w.register(b, "bob");
+    for _ in 0..5 {
+        let r = w.command(
+            a,
+            Command::ContactAdd {
+                user: user("bob"),
+                note: "please".into(),
+            },
+        );
+        assert_eq!(r, CommandResult::Ok);
+    }
+    w.run_for(Duration::from_secs(1));
+    let told = w.events[b]
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::Contact { .. }))
+        .count();
+    assert_eq!(told, 1);
+}
+
 /// Every byte pattern under which `addr` could appear in what an attacker receives.
 fn needles(addr: SocketAddr) -> Vec<Vec<u8>> {
     let std::net::IpAddr::V4(ip) = addr.ip() else {
