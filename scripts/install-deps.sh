@@ -4,8 +4,14 @@
 #   nftables, iptables, iproute2   the NAT lab (network namespaces and NAT rules)
 #   cmake       builds the libopus bundled with the `opus` crate (peerline-media)
 #   espeak-ng, sox   speech for the call quality tests and benchmark
+#   cargo-fuzz  the bounded fuzzing step (a cargo subcommand, from crates.io)
 # Runs apt-get only as root; otherwise says what is missing and what to run.
 set -euo pipefail
+
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "installing cargo-fuzz"
+    cargo install --locked cargo-fuzz >/dev/null
+fi
 
 need=()
 command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)

@@ -30,5 +30,30 @@ else
     cargo test --workspace --locked --no-fail-fast
 fi
 
+# Every fuzz target for a bounded time, starting from the seed corpora in fuzz/corpus
+# (captured from real traffic). New inputs go to a scratch directory, so the committed
+# corpora do not change; a crash stops the script, its input saved in fuzz/artifacts.
+step "fuzz targets, ${FUZZ_SECONDS:=15} s each"
+(
+    cd fuzz
+    export RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz"
+    cargo fuzz build -O
+    scratch="$(mktemp -d)"
+    trap 'rm -rf "$scratch"' EXIT
+    for t in $(cargo fuzz list); do
+        seeds=()
+        [ -d "corpus/$t" ] && seeds=("corpus/$t")
+        mkdir -p "$scratch/$t"
+        if ! cargo fuzz run -O "$t" "$scratch/$t" "${seeds[@]}" -- \
+            -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 \
+            >"$scratch/$t.log" 2>&1; then
+            tail -n 40 "$scratch/$t.log"
+            echo "fuzz target $t failed (input saved under fuzz/artifacts/$t)" >&2
+            exit 1
+        fi
+        grep -E "^stat::number_of_executed_units" "$scratch/$t.log" | sed "s/^/$t: /"
+    done
+)
+
 step "NAT lab: connectivity matrix (real peerlined and peerline behind nftables NATs)"
 "$CARGO_TARGET_DIR/debug/peerline-lab" matrix --check

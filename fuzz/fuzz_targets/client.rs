@@ -1,7 +1,7 @@
 //! The client's packet handler fed arbitrary datagrams from its supernode's address and
 //! from strangers, with time advancing: it must never panic.
 //!
-//! Input format: repeated `[len u8][source u8][delay u8][len bytes]`.
+//! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]`.
 #![no_main]
 use std::time::{Duration, Instant};
 
@@ -14,21 +14,35 @@ use rand_core::SeedableRng;
 fuzz_target!(|data: &[u8]| {
     let t0 = Instant::now();
     let mut now = t0;
-    let server: std::net::SocketAddr = "203.0.113.1:7000".parse().unwrap_or_else(|_| unreachable!());
+    let server: std::net::SocketAddr = "203.0.113.1:7000"
+        .parse()
+        .unwrap_or_else(|_| unreachable!());
     let keys = DeviceKeys::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(2));
     let cfg = ClientConfig::new(server, [4; 32], [6; 32]);
-    let mut c = Client::new(cfg, keys, None, [8; 32], WallClock::new(t0, 1_790_000_000_000), t0);
+    let mut c = Client::new(
+        cfg,
+        keys,
+        None,
+        [8; 32],
+        WallClock::new(t0, 1_790_000_000_000),
+        t0,
+    );
     c.connect(now);
     let _ = c.command(now, Command::ContactList);
     let mut rest = data;
-    while rest.len() >= 3 {
-        let (len, src, delay) = (rest[0] as usize, rest[1], rest[2]);
-        rest = &rest[3..];
+    while rest.len() >= 4 {
+        let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+        let (src, delay) = (rest[2], rest[3]);
+        rest = &rest[4..];
         let n = len.min(rest.len());
         let (dgram, tail) = rest.split_at(n);
         rest = tail;
         now += Duration::from_millis(delay as u64 * 50);
-        let from = if src % 2 == 0 { server } else { std::net::SocketAddr::from(([198, 51, 100, src], 5000)) };
+        let from = if src % 2 == 0 {
+            server
+        } else {
+            std::net::SocketAddr::from(([198, 51, 100, src], 5000))
+        };
         c.handle_datagram(now, from, dgram);
         c.handle_timeout(now);
         while c.poll_transmit().is_some() {}

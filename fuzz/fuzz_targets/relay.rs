@@ -30,7 +30,11 @@ fuzz_target!(|data: &[u8]| {
         relay.handle_timeout(now);
         while let Some(e) = relay.poll_event() {
             if let RelayEvent::AllocationCreated { id, .. } = e {
-                relay.relayed_bound(now, id, std::net::SocketAddr::from(([203, 0, 113, 2], 50_000)));
+                relay.relayed_bound(
+                    now,
+                    id,
+                    std::net::SocketAddr::from(([203, 0, 113, 2], 50_000)),
+                );
                 allocations.push(id);
             }
         }

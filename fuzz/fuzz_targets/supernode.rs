@@ -1,7 +1,8 @@
 //! The supernode's packet handler fed an arbitrary sequence of datagrams from a few
 //! sources, with time advancing and storage operations executed: it must never panic.
 //!
-//! Input format: repeated `[len u8][source u8][delay u8][len bytes]`.
+//! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]` (seeds in
+//! `fuzz/corpus/supernode` are sessions captured from simulated clients).
 #![no_main]
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let mut store = MemoryStore::new();
     let mut sn = Supernode::new(
         SupernodeConfig::default(),
-        [9; 32],
+        peerline_crypto::DeviceKeys::from_bytes(&[9; 64]).noise_private(),
         Authority::from_bytes(&[3; 32]),
         [5; 32],
         Box::new(MemoryDirectory::new()),
@@ -29,13 +30,14 @@ fuzz_target!(|data: &[u8]| {
         t0,
     );
     let mut rest = data;
-    while rest.len() >= 3 {
-        let (len, src, delay) = (rest[0] as usize, rest[1], rest[2]);
-        rest = &rest[3..];
+    while rest.len() >= 4 {
+        let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;
+        let (src, delay) = (rest[2], rest[3]);
+        rest = &rest[4..];
         let n = len.min(rest.len());
         let (dgram, tail) = rest.split_at(n);
         rest = tail;
-        now += Duration::from_millis(delay as u64 * 50);
+        now += Duration::from_millis(delay as u64 * 5);
         let from = std::net::SocketAddr::from(([198, 51, 100, src % 4], 4000));
         sn.handle_datagram(now, from, dgram);
         sn.handle_timeout(now);

@@ -14,13 +14,14 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use peerline_crypto::cookie::{self, MacKeys};
 use peerline_crypto::noise::{Handshake, Responder};
 use peerline_crypto::{Certificate, DeviceKeys};
 use peerline_wire::msg::{
     CallSignal, ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request,
     Response, Welcome, MAX_CANDIDATES,
 };
-use peerline_wire::packet::Packet;
+use peerline_wire::packet::{Packet, RejectReason};
 use peerline_wire::{Username, PROTOCOL_VERSION};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -322,6 +323,36 @@ pub(crate) fn first_32(noise: &[u8]) -> [u8; 32] {
     k
 }
 
+/// The supernode's handshake MAC keys, and the cookie it gave us under load
+/// (`peerline_crypto::cookie`).
+#[derive(Debug)]
+struct ServerCookie {
+    keys: MacKeys,
+    cookie: Option<([u8; cookie::COOKIE_LEN], Instant)>,
+    /// mac1 of our latest initiation: a cookie reply's associated data.
+    sent_mac1: [u8; 16],
+    sent_with_cookie: bool,
+}
+
+impl ServerCookie {
+    fn new(server_key: &[u8; 32]) -> Self {
+        ServerCookie {
+            keys: MacKeys::new(server_key),
+            cookie: None,
+            sent_mac1: [0; 16],
+            sent_with_cookie: false,
+        }
+    }
+
+    fn current(&self, now: Instant) -> Option<[u8; cookie::COOKIE_LEN]> {
+        self.cookie
+            .filter(|(_, at)| {
+                now.saturating_duration_since(*at) < Duration::from_secs(cookie::COOKIE_USE_S)
+            })
+            .map(|(c, _)| c)
+    }
+}
+
 /// Connection state towards the supernode.
 #[derive(Debug)]
 enum Server {
@@ -463,6 +494,8 @@ pub struct Client {
     resend: Vec<(Outgoing, Instant)>,
     /// Peer initiations answered recently, by initiator ephemeral key.
     answered_inits: HashMap<[u8; 32], (Vec<u8>, Instant)>,
+    /// Handshake MACs and the supernode's cookie.
+    server_cookie: ServerCookie,
     /// Our TURN allocation, when the supernode offers a relay.
     relay: Option<RelayClient>,
     /// Relayed sessions we try to move to a direct path, by peer.
@@ -532,7 +565,9 @@ impl Client {
         now: Instant,
     ) -> Self {
         let cert = cert.and_then(|b| Certificate::verify(b, &cfg.authority).ok());
+        let server_cookie = ServerCookie::new(&cfg.server_key);
         Client {
+            server_cookie,
             cfg,
             keys,
             cert,
@@ -779,7 +814,7 @@ impl Client {
                     ));
                 }
             }
-            Ok(Packet::HandshakeInit { sender, noise }) => {
+            Ok(Packet::HandshakeInit { sender, noise, .. }) => {
                 self.on_peer_handshake(now, from, sender, noise, Some(socket))
             }
             Ok(Packet::HandshakeResponse {
@@ -855,12 +890,10 @@ impl Client {
             };
             return;
         };
-        let mut out = Vec::with_capacity(msg1.len() + 8);
-        Packet::HandshakeInit {
-            sender: index,
-            noise: &msg1,
-        }
-        .encode(&mut out);
+        let c = self.server_cookie.current(now);
+        let out = cookie::encode_init(index, &msg1, &self.server_cookie.keys, c.as_ref());
+        self.server_cookie.sent_mac1 = cookie::mac1_of(&out);
+        self.server_cookie.sent_with_cookie = c.is_some();
         self.transmits.push_back(Transmit {
             dst: self.cfg.server,
             payload: out,
@@ -1326,9 +1359,19 @@ impl Client {
                 receiver,
                 noise,
             }) => self.on_handshake_response(now, from, sender, receiver, noise, None),
-            Ok(Packet::HandshakeInit { sender, noise }) => {
+            Ok(Packet::HandshakeInit { sender, noise, .. }) => {
                 self.on_peer_handshake(now, from, sender, noise, None)
             }
+            Ok(Packet::CookieReply {
+                receiver,
+                nonce,
+                cookie,
+            }) => self.on_cookie_reply(now, from, receiver, &nonce, &cookie),
+            Ok(Packet::Reject {
+                receiver,
+                reason,
+                version,
+            }) => self.on_reject(now, from, receiver, reason, version),
             Ok(Packet::Transport {
                 receiver,
                 counter,
@@ -1366,6 +1409,71 @@ impl Client {
             }
             Ok(Packet::Probe) => self.on_probe(from, relayed),
             Ok(Packet::Stun(_)) | Err(_) => {}
+        }
+    }
+
+    /// The supernode is under load and wants proof that we receive at our address.
+    fn on_cookie_reply(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        receiver: u32,
+        nonce: &[u8; 24],
+        sealed: &[u8; 32],
+    ) {
+        let Server::Handshaking { index, attempt, .. } = &self.server else {
+            return;
+        };
+        if *index != receiver || from != self.cfg.server {
+            return;
+        }
+        let attempt = *attempt;
+        let sc = &mut self.server_cookie;
+        let Some(c) = sc.keys.open_cookie(nonce, sealed, &sc.sent_mac1) else {
+            return;
+        };
+        sc.cookie = Some((c, now));
+        // The supernode did no work for that initiation: send one with the cookie at once
+        // (once; a further cookie reply waits for the normal retry).
+        if !sc.sent_with_cookie {
+            self.start_handshake(now, attempt);
+        }
+    }
+
+    /// The supernode refused our handshake (or, after login, our device): say why.
+    fn on_reject(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        receiver: u32,
+        reason: RejectReason,
+        version: u8,
+    ) {
+        if from != self.cfg.server {
+            return;
+        }
+        // Unauthenticated, so it only ever ends a handshake or session early, like a Reset.
+        let attempt = match &self.server {
+            Server::Handshaking { index, attempt, .. } if *index == receiver => *attempt,
+            Server::Up { link, .. } if link.local_index() == receiver => 3,
+            _ => return,
+        };
+        let why = match reason {
+            RejectReason::Version => format!(
+                "the supernode speaks protocol version {version} and this build {PROTOCOL_VERSION}: upgrade peerline"
+            ),
+            RejectReason::Stale => "the supernode refused the login: this device's clock is more than 5 minutes off; set the clock right".to_string(),
+            RejectReason::RateLimited => {
+                "the supernode refused the login: too many logins for this account; retrying later".to_string()
+            }
+            RejectReason::Revoked => "this device was revoked: enrol it again".to_string(),
+            RejectReason::Other(b) => format!("the supernode refused the login (reason {b})"),
+        };
+        let was_online = self.is_online();
+        self.go_offline(now, &why, attempt);
+        if !was_online {
+            tracing::warn!(reason = %why, "login refused");
+            self.events.push_back(ClientEvent::Offline { reason: why });
         }
     }
 
@@ -2062,12 +2170,7 @@ impl Client {
             return false;
         };
         let index = self.index();
-        let mut packet = Vec::new();
-        Packet::HandshakeInit {
-            sender: index,
-            noise: &msg1,
-        }
-        .encode(&mut packet);
+        let packet = cookie::encode_init(index, &msg1, &MacKeys::new(&remote_static), None);
         let mut cands = candidates;
         cands.dedup();
         let d = Dial {

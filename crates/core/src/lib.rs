@@ -4,12 +4,14 @@
 //! state machine is driven with `handle_*(now, input)` calls and drained with `poll_*`
 //! calls, and takes its randomness from the caller. The tokio glue lives in `peerline-net`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod call;
 pub mod calls;
 pub mod client;
 pub mod clock;
 pub mod directory;
+pub mod limit;
 pub mod link;
 pub mod memstore;
 pub mod nat;

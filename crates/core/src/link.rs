@@ -164,6 +164,9 @@ pub struct Link {
     transmits: VecDeque<Transmit>,
     events: VecDeque<LinkEvent>,
     dead: bool,
+    /// An authenticated transport packet came in: the other side completed the handshake
+    /// and can receive at its address.
+    confirmed: bool,
 }
 
 impl Link {
@@ -192,6 +195,7 @@ impl Link {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             dead: false,
+            confirmed: false,
         }
     }
 
@@ -218,6 +222,12 @@ impl Link {
     /// Requests awaiting an answer.
     pub fn in_flight(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Whether an authenticated transport packet has come in (a responder's session is
+    /// half-open until then).
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed
     }
 
     /// Whether the link declared itself dead.
@@ -332,6 +342,7 @@ impl Link {
         // Authenticated: the peer may have moved (NAT rebinding); follow it.
         self.remote_addr = from;
         self.last_recv = now;
+        self.confirmed = true;
         let frame = Frame::decode(&plaintext)?;
         match frame {
             Frame::Keepalive => {

@@ -47,6 +47,12 @@ pub enum Op {
         /// Random device id.
         device_id: [u8; 16],
     },
+    /// At login: refuse a device marked revoked (an unknown device passes: its
+    /// certificate is the authority's word).
+    CheckDevice {
+        /// Device Noise key.
+        noise_key: [u8; 32],
+    },
     /// Re-issue for an enrolled, unrevoked device.
     Renew {
         /// Device Noise key.
@@ -189,7 +195,7 @@ pub enum OpResult {
     Contacts(Result<Vec<ContactRow>, OpError>),
     /// Accepted, Search.
     Users(Result<Vec<Username>, OpError>),
-    /// CheckContact, Delete.
+    /// CheckContact, CheckDevice, Delete.
     Done(Result<(), OpError>),
     /// Queue.
     Queued(Result<QueueOutcome, OpError>),
@@ -343,6 +349,15 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                 )),
             })())
         }
+        Op::CheckDevice { noise_key } => {
+            OpResult::Done((|| match store.device_by_noise_key(&noise_key)? {
+                Some(d) if d.revoked => Err(OpError::new(
+                    ErrorCode::BadCertificate,
+                    "this device was revoked: enrol it again",
+                )),
+                _ => Ok(()),
+            })())
+        }
         Op::ContactAdd { from, to, note } => {
             OpResult::Contact(contact_add(store, &from, &to, &note))
         }
@@ -450,6 +465,9 @@ fn contact_add(
     let theirs = state(store, to, from)?;
     match (mine, theirs) {
         (Some(ContactState::Accepted), Some(ContactState::Accepted)) => Ok(Vec::new()),
+        // Asking again while the request is pending: they were told once, that is enough
+        // (repeats would let anyone spam a user with notifications).
+        (Some(ContactState::Requested), Some(ContactState::Incoming)) => Ok(Vec::new()),
         // They blocked us: look like a pending request, tell them nothing.
         (_, Some(ContactState::Blocked)) => {
             store.set_contact_pair(

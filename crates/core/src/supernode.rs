@@ -12,17 +12,18 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use peerline_crypto::cert::CertRequest;
+use peerline_crypto::cookie::{self, MacKeys};
 use peerline_crypto::noise::Responder;
 use peerline_crypto::{Authority, CertError, Certificate};
 use peerline_wire::msg::{
     CallSignal, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome,
     CONTACTS_PAGE, MAX_CANDIDATES, MAX_SEARCH_RESULTS,
 };
-use peerline_wire::packet::Packet;
+use peerline_wire::packet::{Packet, RejectReason, TYPE_HANDSHAKE_INIT};
 use peerline_wire::{Username, PROTOCOL_VERSION};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -30,6 +31,7 @@ use rand_chacha::ChaCha20Rng;
 use crate::calls::{CallKey, CallRefusal, Calls};
 use crate::clock::WallClock;
 use crate::directory::{Directory, Location};
+use crate::limit::{source_key, Backoff, Limiter, Rate};
 use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
 use crate::ops::{Notice, Op, OpError, OpResult};
 use crate::store::{NewMessage, QueueOutcome, StoredMessage};
@@ -53,6 +55,97 @@ pub struct SupernodeConfig {
     pub max_pending_ops: usize,
     /// The operator's TURN relay, if any: clients get time-limited credentials for it.
     pub relay: Option<RelayOffer>,
+    /// Load thresholds, caps and rate limits against floods and abuse.
+    pub limits: Limits,
+}
+
+/// Load thresholds, caps and rate limits. Every per-key table is bounded by
+/// `max_tracked_keys`; a [`Rate`] with `burst` 0 is no limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Handshake initiations per second beyond which the supernode is under load: it then
+    /// answers initiations without a valid mac2 with a cookie reply, and does no
+    /// Diffie-Hellman work for them.
+    pub load_handshakes_per_second: u32,
+    /// Half-open sessions (no authenticated packet from the client yet) at which the
+    /// supernode is under load.
+    pub load_half_open: usize,
+    /// Most half-open sessions at once; further initiations are dropped.
+    pub max_half_open: usize,
+    /// A session that has sent no authenticated packet by then is dropped.
+    pub half_open_ttl: Duration,
+    /// Largest difference between a `Hello`'s clock and ours; beyond it the handshake is
+    /// rejected as stale (a replay, or a wrong clock).
+    pub max_clock_skew: Duration,
+    /// Per source address, handshake initiations while under load (with a valid cookie).
+    pub handshakes_per_source: Rate,
+    /// Per source address, cookie replies while under load. A source over it gets no
+    /// answer, which saves a send per datagram against a flood from few sources; when
+    /// more sources flood than the table tracks, everyone gets cookies again.
+    pub cookies_per_source: Rate,
+    /// Per account, logins.
+    pub logins_per_account: Rate,
+    /// Per source address, registrations and enrolments (each costs an Argon2id hash).
+    pub enrolments_per_source: Rate,
+    /// Per account, searches (against enumerating usernames).
+    pub searches_per_account: Rate,
+    /// Per account, contact requests.
+    pub contact_requests_per_account: Rate,
+    /// Per account, offline messages.
+    pub messages_per_account: Rate,
+    /// Per account, connection setups.
+    pub connects_per_account: Rate,
+    /// Wrong passwords allowed, per account and per source, before each further one
+    /// doubles the wait (1 s, 2 s, 4 s, ...).
+    pub free_password_failures: u32,
+    /// Longest wait after wrong passwords.
+    pub max_password_backoff: Duration,
+    /// Keys each limiter tracks at most.
+    pub max_tracked_keys: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            load_handshakes_per_second: 2_000,
+            load_half_open: 2_000,
+            max_half_open: 50_000,
+            half_open_ttl: Duration::from_secs(10),
+            max_clock_skew: Duration::from_secs(300),
+            handshakes_per_source: Rate::new(20, 5.0),
+            cookies_per_source: Rate::new(10, 2.0),
+            logins_per_account: Rate::new(10, 0.2),
+            enrolments_per_source: Rate::new(5, 0.2),
+            searches_per_account: Rate::new(20, 0.5),
+            contact_requests_per_account: Rate::new(20, 1.0 / 30.0),
+            messages_per_account: Rate::new(200, 20.0),
+            connects_per_account: Rate::new(50, 5.0),
+            free_password_failures: 5,
+            max_password_backoff: Duration::from_secs(15 * 60),
+            max_tracked_keys: 100_000,
+        }
+    }
+}
+
+impl Limits {
+    /// No rate limits and no cookies (for benchmarks that log in many users from one
+    /// address); caps and the half-open expiry stay.
+    pub fn off() -> Self {
+        Limits {
+            load_handshakes_per_second: u32::MAX,
+            load_half_open: usize::MAX,
+            handshakes_per_source: Rate::OFF,
+            cookies_per_source: Rate::OFF,
+            logins_per_account: Rate::OFF,
+            enrolments_per_source: Rate::OFF,
+            searches_per_account: Rate::OFF,
+            contact_requests_per_account: Rate::OFF,
+            messages_per_account: Rate::OFF,
+            connects_per_account: Rate::OFF,
+            free_password_failures: u32::MAX,
+            ..Limits::default()
+        }
+    }
 }
 
 /// A relay the supernode hands out credentials for.
@@ -77,6 +170,7 @@ impl Default for SupernodeConfig {
             resets_per_second: 2000,
             max_pending_ops: 10_000,
             relay: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -104,6 +198,103 @@ pub struct Stats {
     pub stun: u64,
     /// Calls rung (the callee's device answered the invite).
     pub calls_rung: u64,
+    /// Drops by reason, indexed by [`DropReason::index`]; they add up to `dropped`.
+    pub drops: [u64; DropReason::ALL.len()],
+    /// Cookie replies sent (initiations answered without Diffie-Hellman work under load).
+    pub cookies_sent: u64,
+    /// Reject packets sent (wrong version, stale, rate-limited, revoked).
+    pub rejects_sent: u64,
+    /// Requests refused with `RateLimited` (searches, contact requests, messages, ...).
+    pub rate_limited: u64,
+}
+
+impl Stats {
+    /// Drops for one reason.
+    pub fn drops_for(&self, r: DropReason) -> u64 {
+        self.drops[r.index()]
+    }
+}
+
+/// Why a datagram or handshake was dropped (metrics label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Not a valid packet (decoder error).
+    Malformed,
+    /// A packet type the supernode does not take (responses, resets, probes, cookies).
+    Unexpected,
+    /// Transport packet for no session.
+    UnknownSession,
+    /// Transport packet that failed authentication, replay check or frame decoding.
+    BadTransport,
+    /// Handshake initiation with a wrong mac1.
+    BadMac,
+    /// Initiation under load without a valid cookie (a cookie reply was sent).
+    CookieRequired,
+    /// Over a rate limit.
+    RateLimited,
+    /// Session table or half-open table full.
+    Capacity,
+    /// A repeat of a recent initiation.
+    Duplicate,
+    /// Noise, `Hello` or certificate did not check out.
+    BadHandshake,
+    /// Another protocol version.
+    Version,
+    /// `Hello` clock too far from ours.
+    Stale,
+    /// A login not newer than the user's live session.
+    OutdatedLogin,
+    /// A login with a revoked device.
+    Revoked,
+    /// A half-open session that sent nothing in time.
+    HalfOpenExpired,
+}
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; 15] = [
+        DropReason::Malformed,
+        DropReason::Unexpected,
+        DropReason::UnknownSession,
+        DropReason::BadTransport,
+        DropReason::BadMac,
+        DropReason::CookieRequired,
+        DropReason::RateLimited,
+        DropReason::Capacity,
+        DropReason::Duplicate,
+        DropReason::BadHandshake,
+        DropReason::Version,
+        DropReason::Stale,
+        DropReason::OutdatedLogin,
+        DropReason::Revoked,
+        DropReason::HalfOpenExpired,
+    ];
+
+    /// Position in [`Stats::drops`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::Unexpected => "unexpected",
+            DropReason::UnknownSession => "unknown_session",
+            DropReason::BadTransport => "bad_transport",
+            DropReason::BadMac => "bad_mac",
+            DropReason::CookieRequired => "cookie_required",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::Capacity => "capacity",
+            DropReason::Duplicate => "duplicate",
+            DropReason::BadHandshake => "bad_handshake",
+            DropReason::Version => "version",
+            DropReason::Stale => "stale",
+            DropReason::OutdatedLogin => "outdated_login",
+            DropReason::Revoked => "revoked",
+            DropReason::HalfOpenExpired => "half_open_expired",
+        }
+    }
 }
 
 /// Something the driver may log or count.
@@ -168,7 +359,11 @@ enum Waiting {
         session: u32,
         req: u64,
         registered: bool,
+        /// For an enrolment: the account and source whose wrong passwords are counted.
+        password: Option<(Username, IpAddr)>,
     },
+    /// Login: the device must not be revoked.
+    Revocation { session: u32 },
     /// Contact change: answer, then push notices.
     Contact { session: u32, req: u64 },
     /// Connection setup: after the contact check, ring the callee.
@@ -250,7 +445,71 @@ pub struct Supernode {
     recent_order: VecDeque<[u8; 32]>,
     calls: Calls,
     stats: Stats,
+    mac_keys: MacKeys,
+    cookie_secret: [u8; 32],
+    previous_secret: [u8; 32],
+    secret_born: Instant,
+    init_window: (Instant, u32),
+    half_open: usize,
+    half_open_queue: VecDeque<(Instant, u32)>,
+    limiters: Limiters,
+    last_prune: Instant,
 }
+
+struct Limiters {
+    handshakes: Limiter<IpAddr>,
+    cookies: Limiter<IpAddr>,
+    logins: Limiter<Username>,
+    enrolments: Limiter<IpAddr>,
+    searches: Limiter<Username>,
+    contact_requests: Limiter<Username>,
+    messages: Limiter<Username>,
+    connects: Limiter<Username>,
+    password_accounts: Backoff<Username>,
+    password_sources: Backoff<IpAddr>,
+}
+
+impl Limiters {
+    fn new(l: &Limits) -> Self {
+        let k = l.max_tracked_keys;
+        fn backoff<K: std::hash::Hash + Eq + Clone>(l: &Limits) -> Backoff<K> {
+            Backoff::new(
+                l.free_password_failures,
+                l.max_password_backoff,
+                Duration::from_secs(3600),
+                l.max_tracked_keys,
+            )
+        }
+        Limiters {
+            handshakes: Limiter::new(l.handshakes_per_source, k),
+            cookies: Limiter::new(l.cookies_per_source, k),
+            logins: Limiter::new(l.logins_per_account, k),
+            enrolments: Limiter::new(l.enrolments_per_source, k),
+            searches: Limiter::new(l.searches_per_account, k),
+            contact_requests: Limiter::new(l.contact_requests_per_account, k),
+            messages: Limiter::new(l.messages_per_account, k),
+            connects: Limiter::new(l.connects_per_account, k),
+            password_accounts: backoff(l),
+            password_sources: backoff(l),
+        }
+    }
+
+    fn prune(&mut self, now: Instant) {
+        self.handshakes.prune(now);
+        self.cookies.prune(now);
+        self.logins.prune(now);
+        self.enrolments.prune(now);
+        self.searches.prune(now);
+        self.contact_requests.prune(now);
+        self.messages.prune(now);
+        self.connects.prune(now);
+        self.password_accounts.prune(now);
+        self.password_sources.prune(now);
+    }
+}
+
+/// How often the rate-limit tables drop keys that carry no information any more.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// Transmissions of an `IncomingConnect` push (400 + 800 + 1,600 ms: under 3 s).
 const CONNECT_PUSH_ATTEMPTS: u32 = 3;
@@ -272,6 +531,14 @@ fn op_err(e: OpError) -> Response {
     Response::error(e.code, e.detail)
 }
 
+fn limited(what: &str, wait: Duration) -> Response {
+    let s = wait.as_secs_f64().ceil().max(1.0) as u64;
+    err(
+        ErrorCode::RateLimited,
+        format!("too many {what}: try again in {s} s"),
+    )
+}
+
 impl Supernode {
     /// A supernode with its Noise static key, the authority key it signs with, an
     /// injected RNG seed, a directory and a wall-clock anchor.
@@ -285,13 +552,28 @@ impl Supernode {
         now: Instant,
     ) -> Self {
         let authority_public = authority.public();
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let mut cookie_secret = [0u8; 32];
+        rng.fill_bytes(&mut cookie_secret);
+        let mut previous_secret = [0u8; 32];
+        rng.fill_bytes(&mut previous_secret);
+        let limiters = Limiters::new(&cfg.limits);
         Supernode {
+            mac_keys: MacKeys::for_private(&static_private),
+            cookie_secret,
+            previous_secret,
+            secret_born: now,
+            init_window: (now, 0),
+            half_open: 0,
+            half_open_queue: VecDeque::new(),
+            limiters,
+            last_prune: now,
             cfg,
             static_private,
             authority,
             authority_public,
             clock,
-            rng: ChaCha20Rng::from_seed(seed),
+            rng,
             sessions: HashMap::new(),
             directory,
             timers: BinaryHeap::new(),
@@ -312,6 +594,115 @@ impl Supernode {
     /// Counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Half-open sessions (handshake done, nothing authenticated heard back yet).
+    pub fn half_open_count(&self) -> usize {
+        self.half_open
+    }
+
+    fn dropped(&mut self, r: DropReason) {
+        self.stats.dropped += 1;
+        self.stats.drops[r.index()] += 1;
+    }
+
+    /// Removes a session, keeping the half-open count right.
+    fn remove_session(&mut self, index: u32) -> Option<Session> {
+        let s = self.sessions.remove(&index)?;
+        if !s.link.is_confirmed() {
+            self.half_open = self.half_open.saturating_sub(1);
+        }
+        Some(s)
+    }
+
+    /// Drops sessions that completed no round trip within the half-open lifetime: a
+    /// spoofed source never does, so a flood holds at most a lifetime's worth of them.
+    fn expire_half_open(&mut self, now: Instant) {
+        while let Some(&(deadline, index)) = self.half_open_queue.front() {
+            if deadline > now {
+                break;
+            }
+            self.half_open_queue.pop_front();
+            let stale = self
+                .sessions
+                .get(&index)
+                .is_some_and(|s| !s.link.is_confirmed());
+            if stale {
+                self.dropped(DropReason::HalfOpenExpired);
+                self.logout(now, index);
+            }
+        }
+    }
+
+    fn maybe_prune(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.last_prune) >= PRUNE_EVERY {
+            self.last_prune = now;
+            self.limiters.prune(now);
+        }
+    }
+
+    /// Sends a Reject (rate-limited together with Resets: it is unauthenticated).
+    fn reject(&mut self, now: Instant, to: SocketAddr, receiver: u32, reason: RejectReason) {
+        if !self.reset_budget(now) {
+            return;
+        }
+        let mut out = Vec::with_capacity(12);
+        Packet::Reject {
+            receiver,
+            reason,
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut out);
+        self.stats.rejects_sent += 1;
+        self.push_transmit(Transmit {
+            dst: to,
+            payload: out,
+        });
+    }
+
+    /// Whether the supernode is under load: handshakes must then carry a cookie.
+    fn under_load(&mut self, now: Instant) -> bool {
+        if now.saturating_duration_since(self.init_window.0) >= Duration::from_secs(1) {
+            self.init_window = (now, 0);
+        }
+        self.init_window.1 = self.init_window.1.saturating_add(1);
+        self.half_open >= self.cfg.limits.load_half_open
+            || self.init_window.1 > self.cfg.limits.load_handshakes_per_second
+    }
+
+    fn cookie_ok(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) -> bool {
+        if now.saturating_duration_since(self.secret_born)
+            >= Duration::from_secs(cookie::SECRET_LIFETIME_S)
+        {
+            self.previous_secret = self.cookie_secret;
+            self.rng.fill_bytes(&mut self.cookie_secret);
+            self.secret_born = now;
+        }
+        cookie::mac2_ok(&cookie::cookie_for(&self.cookie_secret, &from), datagram)
+            || cookie::mac2_ok(&cookie::cookie_for(&self.previous_secret, &from), datagram)
+    }
+
+    /// Answers an initiation with a cookie for its source address: no Diffie-Hellman
+    /// work, and the reply (64 bytes) is smaller than the initiation.
+    fn send_cookie(&mut self, from: SocketAddr, sender: u32, datagram: &[u8]) {
+        let mut nonce = [0u8; peerline_wire::packet::COOKIE_NONCE_LEN];
+        self.rng.fill_bytes(&mut nonce);
+        let c = cookie::cookie_for(&self.cookie_secret, &from);
+        let sealed = self
+            .mac_keys
+            .seal_cookie(&nonce, &c, &cookie::mac1_of(datagram));
+        let mut out = Vec::with_capacity(peerline_wire::packet::COOKIE_REPLY_LEN);
+        Packet::CookieReply {
+            receiver: sender,
+            nonce,
+            cookie: sealed,
+        }
+        .encode(&mut out);
+        self.stats.cookies_sent += 1;
+        self.push_transmit(Transmit {
+            dst: from,
+            payload: out,
+        });
     }
 
     /// Sessions open (authenticated or not).
@@ -366,7 +757,12 @@ impl Supernode {
 
     /// When [`Supernode::handle_timeout`] next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.peek().map(|Reverse((t, _))| *t)
+        let t = self.timers.peek().map(|Reverse((t, _))| *t);
+        let h = self.half_open_queue.front().map(|(t, _)| *t);
+        match (t, h) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn op(&mut self, op: Op, w: Waiting) -> u64 {
@@ -407,28 +803,36 @@ impl Supernode {
     /// Handles one datagram from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.stats.datagrams_in += 1;
+        self.maybe_prune(now);
         match Packet::decode(bytes) {
-            Ok(Packet::HandshakeInit { sender, noise }) => {
-                self.on_handshake(now, from, sender, noise)
+            Ok(Packet::HandshakeInit { sender, noise, .. }) => {
+                self.on_handshake(now, from, sender, noise, bytes)
             }
             Ok(Packet::Transport {
                 receiver,
                 counter,
                 ciphertext,
             }) => {
-                let ok = match self.sessions.get_mut(&receiver) {
-                    Some(s) => s
-                        .link
-                        .handle_transport(now, from, counter, ciphertext)
-                        .is_ok(),
+                let (ok, confirmed) = match self.sessions.get_mut(&receiver) {
+                    Some(s) => {
+                        let was = s.link.is_confirmed();
+                        let ok = s
+                            .link
+                            .handle_transport(now, from, counter, ciphertext)
+                            .is_ok();
+                        (ok, !was && s.link.is_confirmed())
+                    }
                     None => {
-                        self.stats.dropped += 1;
+                        self.dropped(DropReason::UnknownSession);
                         self.reset_unknown(now, from, receiver);
                         return;
                     }
                 };
+                if confirmed {
+                    self.half_open = self.half_open.saturating_sub(1);
+                }
                 if !ok {
-                    self.stats.dropped += 1;
+                    self.dropped(DropReason::BadTransport);
                 }
                 self.flush(now, receiver);
                 if ok {
@@ -444,18 +848,35 @@ impl Supernode {
             Ok(Packet::HandshakeResponse { .. })
             | Ok(Packet::Reset { .. })
             | Ok(Packet::Probe)
-            | Err(_) => {
-                self.stats.dropped += 1;
+            | Ok(Packet::CookieReply { .. })
+            | Ok(Packet::Reject { .. }) => self.dropped(DropReason::Unexpected),
+            Err(peerline_wire::Error::Version(_)) => {
+                self.dropped(DropReason::Version);
+                // A handshake of another version gets a clear answer: which one we speak.
+                if bytes.first() == Some(&TYPE_HANDSHAKE_INIT) && bytes.len() >= 8 {
+                    let sender = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+                    self.reject(now, from, sender, RejectReason::Version);
+                }
             }
+            Err(_) => self.dropped(DropReason::Malformed),
         }
     }
 
-    fn reset_unknown(&mut self, now: Instant, from: SocketAddr, receiver: u32) {
+    /// One global budget for unauthenticated answers (Resets and Rejects).
+    fn reset_budget(&mut self, now: Instant) -> bool {
         if now.saturating_duration_since(self.reset_window.0) >= Duration::from_secs(1) {
             self.reset_window = (now, 0);
         }
         if self.reset_window.1 < self.cfg.resets_per_second {
             self.reset_window.1 += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn reset_unknown(&mut self, now: Instant, from: SocketAddr, receiver: u32) {
+        if self.reset_budget(now) {
             self.send_reset_hint(receiver, from);
         }
     }
@@ -469,16 +890,54 @@ impl Supernode {
         }
     }
 
-    fn on_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+    fn on_handshake(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        sender: u32,
+        noise: &[u8],
+        datagram: &[u8],
+    ) {
+        self.expire_half_open(now);
         if self.sessions.len() >= self.cfg.max_sessions {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::Capacity);
+            return;
+        }
+        // Cheap checks first: a keyed hash, then (under load) the cookie. No Diffie-Hellman
+        // work happens before both pass.
+        if !self.mac_keys.mac1_ok(datagram) {
+            self.dropped(DropReason::BadMac);
+            return;
+        }
+        if self.under_load(now) {
+            if !self.cookie_ok(now, from, datagram) {
+                let src = source_key(from.ip());
+                if self.limiters.cookies.check_or_pass(now, &src).is_ok() {
+                    self.send_cookie(from, sender, datagram);
+                }
+                self.dropped(DropReason::CookieRequired);
+                return;
+            }
+            // The source proved it receives at its address: now limit it per address.
+            if self
+                .limiters
+                .handshakes
+                .check(now, &source_key(from.ip()))
+                .is_err()
+            {
+                self.dropped(DropReason::RateLimited);
+                return;
+            }
+        }
+        if self.half_open >= self.cfg.limits.max_half_open {
+            self.dropped(DropReason::Capacity);
             return;
         }
         // A duplicated initiation must not open a second session (which would replace the
         // first at login). Clients retry with a fresh handshake, so drop exact repeats.
         let ephemeral = crate::client::first_32(noise);
         if !self.recent_inits.insert(ephemeral) {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::Duplicate);
             return;
         }
         self.recent_order.push_back(ephemeral);
@@ -490,15 +949,24 @@ impl Supernode {
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let Ok(responder) = Responder::read(&self.static_private, seed, noise) else {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::BadHandshake);
             return;
         };
         let Ok(hello) = Hello::decode(&responder.payload) else {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::BadHandshake);
             return;
         };
         if hello.version != PROTOCOL_VERSION {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::Version);
+            self.reject(now, from, sender, RejectReason::Version);
+            return;
+        }
+        // Freshness: a captured initiation replayed later, or a client whose clock is
+        // wrong, is refused with a reason the client can show.
+        let ours = self.clock.unix_ms(now);
+        if hello.unix_ms.abs_diff(ours) > self.cfg.limits.max_clock_skew.as_millis() as u64 {
+            self.dropped(DropReason::Stale);
+            self.reject(now, from, sender, RejectReason::Stale);
             return;
         }
         let unix = self.clock.unix_s(now);
@@ -509,12 +977,12 @@ impl Supernode {
                     Ok(()) => Auth::User(Box::new(cert)),
                     Err(CertError::Expired { .. }) => Auth::Expired,
                     Err(_) => {
-                        self.stats.dropped += 1;
+                        self.dropped(DropReason::BadHandshake);
                         return;
                     }
                 },
                 Err(_) => {
-                    self.stats.dropped += 1;
+                    self.dropped(DropReason::BadHandshake);
                     return;
                 }
             },
@@ -526,12 +994,17 @@ impl Supernode {
                 .is_some_and(|s| s.hello_ms >= hello.unix_ms);
             if stale {
                 // Not newer than the live session's hello: a replay, or an old retry.
-                self.stats.dropped += 1;
+                self.dropped(DropReason::OutdatedLogin);
+                return;
+            }
+            if self.limiters.logins.check(now, cert.username()).is_err() {
+                self.dropped(DropReason::RateLimited);
+                self.reject(now, from, sender, RejectReason::RateLimited);
                 return;
             }
         }
         if hello.presence == Presence::Offline {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::BadHandshake);
             return;
         }
         let welcome = Welcome {
@@ -543,7 +1016,7 @@ impl Supernode {
             return;
         };
         let Ok((transport, msg2)) = responder.accept(&payload) else {
-            self.stats.dropped += 1;
+            self.dropped(DropReason::BadHandshake);
             return;
         };
         let index = self.fresh_index();
@@ -580,6 +1053,9 @@ impl Supernode {
                 scheduled: None,
             },
         );
+        self.half_open += 1;
+        self.half_open_queue
+            .push_back((now + self.cfg.limits.half_open_ttl, index));
         if let Some(u) = user {
             self.login(now, index, u);
         }
@@ -595,7 +1071,7 @@ impl Supernode {
         if let Some(old) = self.directory.insert(&user, loc) {
             // One session per user: the newer login wins.
             if old.session != index {
-                if let Some(mut s) = self.sessions.remove(&old.session) {
+                if let Some(mut s) = self.remove_session(old.session) {
                     s.link.close(now);
                     while let Some(t) = s.link.poll_transmit() {
                         self.push_transmit(t);
@@ -606,6 +1082,15 @@ impl Supernode {
         self.stats.logins += 1;
         tracing::info!(user = %user, "login");
         self.events.push_back(SupernodeEvent::Login(user.clone()));
+        // Revocation first: the store runs operations in order, so a revoked device is
+        // logged out before its contacts hear of it.
+        if let Some(s) = self.sessions.get(&index) {
+            let noise_key = *s.link.remote_static();
+            self.op(
+                Op::CheckDevice { noise_key },
+                Waiting::Revocation { session: index },
+            );
+        }
         self.op(
             Op::Accepted { user: user.clone() },
             Waiting::Contacts { session: index },
@@ -620,7 +1105,7 @@ impl Supernode {
     }
 
     fn logout(&mut self, now: Instant, index: u32) {
-        let Some(s) = self.sessions.remove(&index) else {
+        let Some(s) = self.remove_session(index) else {
             return;
         };
         let Some(user) = s.user().cloned() else {
@@ -670,6 +1155,7 @@ impl Supernode {
 
     /// Runs due timers (retransmissions, idle expiry).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_half_open(now);
         while let Some(Reverse((t, index))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -765,6 +1251,14 @@ impl Supernode {
             );
             return;
         }
+        if let Some((what, wait)) = self.over_limit(now, &body, user.as_ref(), remote.ip()) {
+            self.stats.rate_limited += 1;
+            self.reply(now, index, id, limited(what, wait));
+            return;
+        }
+        let Some(s) = self.sessions.get(&index) else {
+            return;
+        };
         let mut device_id = [0u8; 16];
         self.rng.fill_bytes(&mut device_id);
         let session = index;
@@ -800,6 +1294,7 @@ impl Supernode {
                         session,
                         req,
                         registered: true,
+                        password: None,
                     },
                 );
             }
@@ -811,6 +1306,7 @@ impl Supernode {
                 },
                 None,
             ) => {
+                let counted = Some((username.clone(), source_key(remote.ip())));
                 self.op(
                     Op::Enroll {
                         username,
@@ -823,6 +1319,7 @@ impl Supernode {
                         session,
                         req,
                         registered: false,
+                        password: counted,
                     },
                 );
             }
@@ -844,6 +1341,7 @@ impl Supernode {
                         session,
                         req,
                         registered: false,
+                        password: None,
                     },
                 );
             }
@@ -1125,6 +1623,54 @@ impl Supernode {
         }
     }
 
+    /// The rate limit a request runs into, if any: what to call it and how long to wait.
+    fn over_limit(
+        &mut self,
+        now: Instant,
+        body: &Request,
+        user: Option<&Username>,
+        ip: IpAddr,
+    ) -> Option<(&'static str, Duration)> {
+        let src = source_key(ip);
+        let l = &mut self.limiters;
+        let r = match (body, user) {
+            (Request::Register { .. }, None) => l
+                .enrolments
+                .check(now, &src)
+                .map_err(|w| ("registrations from this address", w)),
+            (Request::Enroll { username, .. }, None) => l
+                .password_accounts
+                .check(now, username)
+                .map_err(|w| ("wrong passwords for this account", w))
+                .and_then(|()| {
+                    l.password_sources
+                        .check(now, &src)
+                        .map_err(|w| ("wrong passwords from this address", w))
+                })
+                .and_then(|()| {
+                    l.enrolments
+                        .check(now, &src)
+                        .map_err(|w| ("enrolments from this address", w))
+                }),
+            (Request::Search { .. }, Some(me)) => {
+                l.searches.check(now, me).map_err(|w| ("searches", w))
+            }
+            (Request::ContactAdd { .. }, Some(me)) => l
+                .contact_requests
+                .check(now, me)
+                .map_err(|w| ("contact requests", w)),
+            (Request::StoreMessage { .. }, Some(me)) => {
+                l.messages.check(now, me).map_err(|w| ("messages", w))
+            }
+            (Request::Connect { .. }, Some(me)) => l
+                .connects
+                .check(now, me)
+                .map_err(|w| ("connection setups", w)),
+            _ => Ok(()),
+        };
+        r.err()
+    }
+
     fn on_push_answer(&mut self, now: Instant, index: u32, id: u64, body: Option<Response>) {
         let Some(kind) = self.pushes.remove(&(index, id)) else {
             return;
@@ -1322,10 +1868,15 @@ impl Supernode {
                     session,
                     req,
                     registered,
+                    password,
                 },
                 OpResult::Device(r),
             ) => match r {
                 Ok((device, serial)) => {
+                    if let Some((account, src)) = &password {
+                        self.limiters.password_accounts.succeed(account);
+                        self.limiters.password_sources.succeed(src);
+                    }
                     let unix = self.clock.unix_s(now);
                     let cert = self.authority.issue(
                         &CertRequest {
@@ -1353,8 +1904,28 @@ impl Supernode {
                     }
                     self.reply(now, session, req, Response::Certificate(bytes));
                 }
-                Err(e) => self.reply(now, session, req, op_err(e)),
+                Err(e) => {
+                    if let (Some((account, src)), ErrorCode::WrongPassword) = (&password, e.code) {
+                        self.limiters.password_accounts.fail(now, account);
+                        self.limiters.password_sources.fail(now, src);
+                    }
+                    self.reply(now, session, req, op_err(e))
+                }
             },
+            (Waiting::Revocation { session }, OpResult::Done(r)) => {
+                if r.is_err() {
+                    let Some(s) = self.sessions.get(&session) else {
+                        return;
+                    };
+                    let (to, receiver) = (s.link.remote_addr(), s.link.remote_index());
+                    if let Some(u) = s.user() {
+                        tracing::info!(user = %u, "login refused: device revoked");
+                    }
+                    self.dropped(DropReason::Revoked);
+                    self.logout(now, session);
+                    self.reject(now, to, receiver, RejectReason::Revoked);
+                }
+            }
             (Waiting::Contact { session, req }, OpResult::Contact(r)) => match r {
                 Ok(notices) => {
                     self.reply(now, session, req, Response::Ok);
@@ -1571,6 +2142,7 @@ impl Supernode {
                 let kind = match w {
                     Waiting::Reply { .. } => "reply",
                     Waiting::Certify { .. } => "certify",
+                    Waiting::Revocation { .. } => "revocation",
                     Waiting::Contact { .. } => "contact",
                     Waiting::Connect { .. } => "connect",
                     Waiting::Call { .. } => "call",

@@ -4,8 +4,10 @@
 //! No IO, no clock, no global randomness: key generation and handshakes take their
 //! randomness from the caller (a seed or an `RngCore`), and certificate checks take `now`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod cert;
+pub mod cookie;
 pub mod identity;
 pub mod noise;
 pub mod replay;

@@ -7,6 +7,7 @@
 //! Everything the lab creates lives in namespaces named `{prefix}{pid}-{seq}-{name}`, so
 //! parallel runs (and parallel labs in one test process) never clash, and dropping the [`Lab`]
 //! removes all of it. [`cleanup_stale`] removes what a crashed run left behind.
+#![forbid(unsafe_code)]
 
 mod lab;
 pub mod matrix;

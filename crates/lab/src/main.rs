@@ -1,4 +1,5 @@
 //! `peerline-lab`: the NAT lab from the command line.
+#![forbid(unsafe_code)]
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};

@@ -5,6 +5,7 @@
 //! operations (on a dedicated thread, since the embedded store blocks), and events.
 //! Protocol decisions never live here.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod bootstrap;

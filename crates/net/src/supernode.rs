@@ -10,7 +10,7 @@ use peerline_core::clock::WallClock;
 use peerline_core::directory::MemoryDirectory;
 use peerline_core::ops::{execute, Op, OpResult};
 use peerline_core::store::Store;
-use peerline_core::supernode::{Supernode, SupernodeConfig, SupernodeEvent};
+use peerline_core::supernode::{DropReason, Supernode, SupernodeConfig, SupernodeEvent};
 use peerline_crypto::Authority;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -61,6 +61,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Datagrams read in one go after a wakeup, before timers and storage get their turn.
+const RECV_BATCH: usize = 64;
+
 /// Hint pacing after a restart: this many reset hints per 10 ms tick.
 const HINTS_PER_TICK: usize = 50;
 
@@ -90,9 +93,33 @@ fn write_snapshot(path: &PathBuf, entries: &[(u32, SocketAddr)]) {
     }
 }
 
-fn render_metrics(sn: &Supernode) -> String {
+/// Runs one step of the core. A panic is a bug, never a reaction to input; should one
+/// happen anyway, it costs the input being handled, not the process and every other
+/// user's session. Counted in `peerline_panics_caught_total`.
+fn guarded(panics: &mut u64, what: &'static str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        *panics += 1;
+        tracing::error!(
+            what,
+            "bug: handling one input panicked; it was dropped, the supernode goes on"
+        );
+    }
+}
+
+fn render_metrics(sn: &Supernode, panics: u64) -> String {
     let s = sn.stats();
     let mut out = String::new();
+    out.push_str(
+        "# HELP peerline_dropped_by_reason_total Datagrams and handshakes dropped, by reason.\n\
+         # TYPE peerline_dropped_by_reason_total counter\n",
+    );
+    for r in DropReason::ALL {
+        out.push_str(&format!(
+            "peerline_dropped_by_reason_total{{reason=\"{}\"}} {}\n",
+            r.name(),
+            s.drops_for(r)
+        ));
+    }
     let mut m = |name: &str, kind: &str, help: &str, v: u64| {
         out.push_str(&format!(
             "# HELP peerline_{name} {help}\n# TYPE peerline_{name} {kind}\npeerline_{name} {v}\n"
@@ -149,6 +176,36 @@ fn render_metrics(sn: &Supernode) -> String {
         s.messages_delivered,
     );
     m("stun_total", "counter", "STUN messages received.", s.stun);
+    m(
+        "cookies_sent_total",
+        "counter",
+        "Cookie replies sent: handshakes answered under load without Diffie-Hellman work.",
+        s.cookies_sent,
+    );
+    m(
+        "rejects_sent_total",
+        "counter",
+        "Handshake rejections sent (version, stale, rate limited, revoked).",
+        s.rejects_sent,
+    );
+    m(
+        "rate_limited_total",
+        "counter",
+        "Requests refused by a rate limit (searches, contact requests, messages, enrolments).",
+        s.rate_limited,
+    );
+    m(
+        "half_open_sessions",
+        "gauge",
+        "Sessions whose client has not yet sent an authenticated packet.",
+        sn.half_open_count() as u64,
+    );
+    m(
+        "panics_caught_total",
+        "counter",
+        "Panics while handling one input, caught (each a bug; the input was dropped).",
+        panics,
+    );
     out
 }
 
@@ -227,6 +284,7 @@ pub async fn run_supernode(
     let mut last_snapshot = Instant::now();
     let mut snapshot_dirty = true;
     let mut buf = vec![0u8; 2048];
+    let mut panics = 0u64;
     tokio::pin!(shutdown);
 
     loop {
@@ -256,17 +314,33 @@ pub async fn run_supernode(
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
-                    sn.handle_datagram(Instant::now(), from, &buf[..n]);
+                    let b = &buf[..n];
+                    guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, b));
+                    // Under a flood, read what is already queued before going back to the
+                    // select: one wakeup per datagram would cost more than the datagram.
+                    for _ in 0..RECV_BATCH {
+                        let Ok((n, from)) = socket.try_recv_from(&mut buf) else {
+                            break;
+                        };
+                        let b = &buf[..n];
+                        guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, b));
+                    }
                 }
             }
             r = res_rx.recv() => {
                 match r {
-                    Some((token, result)) => sn.handle_op_result(Instant::now(), token, result),
+                    Some((token, result)) => guarded(&mut panics, "storage result", || {
+                        sn.handle_op_result(Instant::now(), token, result)
+                    }),
                     None => return Err(NetError::StoreGone),
                 }
             }
-            Some((from, b)) = tcp_rx.recv() => sn.handle_datagram(Instant::now(), from, &b),
-            _ = tokio::time::sleep_until(deadline.into()) => sn.handle_timeout(Instant::now()),
+            Some((from, b)) = tcp_rx.recv() => {
+                guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, &b))
+            }
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                guarded(&mut panics, "timer", || sn.handle_timeout(Instant::now()))
+            }
             _ = tick.tick() => {
                 for _ in 0..HINTS_PER_TICK {
                     let Some((i, a)) = hints.pop_front() else { break };
@@ -274,7 +348,7 @@ pub async fn run_supernode(
                 }
                 if last_snapshot.elapsed() >= Duration::from_secs(1) {
                     last_snapshot = Instant::now();
-                    rt.metrics.set(render_metrics(&sn));
+                    rt.metrics.set(render_metrics(&sn, panics));
                     if snapshot_dirty && hints.is_empty() {
                         snapshot_dirty = false;
                         if let Some(p) = &rt.snapshot_path {
@@ -294,4 +368,19 @@ pub async fn run_supernode(
     drop(res_rx);
     let _ = storage.join();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_one_step_is_caught_and_counted() {
+        let mut panics = 0;
+        let mut after = false;
+        guarded(&mut panics, "test", || panic!("a bug"));
+        guarded(&mut panics, "test", || after = true);
+        assert_eq!(panics, 1);
+        assert!(after, "the next input is handled");
+    }
 }

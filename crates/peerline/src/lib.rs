@@ -4,6 +4,7 @@
 //! The agent owns the device's sessions (via `peerline-net`'s client driver); the CLI is a
 //! thin client of the agent's control socket.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod agent;
 #[cfg(feature = "audio")]

@@ -1,4 +1,5 @@
 //! `peerline`: the user's command-line client and agent.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -1,6 +1,7 @@
 //! The operator's daemon: data dir initialisation, configuration, and running the
 //! supernode with its embedded authority and store, and the TURN relay it offers.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use peerline_core::relay::RelayConfig;
-use peerline_core::supernode::{RelayOffer, SupernodeConfig};
+use peerline_core::supernode::{Limits, RelayOffer, SupernodeConfig};
 use peerline_crypto::{Authority, DeviceKeys};
 use peerline_net::bootstrap::Bootstrap;
 use peerline_net::files::{create_private_dir, write_private_file};
@@ -55,6 +56,16 @@ pub struct Config {
     pub mailbox_quota: usize,
     /// Most concurrent sessions.
     pub max_sessions: usize,
+    /// Per-source and per-account rate limits (false only for load tests from one host).
+    pub rate_limits: bool,
+    /// Handshakes per second beyond which initiations must carry a cookie.
+    pub handshake_load_per_second: u32,
+    /// Half-open sessions at which initiations must carry a cookie.
+    pub half_open_load: usize,
+    /// Most half-open sessions at once.
+    pub max_half_open: usize,
+    /// Largest clock difference accepted in a login, in seconds.
+    pub max_clock_skew_secs: u64,
     /// `text` or `json`.
     pub log_format: String,
     /// UDP address of the TURN relay: the `listen` IP with port 3478 if unset, `"off"`
@@ -79,6 +90,11 @@ impl Default for Config {
             cert_lifetime_hours: 24,
             mailbox_quota: 1000,
             max_sessions: 1_000_000,
+            rate_limits: true,
+            handshake_load_per_second: Limits::default().load_handshakes_per_second,
+            half_open_load: Limits::default().load_half_open,
+            max_half_open: Limits::default().max_half_open,
+            max_clock_skew_secs: Limits::default().max_clock_skew.as_secs(),
             log_format: "text".into(),
             relay_listen: RelayListen::SameIpAsListen,
             relay_public: None,
@@ -101,11 +117,25 @@ impl Config {
     /// The core configuration these settings describe, offering `relay` if given (see
     /// [`Config::relay_offer`]).
     pub fn supernode(&self, relay: Option<RelayOffer>) -> SupernodeConfig {
+        let base = if self.rate_limits {
+            Limits {
+                load_handshakes_per_second: self.handshake_load_per_second,
+                load_half_open: self.half_open_load,
+                ..Limits::default()
+            }
+        } else {
+            Limits::off()
+        };
         SupernodeConfig {
             cert_lifetime: Duration::from_secs(self.cert_lifetime_hours.max(1) * 3600),
             mailbox_quota: self.mailbox_quota,
             max_sessions: self.max_sessions,
             relay,
+            limits: Limits {
+                max_half_open: self.max_half_open,
+                max_clock_skew: Duration::from_secs(self.max_clock_skew_secs),
+                ..base
+            },
             ..SupernodeConfig::default()
         }
     }
@@ -294,6 +324,23 @@ mailbox_quota = 1000
 
 # Most concurrent client sessions.
 max_sessions = 1000000
+
+# Flood protection. Beyond this many handshakes per second, or this many half-open
+# sessions (clients that have not answered yet), a handshake must carry a cookie: the
+# supernode answers one without it with a cookie reply and does no key-exchange work, so
+# spoofed sources cost almost nothing. Half-open sessions are capped and expire after 10 s.
+handshake_load_per_second = 2000
+half_open_load = 2000
+max_half_open = 50000
+
+# Logins whose clock differs from the supernode's by more than this are refused (a
+# replayed handshake, or a device with a wrong clock, which is told so).
+max_clock_skew_secs = 300
+
+# Per-address and per-account limits on handshakes under load, logins, registrations,
+# enrolments (with a growing wait after wrong passwords), searches, contact requests,
+# messages and connection setups. Set false only for a load test from a single host.
+rate_limits = true
 
 # Log format: "text" or "json" (logs never contain users' addresses at info level).
 log_format = "text"

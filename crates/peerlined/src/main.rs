@@ -1,4 +1,5 @@
 //! `peerlined`: the operator's daemon (supernode, authority and TURN relay).
+#![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -207,6 +208,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.tcp_listen = peerlined::TcpListen::At(t);
             }
             logging(log_format.as_deref().unwrap_or(&cfg.log_format));
+            if rustix::process::geteuid().is_root() {
+                // It faces the whole internet: a bug should not hand out root.
+                tracing::warn!(
+                    "running as root: run peerlined as an unprivileged user \
+                     (dist/peerlined.service does)"
+                );
+            }
             let (relay_secret, created) = ensure_relay_secret(&data)?;
             if created {
                 tracing::info!(

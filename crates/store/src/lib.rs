@@ -16,6 +16,7 @@
 //! `sent_at`, `created_at`) are stored bit-for-bit as `i64` and read back unchanged;
 //! store-assigned ids and serials are always positive.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

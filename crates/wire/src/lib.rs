@@ -11,6 +11,7 @@
 //! panic, and never allocates more than the input's length justifies. This crate has no
 //! crypto and no IO.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod cert;
 pub mod msg;

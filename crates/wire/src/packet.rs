@@ -5,12 +5,18 @@
 //! (RFC 8489 section 5), and a STUN message is recognised by its magic cookie.
 //!
 //! ```text
-//! 0x81 HandshakeInit      hdr(4) sender_index(4 LE) noise_ik_msg1(..)
+//! 0x81 HandshakeInit      hdr(4) sender_index(4 LE) noise_ik_msg1(..) mac1(16) mac2(16)
 //! 0x82 HandshakeResponse  hdr(4) sender_index(4 LE) receiver_index(4 LE) noise_ik_msg2(..)
 //! 0x83 Reset              hdr(4) receiver_index(4 LE)
 //! 0x84 Transport          hdr(4) receiver_index(4 LE) counter(8 LE) ciphertext(..)
 //! 0x85 Probe              hdr(4) reserved(4) = 0
+//! 0x86 CookieReply        hdr(4) receiver_index(4 LE) nonce(24) encrypted_cookie(32)
+//! 0x87 Reject             hdr(4) receiver_index(4 LE) reason(1) version(1) reserved(2) = 0
 //! ```
+//!
+//! The MACs of a handshake initiation and the cookie are computed by
+//! `peerline_crypto::cookie` (this crate has no cryptography); a Reject is decoded whatever
+//! its header's version byte, so that a peer of another version can read it.
 
 use crate::{Error, MAX_DATAGRAM, PROTOCOL_VERSION};
 
@@ -24,6 +30,10 @@ pub const TYPE_RESET: u8 = 0x83;
 pub const TYPE_TRANSPORT: u8 = 0x84;
 /// Type byte of a hole-punching probe.
 pub const TYPE_PROBE: u8 = 0x85;
+/// Type byte of a cookie reply (the answer to a handshake initiation under load).
+pub const TYPE_COOKIE_REPLY: u8 = 0x86;
+/// Type byte of a handshake rejection (its layout is the same in every version).
+pub const TYPE_REJECT: u8 = 0x87;
 
 /// Bytes of the common header.
 pub const HEADER_LEN: usize = 4;
@@ -39,6 +49,18 @@ pub const RESET_LEN: usize = HEADER_LEN + 4;
 pub const PROBE_LEN: usize = HEADER_LEN + 4;
 /// Poly1305 tag length.
 pub const TAG_LEN: usize = 16;
+/// Length of each of the two MACs that end a handshake initiation.
+pub const MAC_LEN: usize = 16;
+/// Bytes after the Noise message in a handshake initiation: mac1 and mac2.
+pub const INIT_MACS: usize = 2 * MAC_LEN;
+/// Nonce of an encrypted cookie (XChaCha20-Poly1305).
+pub const COOKIE_NONCE_LEN: usize = 24;
+/// An encrypted cookie: 16 bytes and its tag.
+pub const ENCRYPTED_COOKIE_LEN: usize = 16 + TAG_LEN;
+/// Length of a cookie reply.
+pub const COOKIE_REPLY_LEN: usize = HEADER_LEN + 4 + COOKIE_NONCE_LEN + ENCRYPTED_COOKIE_LEN;
+/// Length of a reject packet.
+pub const REJECT_LEN: usize = HEADER_LEN + 8;
 /// Smallest Noise IK first message: e (32) + encrypted s (32 + 16) + empty payload tag (16).
 pub const MIN_IK_MSG1: usize = 96;
 /// Smallest Noise IK second message: e (32) + empty payload tag (16).
@@ -49,6 +71,45 @@ pub const MAX_TRANSPORT_PLAINTEXT: usize = MAX_DATAGRAM - TRANSPORT_PREFIX - TAG
 /// STUN magic cookie (RFC 8489 section 6).
 pub const STUN_MAGIC_COOKIE: u32 = 0x2112_A442;
 
+/// Why a handshake was refused (the `reason` byte of a [`Packet::Reject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    /// The initiator speaks another protocol version; `version` says which one we speak.
+    Version,
+    /// `Hello.unix_ms` is too far from the responder's clock (a replay, or a wrong clock).
+    Stale,
+    /// Too many handshakes from this source or logins to this account: wait and retry.
+    RateLimited,
+    /// The device's certificate was revoked: enrol the device again.
+    Revoked,
+    /// A reason this build does not know (a newer peer).
+    Other(u8),
+}
+
+impl RejectReason {
+    /// The reason's byte.
+    pub fn to_byte(self) -> u8 {
+        match self {
+            RejectReason::Version => 1,
+            RejectReason::Stale => 2,
+            RejectReason::RateLimited => 3,
+            RejectReason::Revoked => 4,
+            RejectReason::Other(b) => b,
+        }
+    }
+
+    /// The reason a byte names.
+    pub fn from_byte(b: u8) -> Self {
+        match b {
+            1 => RejectReason::Version,
+            2 => RejectReason::Stale,
+            3 => RejectReason::RateLimited,
+            4 => RejectReason::Revoked,
+            b => RejectReason::Other(b),
+        }
+    }
+}
+
 /// A decoded datagram, borrowing its variable part from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Packet<'a> {
@@ -58,6 +119,10 @@ pub enum Packet<'a> {
         sender: u32,
         /// Noise message 1.
         noise: &'a [u8],
+        /// MAC over everything before it, keyed by the responder's static public key.
+        mac1: [u8; MAC_LEN],
+        /// MAC over everything before it, keyed by a cookie (zeros without one).
+        mac2: [u8; MAC_LEN],
     },
     /// Second message of the Noise IK handshake.
     HandshakeResponse {
@@ -86,6 +151,25 @@ pub enum Packet<'a> {
     /// Opens the sender's NAT towards a peer during connection setup; carries nothing and
     /// is never answered. Its source address may teach the peer a new candidate.
     Probe,
+    /// "Prove you can receive at your address": answers a handshake initiation under load.
+    CookieReply {
+        /// The initiator's index from the initiation.
+        receiver: u32,
+        /// XChaCha20-Poly1305 nonce.
+        nonce: [u8; COOKIE_NONCE_LEN],
+        /// The cookie, encrypted with the initiation's mac1 as associated data.
+        cookie: [u8; ENCRYPTED_COOKIE_LEN],
+    },
+    /// "Your handshake was refused, and why." Unauthenticated: a hint for the user, never
+    /// more than a failed handshake.
+    Reject {
+        /// The index the refused initiation carried (or the session's, after login).
+        receiver: u32,
+        /// Why.
+        reason: RejectReason,
+        /// The protocol version the sender speaks.
+        version: u8,
+    },
     /// A STUN message (handled by the STUN codec, not here).
     Stun(&'a [u8]),
 }
@@ -100,6 +184,23 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[at..at + 8]);
     u64::from_le_bytes(a)
+}
+
+fn array_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&b[at..at + N]);
+    a
+}
+
+fn exact(b: &[u8], n: usize) -> Result<(), Error> {
+    match b.len().cmp(&n) {
+        std::cmp::Ordering::Less => Err(Error::Truncated {
+            needed: n,
+            got: b.len(),
+        }),
+        std::cmp::Ordering::Greater => Err(Error::Trailing(b.len() - n)),
+        std::cmp::Ordering::Equal => Ok(()),
+    }
 }
 
 fn need(b: &[u8], n: usize) -> Result<(), Error> {
@@ -141,8 +242,22 @@ impl<'a> Packet<'a> {
                 | TYPE_RESET
                 | TYPE_TRANSPORT
                 | TYPE_PROBE
+                | TYPE_COOKIE_REPLY
+                | TYPE_REJECT
         ) {
             return Err(Error::UnknownType(ty));
+        }
+        if ty == TYPE_REJECT {
+            // Version-independent, so that it can say "wrong version".
+            exact(b, REJECT_LEN)?;
+            if b[2] != 0 || b[3] != 0 || b[10] != 0 || b[11] != 0 {
+                return Err(Error::Reserved);
+            }
+            return Ok(Packet::Reject {
+                receiver: u32_at(b, 4),
+                reason: RejectReason::from_byte(b[8]),
+                version: b[9],
+            });
         }
         if b[1] != PROTOCOL_VERSION {
             return Err(Error::Version(b[1]));
@@ -152,10 +267,21 @@ impl<'a> Packet<'a> {
         }
         match ty {
             TYPE_HANDSHAKE_INIT => {
-                need(b, INIT_PREFIX + MIN_IK_MSG1)?;
+                need(b, INIT_PREFIX + MIN_IK_MSG1 + INIT_MACS)?;
+                let macs = b.len() - INIT_MACS;
                 Ok(Packet::HandshakeInit {
                     sender: u32_at(b, 4),
-                    noise: &b[INIT_PREFIX..],
+                    noise: &b[INIT_PREFIX..macs],
+                    mac1: array_at(b, macs),
+                    mac2: array_at(b, macs + MAC_LEN),
+                })
+            }
+            TYPE_COOKIE_REPLY => {
+                exact(b, COOKIE_REPLY_LEN)?;
+                Ok(Packet::CookieReply {
+                    receiver: u32_at(b, 4),
+                    nonce: array_at(b, 8),
+                    cookie: array_at(b, 8 + COOKIE_NONCE_LEN),
                 })
             }
             TYPE_HANDSHAKE_RESPONSE => {
@@ -213,10 +339,17 @@ impl<'a> Packet<'a> {
         let header =
             |out: &mut Vec<u8>, ty: u8| out.extend_from_slice(&[ty, PROTOCOL_VERSION, 0, 0]);
         match *self {
-            Packet::HandshakeInit { sender, noise } => {
+            Packet::HandshakeInit {
+                sender,
+                noise,
+                mac1,
+                mac2,
+            } => {
                 header(out, TYPE_HANDSHAKE_INIT);
                 out.extend_from_slice(&sender.to_le_bytes());
                 out.extend_from_slice(noise);
+                out.extend_from_slice(&mac1);
+                out.extend_from_slice(&mac2);
             }
             Packet::HandshakeResponse {
                 sender,
@@ -245,6 +378,25 @@ impl<'a> Packet<'a> {
             Packet::Probe => {
                 header(out, TYPE_PROBE);
                 out.extend_from_slice(&[0, 0, 0, 0]);
+            }
+            Packet::CookieReply {
+                receiver,
+                nonce,
+                cookie,
+            } => {
+                header(out, TYPE_COOKIE_REPLY);
+                out.extend_from_slice(&receiver.to_le_bytes());
+                out.extend_from_slice(&nonce);
+                out.extend_from_slice(&cookie);
+            }
+            Packet::Reject {
+                receiver,
+                reason,
+                version,
+            } => {
+                out.extend_from_slice(&[TYPE_REJECT, version, 0, 0]);
+                out.extend_from_slice(&receiver.to_le_bytes());
+                out.extend_from_slice(&[reason.to_byte(), version, 0, 0]);
             }
             Packet::Stun(b) => out.extend_from_slice(b),
         }
@@ -280,7 +432,27 @@ mod tests {
         roundtrip(Packet::HandshakeInit {
             sender: 1,
             noise: &n1,
+            mac1: [3; MAC_LEN],
+            mac2: [4; MAC_LEN],
         });
+        roundtrip(Packet::CookieReply {
+            receiver: 9,
+            nonce: [5; COOKIE_NONCE_LEN],
+            cookie: [6; ENCRYPTED_COOKIE_LEN],
+        });
+        for reason in [
+            RejectReason::Version,
+            RejectReason::Stale,
+            RejectReason::RateLimited,
+            RejectReason::Revoked,
+            RejectReason::Other(77),
+        ] {
+            roundtrip(Packet::Reject {
+                receiver: 8,
+                reason,
+                version: PROTOCOL_VERSION,
+            });
+        }
         roundtrip(Packet::HandshakeResponse {
             sender: 2,
             receiver: 3,
@@ -309,6 +481,44 @@ mod tests {
     }
 
     #[test]
+    fn a_reject_of_another_version_still_decodes() {
+        let mut b = Vec::new();
+        Packet::Reject {
+            receiver: 3,
+            reason: RejectReason::Version,
+            version: 9,
+        }
+        .encode(&mut b);
+        assert_eq!(b[1], 9);
+        assert_eq!(
+            Packet::decode(&b),
+            Ok(Packet::Reject {
+                receiver: 3,
+                reason: RejectReason::Version,
+                version: 9
+            })
+        );
+        b.push(0);
+        assert_eq!(Packet::decode(&b), Err(Error::Trailing(1)));
+    }
+
+    #[test]
+    fn the_macs_are_the_last_32_bytes_of_an_initiation() {
+        let noise = [7u8; MIN_IK_MSG1 + 5];
+        let mut b = Vec::new();
+        Packet::HandshakeInit {
+            sender: 2,
+            noise: &noise,
+            mac1: [0xaa; MAC_LEN],
+            mac2: [0xbb; MAC_LEN],
+        }
+        .encode(&mut b);
+        assert_eq!(b.len(), INIT_PREFIX + noise.len() + INIT_MACS);
+        assert_eq!(&b[b.len() - 32..b.len() - 16], &[0xaa; 16]);
+        assert_eq!(&b[b.len() - 16..], &[0xbb; 16]);
+    }
+
+    #[test]
     fn recognises_stun_binding_request() {
         let mut b = vec![0x00, 0x01, 0x00, 0x00];
         b.extend_from_slice(&STUN_MAGIC_COOKIE.to_be_bytes());
@@ -323,6 +533,18 @@ mod tests {
             Packet::HandshakeInit {
                 sender: 1,
                 noise: &n1,
+                mac1: [1; MAC_LEN],
+                mac2: [0; MAC_LEN],
+            },
+            Packet::CookieReply {
+                receiver: 1,
+                nonce: [2; COOKIE_NONCE_LEN],
+                cookie: [3; ENCRYPTED_COOKIE_LEN],
+            },
+            Packet::Reject {
+                receiver: 1,
+                reason: RejectReason::Stale,
+                version: PROTOCOL_VERSION,
             },
             Packet::Transport {
                 receiver: 5,
