@@ -683,6 +683,15 @@ impl App {
                 if self.overlay.is_some() {
                     return self.on_overlay_key(k);
                 }
+                // Terminals send Esc quickly followed by a key as Alt+key: in the input
+                // line that is "leave the input, then this key".
+                if self.focus == Focus::Conversation
+                    && k.modifiers.contains(KeyModifiers::ALT)
+                    && matches!(k.code, KeyCode::Char(_))
+                {
+                    self.focus = Focus::Contacts;
+                    return self.on_contacts_key(KeyEvent::new(k.code, KeyModifiers::NONE));
+                }
                 match self.focus {
                     Focus::Contacts => self.on_contacts_key(k),
                     Focus::Conversation => self.on_conversation_key(k),
@@ -1511,6 +1520,20 @@ mod tests {
         app.update(key(KeyCode::Tab));
         assert_eq!(app.focus, Focus::Contacts);
         assert_eq!(app.update(key(KeyCode::Char('q'))), vec![Effect::Quit]);
+    }
+
+    #[test]
+    fn alt_key_in_the_input_reads_as_escape_then_key() {
+        let mut app = alice();
+        app.update(key(KeyCode::Enter));
+        let eff = app.update(Event::Key(KeyEvent::new(
+            KeyCode::Char('?'),
+            KeyModifiers::ALT,
+        )));
+        assert!(eff.is_empty());
+        assert!(app.input.is_empty());
+        assert_eq!(app.focus, Focus::Contacts);
+        assert_eq!(app.overlay, Some(Overlay::Help));
     }
 
     #[test]

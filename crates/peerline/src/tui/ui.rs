@@ -170,7 +170,12 @@ fn presence_style(p: Presence) -> (&'static str, Style) {
 }
 
 fn title_bar(app: &App, f: &mut Frame, area: Rect) {
-    let me = Presence::parse(&app.status.presence);
+    // While the supernode is lost, contacts see us offline: say so.
+    let me = if app.status.online {
+        Presence::parse(&app.status.presence)
+    } else {
+        Presence::Offline
+    };
     let (dot, st) = presence_style(me);
     let mut spans = vec![
         Span::styled(
@@ -267,7 +272,7 @@ fn contacts_pane(app: &App, f: &mut Frame, area: Rect) {
     let mut last_group = None;
     for c in &rows {
         let group = match c.state {
-            ContactState::Incoming => "Requests (a accept, d decline, b block)",
+            ContactState::Incoming => "Requests",
             ContactState::Accepted => "",
             ContactState::Requested => "Waiting for an answer",
             ContactState::Blocked => "Blocked (x unblocks)",
@@ -291,9 +296,15 @@ fn contacts_pane(app: &App, f: &mut Frame, area: Rect) {
             selected_line = lines.len();
         }
         lines.push(contact_line(app, c, w));
-        if c.state == ContactState::Incoming && !c.note.is_empty() {
+        if c.state == ContactState::Incoming {
+            if !c.note.is_empty() {
+                lines.push(Line::from(Span::styled(
+                    truncate(&format!("    \"{}\"", c.note), w),
+                    Style::default().fg(Color::DarkGray),
+                )));
+            }
             lines.push(Line::from(Span::styled(
-                truncate(&format!("   \"{}\"", c.note), w),
+                truncate("    [a]ccept [d]ecline [b]lock", w),
                 Style::default().fg(Color::DarkGray),
             )));
         }
@@ -551,8 +562,9 @@ fn message_lines(app: &App, msgs: &[Message], w: usize) -> Vec<Line<'static>> {
         if last_day != Some(day) {
             let d = format!(" {} ", date(m.time));
             let side = w.saturating_sub(d.chars().count()) / 2;
+            let rest = w.saturating_sub(d.chars().count() + side);
             lines.push(Line::from(Span::styled(
-                format!("{}{d}{}", "─".repeat(side), "─".repeat(side)),
+                format!("{}{d}{}", "─".repeat(side), "─".repeat(rest)),
                 Style::default().fg(Color::DarkGray),
             )));
             last_day = Some(day);
@@ -625,7 +637,7 @@ fn status_bar(app: &App, f: &mut Frame, area: Rect) {
                 )
             }
             Link::Attached => (
-                format!("online via {}", app.status.supernode),
+                format!("online via {}  (? for help)", app.status.supernode),
                 Style::default().fg(Color::Black).bg(Color::Gray),
             ),
         }
@@ -647,14 +659,14 @@ const HELP: &[(&str, &str)] = &[
     ("x", "remove contact, withdraw request, unblock"),
     ("p", "set your presence (online, away, busy, invisible)"),
     ("s", "settings (relay-only mode, calls, display name)"),
-    ("c", "call the highlighted contact"),
-    ("h", "hang up"),
+    ("c", "call the highlighted contact (not available yet)"),
+    ("h", "hang up a call"),
     ("?", "this help"),
     ("q  Ctrl-C", "quit (the agent keeps running)"),
 ];
 
 fn help(f: &mut Frame, area: Rect) {
-    let r = centered(area, 62, HELP.len() as u16 + 4);
+    let r = centered(area, 68, HELP.len() as u16 + 4);
     f.render_widget(Clear, r);
     let block = popup("Keys");
     let inner = block.inner(r);
@@ -784,7 +796,7 @@ fn settings(app: &App, f: &mut Frame, area: Rect, selected: usize) {
                 "Relay-only mode: {}",
                 if app.status.relay_only { "on" } else { "off" }
             ),
-            "peers see only the relay's address; applies when the agent restarts",
+            "peers see only the relay's address (from the next agent start)",
         ),
         (
             "Who may call me: not supported yet".to_string(),
@@ -893,10 +905,6 @@ fn call_lines(app: &App, peer: &str, started: u64, s: &CallStats, w: usize) -> V
                 Style::default().add_modifier(Modifier::BOLD),
             ),
             path,
-            Span::styled(
-                format!("  audio: {}", s.audio),
-                Style::default().fg(Color::DarkGray),
-            ),
         ]),
         Line::from(format!(
             "RTT {} ms  loss {:.1}%  jitter {} ms  {} kbit/s",
@@ -906,6 +914,10 @@ fn call_lines(app: &App, peer: &str, started: u64, s: &CallStats, w: usize) -> V
             "mic {}  speaker {}",
             meter(s.level_in, mw),
             meter(s.level_out, mw)
+        )),
+        Line::from(Span::styled(
+            format!("audio: {}", s.audio),
+            Style::default().fg(Color::DarkGray),
         )),
     ]
 }
