@@ -2,6 +2,7 @@
 # Installs the system packages the tests use, when missing:
 #   coturn      turnutils_stunclient, a standard STUN client for interoperability tests
 #   nftables, iptables, iproute2   the NAT lab (network namespaces and NAT rules)
+#   tmux        drives the terminal app in its integration test (send-keys, capture-pane)
 # Runs apt-get only as root; otherwise says what is missing and what to run.
 set -euo pipefail
 
@@ -10,6 +11,7 @@ command -v turnutils_stunclient >/dev/null 2>&1 || need+=(coturn)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v iptables >/dev/null 2>&1 || need+=(iptables)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

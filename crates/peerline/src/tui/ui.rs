@@ -82,7 +82,16 @@ fn login(f: &mut Frame, area: Rect, form: &LoginForm) {
     let block = popup("Welcome to Peerline");
     let inner = block.inner(r);
     f.render_widget(block, r);
+    // One line per field: a long value (a bootstrap entry) shows its end, where typing goes.
+    let vw = (inner.width as usize).saturating_sub(13);
     let field = |i: usize, label: &str, value: String| {
+        let n = value.chars().count();
+        let value = if n > vw {
+            let tail: String = value.chars().skip(n + 1 - vw).collect();
+            format!("…{tail}")
+        } else {
+            value
+        };
         let mark = if form.field == i { "> " } else { "  " };
         let style = if form.field == i {
             Style::default().fg(ACCENT).add_modifier(Modifier::BOLD)
