@@ -218,6 +218,13 @@ impl Link {
         }
         self.report(AgentEvent::Attached).await;
         let me = self.refresh_status().await;
+        // Like `peerline up` on a running agent: connect now, taking the account back if
+        // another device signed in meanwhile.
+        if let Ok(v) = call(&self.socket(), json!({"op": "status"})).await {
+            if v["online"] != json!(true) {
+                let _ = call(&self.socket(), json!({"op": "connect"})).await;
+            }
+        }
         self.refresh_contacts(me.as_deref()).await;
         let mut lines = BufReader::new(stream);
         // Status polling runs beside the stream; it ends with it.

@@ -27,6 +27,12 @@ const TICK: Duration = Duration::from_secs(1);
 /// Runs the app on the current terminal until the user quits. `server` pre-fills the
 /// login form when the profile has no account yet.
 pub fn run(profile: Profile, server: Option<String>) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdout().is_terminal() || !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "`peerline tui` needs an interactive terminal; scripts can use the other commands and `peerline events`"
+        );
+    }
     let registered = profile.cert()?.is_some();
     let hint = server.or_else(|| profile.server().ok().map(|b| b.encode()));
     let rt = tokio::runtime::Builder::new_multi_thread()
