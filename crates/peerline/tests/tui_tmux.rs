@@ -149,9 +149,11 @@ impl Tmux {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Starts `peerline --profile P tui ARGS` in a new 100x30 session called `name`.
-    fn start_app(&self, name: &str, profile: &Path, args: &[&str]) {
+    /// Starts `peerline --profile P tui ARGS` in a new 100x30 session called `name`; its
+    /// exit status is written to `exit_file` (more dependable than tmux's own record).
+    fn start_app(&self, name: &str, profile: &Path, args: &[&str], exit_file: &Path) {
         let bin = peerline_bin();
+        let script = format!("\"$0\" \"$@\"; echo $? > '{}'", exit_file.display());
         let mut argv = vec![
             "new-session",
             "-d",
@@ -161,13 +163,16 @@ impl Tmux {
             "100",
             "-y",
             "30",
+            "sh",
+            "-c",
+            &script,
             bin.to_str().unwrap(),
             "--profile",
             profile.to_str().unwrap(),
             "tui",
         ];
         argv.extend_from_slice(args);
-        // Keep a pane whose program ended, so its exit status can be checked.
+        // Keep the pane after the program ends, so its last screen can be read.
         argv.extend_from_slice(&[";", "set-option", "-g", "remain-on-exit", "on"]);
         self.ok(&argv);
     }
@@ -258,7 +263,8 @@ fn two_apps_in_tmux_request_accept_chat_and_presence() {
     let t0 = Instant::now();
 
     // Alice's profile has no account: the app offers to create one.
-    tmux.start_app("alice", &alice.0, &["--server", &bootstrap]);
+    let alice_exit = root.path().join("alice.exit");
+    tmux.start_app("alice", &alice.0, &["--server", &bootstrap], &alice_exit);
     let s = tmux.wait_for("alice", "Welcome to Peerline");
     // A long entry shows its end.
     let tail = &bootstrap[bootstrap.len() - 20..];
@@ -274,7 +280,7 @@ fn two_apps_in_tmux_request_accept_chat_and_presence() {
     tmux.wait_for("alice", "online via");
 
     // Bob's app starts his agent too.
-    tmux.start_app("bob", &bob.0, &[]);
+    tmux.start_app("bob", &bob.0, &[], &root.path().join("bob.exit"));
     tmux.wait_for("bob", "online via");
     eprintln!("both apps online after {:?}", t0.elapsed());
 
@@ -337,6 +343,51 @@ fn two_apps_in_tmux_request_accept_chat_and_presence() {
     let s = tmux.wait_for("alice", "◐ bob · away");
     assert!(line_with(&s, " bob ").contains('◐'), "{s}");
 
+    // The agent stops under the app: the app starts it again and follows the new one.
+    let agent_pid = |p: &Path| -> serde_json::Value {
+        let out = Command::new(peerline_bin())
+            .arg("--profile")
+            .arg(p)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["online"] == true {
+            v["agent_pid"].clone()
+        } else {
+            serde_json::Value::Null
+        }
+    };
+    let before = agent_pid(&alice.0);
+    assert!(before.is_u64(), "alice's agent is not online");
+    let down = Command::new(peerline_bin())
+        .arg("--profile")
+        .arg(&alice.0)
+        .arg("down")
+        .output()
+        .unwrap();
+    assert!(down.status.success());
+    let start = Instant::now();
+    loop {
+        let now = agent_pid(&alice.0);
+        if now.is_u64() && now != before {
+            break;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "the app did not restart alice's agent; it shows:\n{}",
+            tmux.screen("alice")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    tmux.wait_for("alice", "online via");
+    tmux.keys("bob", &["Tab"]);
+    tmux.wait_for("bob", "Message (Enter sends");
+    tmux.text("bob", "still there?");
+    tmux.keys("bob", &["Enter"]);
+    tmux.wait_for("alice", "bob: still there?");
+    eprintln!("agent restarted and followed after {:?}", t0.elapsed());
+
     // Resizing: too small says so, and the screen comes back when large again.
     tmux.ok(&["resize-window", "-t", "alice", "-x", "40", "-y", "10"]);
     tmux.wait_for("alice", "Terminal too small");
@@ -359,22 +410,21 @@ fn two_apps_in_tmux_request_accept_chat_and_presence() {
             tmux.keys("alice", &["q"]);
             last_q = Some(Instant::now());
         }
-        let dead = tmux.ok(&[
-            "list-panes",
-            "-t",
-            "alice",
-            "-F",
-            "#{pane_dead} #{pane_dead_status}",
-        ]);
-        if dead.trim() == "1 0" {
+        if let Ok(code) = std::fs::read_to_string(&alice_exit) {
+            assert_eq!(code.trim(), "0", "alice's app exited with {code}");
             break;
         }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "alice's app did not exit cleanly ({}); it shows:\n{}",
-            dead.trim(),
-            tmux.screen("alice")
-        );
+        if start.elapsed() > DEADLINE {
+            let ps = Command::new("ps")
+                .args(["-eLo", "pid,ppid,stat,wchan:30,cmd"])
+                .output()
+                .unwrap();
+            panic!(
+                "alice's app did not exit; it shows:\n{}\n{}",
+                tmux.screen("alice"),
+                String::from_utf8_lossy(&ps.stdout)
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     let status = Command::new(peerline_bin())
