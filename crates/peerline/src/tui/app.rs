@@ -570,6 +570,8 @@ pub struct App {
     pub notice: Option<Notice>,
     /// Call state.
     pub call: Call,
+    /// The contact a first `x` asked to remove (a second `x` confirms).
+    pub confirm_remove: Option<String>,
     next_local_id: u64,
 }
 
@@ -601,6 +603,7 @@ impl App {
             overlay: None,
             notice: None,
             call: Call::Idle,
+            confirm_remove: None,
             next_local_id: 1,
         }
     }
@@ -765,10 +768,8 @@ impl App {
                 }
             }
             AgentEvent::History { peer, messages } => {
-                let mut conv: Vec<Message> = messages
-                    .into_iter()
-                    .map(|m| self.to_message(m, false))
-                    .collect();
+                let mut conv: Vec<Message> =
+                    messages.into_iter().map(|m| self.to_message(m)).collect();
                 // Keep messages still sending: the history has them only once sent.
                 if let Some(old) = self.conversations.get(&peer) {
                     conv.extend(
@@ -848,14 +849,13 @@ impl App {
         Vec::new()
     }
 
-    fn to_message(&self, m: MessageRecord, live: bool) -> Message {
+    fn to_message(&self, m: MessageRecord) -> Message {
         let mine = m.from == self.status.user;
         let delivery = if mine {
             Delivery::sent_via(&m.via)
         } else {
             Delivery::Received(m.via)
         };
-        let _ = live;
         Message {
             from: m.from,
             to: m.to,
@@ -875,7 +875,7 @@ impl App {
             conv.drain(..excess);
         }
         if self.open.as_deref() == Some(peer) && self.scroll > 0 {
-            // Keep the reader's place while they look back.
+            // Keep the reader about in place while they look back (one line per message).
             self.scroll += 1;
         }
     }
@@ -890,7 +890,7 @@ impl App {
         if dup {
             return Vec::new();
         }
-        let msg = self.to_message(m, true);
+        let msg = self.to_message(m);
         // Only conversations we loaded keep messages in memory; others load on opening.
         let reading = self.open.as_deref() == Some(peer.as_str());
         if self.conversations.contains_key(&peer) || reading {
@@ -933,7 +933,7 @@ impl App {
             return;
         }
         // Sent by another front end (the CLI).
-        let msg = self.to_message(m, true);
+        let msg = self.to_message(m);
         self.push_message(&peer, msg);
     }
 
@@ -1039,6 +1039,9 @@ impl App {
     }
 
     fn on_contacts_key(&mut self, k: KeyEvent) -> Vec<Effect> {
+        if !matches!(k.code, KeyCode::Char('x') | KeyCode::Delete) {
+            self.confirm_remove = None;
+        }
         match k.code {
             KeyCode::Char('q') => return vec![Effect::Quit],
             KeyCode::Char('?') => self.overlay = Some(Overlay::Help),
@@ -1086,9 +1089,23 @@ impl App {
                 return vec![Effect::ContactReply { user: name, action }];
             }
             KeyCode::Char('x') | KeyCode::Delete => {
-                if let Some(c) = self.selected_contact() {
-                    return vec![Effect::ContactRemove(c.name.clone())];
+                let Some(c) = self.selected_contact() else {
+                    return Vec::new();
+                };
+                let name = c.name.clone();
+                // Removing is not undone by a key: ask for a second press.
+                if self.confirm_remove.as_deref() == Some(name.as_str()) {
+                    self.confirm_remove = None;
+                    return vec![Effect::ContactRemove(name)];
                 }
+                let what = match c.state {
+                    ContactState::Blocked => "unblock",
+                    ContactState::Requested => "withdraw your request to",
+                    _ => "remove",
+                };
+                self.notify(format!("press x again to {what} {name}"), false);
+                self.confirm_remove = Some(name);
+                return Vec::new();
             }
             KeyCode::Char('c') => {
                 if let Some(c) = self.selected_contact() {
@@ -1558,6 +1575,40 @@ mod tests {
         app.update(key(KeyCode::Down));
         assert!(app.update(key(KeyCode::Char('a'))).is_empty());
         assert!(app.notice.as_ref().unwrap().error);
+    }
+
+    #[test]
+    fn removing_a_contact_takes_a_second_press() {
+        let mut app = alice();
+        assert!(app.update(key(KeyCode::Char('x'))).is_empty());
+        assert!(app.notice.as_ref().unwrap().text.contains("press x again"));
+        // Any other key cancels.
+        app.update(key(KeyCode::Down));
+        assert!(app.update(key(KeyCode::Char('x'))).is_empty());
+        assert_eq!(
+            app.update(key(KeyCode::Char('x'))),
+            vec![Effect::ContactRemove("bob".into())]
+        );
+    }
+
+    #[test]
+    fn scrolled_back_the_view_keeps_its_place_as_messages_arrive() {
+        let mut app = alice();
+        app.update(key(KeyCode::Enter));
+        app.update(key(KeyCode::PageUp));
+        assert_eq!(app.scroll, 10);
+        app.update(Event::Agent(AgentEvent::Received(record(
+            "bob", "alice", "new", "direct", 1,
+        ))));
+        assert_eq!(app.scroll, 11);
+        app.update(key(KeyCode::PageDown));
+        app.update(key(KeyCode::PageDown));
+        assert_eq!(app.scroll, 0);
+        // Sending jumps back to the newest message.
+        app.update(key(KeyCode::PageUp));
+        typed(&mut app, "x");
+        app.update(key(KeyCode::Enter));
+        assert_eq!(app.scroll, 0);
     }
 
     #[test]

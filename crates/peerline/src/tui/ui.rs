@@ -665,7 +665,7 @@ const HELP: &[(&str, &str)] = &[
     ("PgUp PgDn", "scroll the conversation"),
     ("/", "find people by name and send a request"),
     ("a  d  b", "accept, decline, block the highlighted request"),
-    ("x", "remove contact, withdraw request, unblock"),
+    ("x x", "remove contact, withdraw request, unblock"),
     ("p", "set your presence (online, away, busy, invisible)"),
     ("s", "settings (relay-only mode, calls, display name)"),
     ("c", "call the highlighted contact (not available yet)"),
