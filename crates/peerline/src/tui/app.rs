@@ -677,6 +677,11 @@ impl App {
                 if k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL) {
                     return vec![Effect::Quit];
                 }
+                // A control character is never text (terminals report Tab, Enter and
+                // Backspace as their own keys).
+                if matches!(k.code, KeyCode::Char(c) if c.is_control()) {
+                    return Vec::new();
+                }
                 if matches!(self.screen, Screen::Login(_)) {
                     return self.on_login_key(k);
                 }
@@ -798,7 +803,7 @@ impl App {
                     c.presence = Presence::Offline;
                 }
                 if !note.is_empty() {
-                    c.note = note;
+                    c.note = sanitize(&note).replace('\n', " ");
                 }
                 match state {
                     ContactState::Incoming => {
@@ -850,6 +855,10 @@ impl App {
     }
 
     fn to_message(&self, m: MessageRecord) -> Message {
+        let m = MessageRecord {
+            text: sanitize(&m.text),
+            ..m
+        };
         let mine = m.from == self.status.user;
         let delivery = if mine {
             Delivery::sent_via(&m.via)
@@ -1367,6 +1376,20 @@ impl App {
     }
 }
 
+/// Text from other users as it may be shown: control characters (other than line breaks)
+/// and the bidirectional overrides that could disguise a message become `�`.
+pub fn sanitize(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' => c,
+            '\t' => ' ',
+            c if c.is_control() => '\u{fffd}',
+            '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' => '\u{fffd}',
+            c => c,
+        })
+        .collect()
+}
+
 /// Appends `ch` unless `s` has `max` characters already.
 fn push_limited(s: &mut String, ch: char, max: usize) {
     if s.chars().count() < max {
@@ -1575,6 +1598,22 @@ mod tests {
         app.update(key(KeyCode::Down));
         assert!(app.update(key(KeyCode::Char('a'))).is_empty());
         assert!(app.notice.as_ref().unwrap().error);
+    }
+
+    #[test]
+    fn text_from_others_cannot_carry_terminal_controls() {
+        assert_eq!(sanitize("a\x1b[2Jb\r\tc\nd"), "a\u{fffd}[2Jb\u{fffd} c\nd");
+        assert_eq!(sanitize("x\u{202e}gnp.exe"), "x\u{fffd}gnp.exe");
+        let mut app = alice();
+        app.update(key(KeyCode::Enter));
+        app.update(Event::Agent(AgentEvent::Received(record(
+            "bob",
+            "alice",
+            "\x1b]0;pwned\x07",
+            "direct",
+            1,
+        ))));
+        assert!(!app.messages()[0].text.chars().any(|c| c.is_control()));
     }
 
     #[test]
