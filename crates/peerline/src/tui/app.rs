@@ -892,9 +892,10 @@ impl App {
     fn on_received(&mut self, m: MessageRecord) -> Vec<Effect> {
         let peer = m.from.clone();
         let time = m.time;
+        // A message id of 0 means the agent did not report one: never a duplicate then.
         let dup = self.conversations.get(&peer).is_some_and(|c| {
             c.iter()
-                .any(|x| x.from == peer && x.msg_id == Some(m.msg_id))
+                .any(|x| x.from == peer && m.msg_id != 0 && x.msg_id == Some(m.msg_id))
         });
         if dup {
             return Vec::new();
@@ -927,7 +928,7 @@ impl App {
         };
         if conv
             .iter()
-            .any(|x| x.from == m.from && x.msg_id == Some(m.msg_id))
+            .any(|x| x.from == m.from && m.msg_id != 0 && x.msg_id == Some(m.msg_id))
         {
             return;
         }
@@ -1614,6 +1615,19 @@ mod tests {
             1,
         ))));
         assert!(!app.messages()[0].text.chars().any(|c| c.is_control()));
+    }
+
+    #[test]
+    fn events_without_a_message_id_are_never_taken_for_duplicates() {
+        // An agent from before message ids were in events reports none (read as 0).
+        let mut app = alice();
+        app.update(key(KeyCode::Enter));
+        for text in ["one", "two"] {
+            app.update(Event::Agent(AgentEvent::Received(record(
+                "bob", "alice", text, "direct", 0,
+            ))));
+        }
+        assert_eq!(app.messages().len(), 2);
     }
 
     #[test]
