@@ -5,6 +5,7 @@
 #   cmake       builds the libopus bundled with the `opus` crate (peerline-media)
 #   espeak-ng, sox   speech for the call quality tests and benchmark
 #   cargo-fuzz  the bounded fuzzing step (a cargo subcommand, from crates.io)
+#   tmux        drives the terminal app in its integration test (send-keys, capture-pane)
 # Runs apt-get only as root; otherwise says what is missing and what to run.
 set -euo pipefail
 
@@ -21,6 +22,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v sox >/dev/null 2>&1 || need+=(sox)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)
 
 if [ ${#need[@]} -eq 0 ]; then
     exit 0

@@ -190,7 +190,7 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
                 if matches!(added, Some(Ok(true))) {
                     shared.emit(
                         "message",
-                        json!({"from": entry.from, "to": entry.to, "text": entry.text, "sent_at": entry.time, "via": entry.via}),
+                        json!({"from": entry.from, "to": entry.to, "text": entry.text, "sent_at": entry.time, "via": entry.via, "msg_id": entry.msg_id}),
                     );
                 }
                 // Only now may the sender (or the supernode's mailbox) forget it.
@@ -496,7 +496,7 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 }
                 shared.emit(
                     "sent",
-                    json!({"from": entry.from, "to": entry.to, "text": entry.text, "sent_at": entry.time, "via": entry.via}),
+                    json!({"from": entry.from, "to": entry.to, "text": entry.text, "sent_at": entry.time, "via": entry.via, "msg_id": entry.msg_id}),
                 );
             }
             return to_response(r);

@@ -129,6 +129,13 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The terminal app: contacts, conversations, presence and settings in one screen
+    /// (starts the agent if needed; offers registration when the profile has no account).
+    Tui {
+        /// Pre-fill the supernode's bootstrap entry HOST:PORT#KEY when registering.
+        #[arg(long)]
+        server: Option<String>,
+    },
     /// Run a self-contained demo: a supernode and three users on loopback.
     Demo {
         /// JSON transcript.
@@ -667,6 +674,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             println!("enrolled this device as {user} on {host}");
         }
         Cmd::Up { json } => up(&profile, json)?,
+        Cmd::Tui { server } => crate::tui::run(profile, server)?,
         Cmd::Events { json } => events(&profile, json)?,
         Cmd::Down => down(&profile)?,
         Cmd::Status { json } => {
