@@ -1,7 +1,9 @@
-//! The client's packet handler fed arbitrary datagrams from its supernode's address and
-//! from strangers, with time advancing: it must never panic.
+//! The client's packet handler fed arbitrary datagrams from its supernode's address, from
+//! strangers, and on the birthday technique's extra sockets, with time advancing: it must
+//! never panic.
 //!
-//! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]`.
+//! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]`; a source with
+//! bit 6 set delivers on extra socket `source % 8` (one past the range included).
 #![no_main]
 use std::time::{Duration, Instant};
 
@@ -43,9 +45,14 @@ fuzz_target!(|data: &[u8]| {
         } else {
             std::net::SocketAddr::from(([198, 51, 100, src], 5000))
         };
-        c.handle_datagram(now, from, dgram);
+        if src & 0x40 != 0 {
+            c.handle_extra_datagram(now, usize::from(src % 8) * 64, from, dgram);
+        } else {
+            c.handle_datagram(now, from, dgram);
+        }
         c.handle_timeout(now);
         while c.poll_transmit().is_some() {}
+        while c.poll_extra_transmit().is_some() {}
         while c.poll_event().is_some() {}
     }
 });
