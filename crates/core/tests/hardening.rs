@@ -931,7 +931,7 @@ fn a_relay_only_victim_gives_no_address_even_to_a_contact() {
 }
 
 /// Writes fuzz seed corpora from this traffic (run by hand; the corpora are committed):
-/// `PEERLINE_CORPUS_DIR=$PWD/fuzz/corpus cargo test -p peerline-core --test hardening \
+/// `PEERLINE_CORPUS_DIR=$PWD/fuzz/seeds cargo test -p peerline-core --test hardening \
 ///  -- --ignored write_fuzz_corpus`. The supernode has the keys the fuzz targets use, so
 /// the captured sessions replay past Noise there.
 #[test]
