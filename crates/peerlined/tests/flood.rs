@@ -8,7 +8,8 @@
 //!   clients log in; their success rate and login latency are printed.
 //!
 //! The CI variants are small; the full runs are `#[ignore]`d (run them with
-//! `cargo test -p peerlined --test flood -- --ignored --nocapture`).
+//! `cargo test -p peerlined --test flood -- --ignored --nocapture`, and with
+//! `PEERLINED_BIN=target/release/peerlined` to flood a release build).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -35,6 +36,14 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The daemon under test: this build's, or the one `PEERLINED_BIN` names (for example a
+/// release build, to measure what the daemon rather than a debug build can take).
+fn peerlined_bin() -> PathBuf {
+    std::env::var_os("PEERLINED_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_peerlined")))
+}
+
 /// A `peerlined` process with its own data dir.
 struct Daemon {
     _dir: tempfile::TempDir,
@@ -50,7 +59,7 @@ impl Daemon {
         let data = dir.path().join("sn");
         let port = free_port();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let out = Proc::new(env!("CARGO_BIN_EXE_peerlined"))
+        let out = Proc::new(peerlined_bin())
             .args(["init", "--data"])
             .arg(&data)
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -78,7 +87,7 @@ impl Daemon {
             .join("\n");
         std::fs::write(&cfg, text).unwrap();
         let log = std::fs::File::create(data.join("test.log")).unwrap();
-        let child = Proc::new(env!("CARGO_BIN_EXE_peerlined"))
+        let child = Proc::new(peerlined_bin())
             .args(["run", "--data"])
             .arg(&data)
             .stdout(Stdio::null())
