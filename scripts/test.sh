@@ -30,10 +30,10 @@ else
     cargo test --workspace --locked --no-fail-fast
 fi
 
-# Every fuzz target for a bounded time, starting from the seed corpora in fuzz/corpus
+# Every fuzz target for a bounded time, starting from the seed corpora in fuzz/seeds
 # (captured from real traffic). New inputs go to a scratch directory, so the committed
 # corpora do not change; a crash stops the script, its input saved in fuzz/artifacts.
-step "fuzz targets, ${FUZZ_SECONDS:=15} s each"
+step "fuzz targets, ${FUZZ_SECONDS:=12} s each"
 (
     cd fuzz
     export RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR="$CARGO_TARGET_DIR/fuzz"
@@ -42,7 +42,7 @@ step "fuzz targets, ${FUZZ_SECONDS:=15} s each"
     trap 'rm -rf "$scratch"' EXIT
     for t in $(cargo fuzz list); do
         seeds=()
-        [ -d "corpus/$t" ] && seeds=("corpus/$t")
+        [ -d "seeds/$t" ] && seeds=("seeds/$t")
         mkdir -p "$scratch/$t"
         if ! cargo fuzz run -O "$t" "$scratch/$t" "${seeds[@]}" -- \
             -max_total_time="$FUZZ_SECONDS" -rss_limit_mb=2048 -print_final_stats=1 \

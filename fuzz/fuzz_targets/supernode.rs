@@ -2,7 +2,7 @@
 //! sources, with time advancing and storage operations executed: it must never panic.
 //!
 //! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]` (seeds in
-//! `fuzz/corpus/supernode` are sessions captured from simulated clients).
+//! `fuzz/seeds/supernode` are sessions captured from simulated clients).
 #![no_main]
 use std::time::{Duration, Instant};
 

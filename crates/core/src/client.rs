@@ -496,6 +496,8 @@ pub struct Client {
     answered_inits: HashMap<[u8; 32], (Vec<u8>, Instant)>,
     /// Handshake MACs and the supernode's cookie.
     server_cookie: ServerCookie,
+    /// mac1 keys for initiations to us (peers dialing us).
+    own_macs: MacKeys,
     /// Our TURN allocation, when the supernode offers a relay.
     relay: Option<RelayClient>,
     /// Relayed sessions we try to move to a direct path, by peer.
@@ -566,8 +568,10 @@ impl Client {
     ) -> Self {
         let cert = cert.and_then(|b| Certificate::verify(b, &cfg.authority).ok());
         let server_cookie = ServerCookie::new(&cfg.server_key);
+        let own_macs = MacKeys::new(&keys.noise_public());
         Client {
             server_cookie,
+            own_macs,
             cfg,
             keys,
             cert,
@@ -814,7 +818,7 @@ impl Client {
                     ));
                 }
             }
-            Ok(Packet::HandshakeInit { sender, noise, .. }) => {
+            Ok(Packet::HandshakeInit { sender, noise, .. }) if self.own_macs.mac1_ok(bytes) => {
                 self.on_peer_handshake(now, from, sender, noise, Some(socket))
             }
             Ok(Packet::HandshakeResponse {
@@ -1359,9 +1363,11 @@ impl Client {
                 receiver,
                 noise,
             }) => self.on_handshake_response(now, from, sender, receiver, noise, None),
-            Ok(Packet::HandshakeInit { sender, noise, .. }) => {
+            // mac1 first: a stranger's junk costs a hash, not Diffie-Hellman work.
+            Ok(Packet::HandshakeInit { sender, noise, .. }) if self.own_macs.mac1_ok(bytes) => {
                 self.on_peer_handshake(now, from, sender, noise, None)
             }
+            Ok(Packet::HandshakeInit { .. }) => {}
             Ok(Packet::CookieReply {
                 receiver,
                 nonce,

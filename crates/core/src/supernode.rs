@@ -1913,7 +1913,8 @@ impl Supernode {
                 }
             },
             (Waiting::Revocation { session }, OpResult::Done(r)) => {
-                if r.is_err() {
+                // Only a revoked device is refused; a storage failure is not its fault.
+                if r.is_err_and(|e| e.code == ErrorCode::BadCertificate) {
                     let Some(s) = self.sessions.get(&session) else {
                         return;
                     };

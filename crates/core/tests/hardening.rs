@@ -68,11 +68,21 @@ impl World {
         sn_seed: [u8; 32],
         rng: ChaCha20Rng,
     ) -> Self {
-        let t0 = Instant::now();
         let cfg = SupernodeConfig {
             limits,
             ..SupernodeConfig::default()
         };
+        Self::with_config(cfg, sn_keys, authority, sn_seed, rng)
+    }
+
+    fn with_config(
+        cfg: SupernodeConfig,
+        sn_keys: DeviceKeys,
+        authority: [u8; 32],
+        sn_seed: [u8; 32],
+        rng: ChaCha20Rng,
+    ) -> Self {
+        let t0 = Instant::now();
         let sn = Supernode::new(
             cfg,
             sn_keys.noise_private(),
@@ -595,6 +605,46 @@ fn a_repeated_contact_request_notifies_the_recipient_once() {
     assert_eq!(told, 1);
 }
 
+#[test]
+fn a_full_mailbox_is_a_clear_error_for_the_sender() {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let sn_keys = DeviceKeys::generate(&mut rng);
+    let authority = Authority::generate(&mut rng).to_bytes();
+    let cfg = SupernodeConfig {
+        mailbox_quota: 2,
+        ..SupernodeConfig::default()
+    };
+    let mut w = World::with_config(cfg, sn_keys, authority, [7; 32], rng);
+    let a = w.add_client();
+    w.register(a, "alice");
+    let b = w.add_client();
+    w.register(b, "bob");
+    w.befriend(a, "alice", b, "bob");
+    let now = w.now;
+    w.clients[b].1.shutdown(now);
+    w.run_for(Duration::from_secs(1));
+    let mut results = Vec::new();
+    for i in 0..3 {
+        results.push(w.command(
+            a,
+            Command::SendMessage {
+                to: user("bob"),
+                text: format!("message {i}"),
+            },
+        ));
+    }
+    assert!(results[..2]
+        .iter()
+        .all(|r| matches!(r, CommandResult::Sent { .. })));
+    match &results[2] {
+        CommandResult::Error { code, detail } => {
+            assert_eq!(*code, ErrorCode::MailboxFull);
+            assert!(detail.contains("mailbox is full"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Every byte pattern under which `addr` could appear in what an attacker receives.
 fn needles(addr: SocketAddr) -> Vec<Vec<u8>> {
     let std::net::IpAddr::V4(ip) = addr.ip() else {
@@ -970,7 +1020,7 @@ fn a_relay_only_victim_gives_no_address_even_to_a_contact() {
 }
 
 /// Writes fuzz seed corpora from this traffic (run by hand; the corpora are committed):
-/// `PEERLINE_CORPUS_DIR=$PWD/fuzz/corpus cargo test -p peerline-core --test hardening \
+/// `PEERLINE_CORPUS_DIR=$PWD/fuzz/seeds cargo test -p peerline-core --test hardening \
 ///  -- --ignored write_fuzz_corpus`. The supernode has the keys the fuzz targets use, so
 /// the captured sessions replay past Noise there.
 #[test]

@@ -253,6 +253,9 @@ impl<'a> Packet<'a> {
             if b[2] != 0 || b[3] != 0 || b[10] != 0 || b[11] != 0 {
                 return Err(Error::Reserved);
             }
+            if b[1] != b[9] {
+                return Err(Error::Malformed("reject: the two version bytes differ"));
+            }
             return Ok(Packet::Reject {
                 receiver: u32_at(b, 4),
                 reason: RejectReason::from_byte(b[8]),
@@ -500,6 +503,13 @@ mod tests {
         );
         b.push(0);
         assert_eq!(Packet::decode(&b), Err(Error::Trailing(1)));
+    }
+
+    #[test]
+    fn a_reject_whose_version_bytes_differ_is_malformed() {
+        // Found by the `packet` fuzz target: it would not re-encode to the same bytes.
+        let b = [0x87, 148, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(matches!(Packet::decode(&b), Err(Error::Malformed(_))));
     }
 
     #[test]
