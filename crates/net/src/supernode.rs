@@ -177,6 +177,12 @@ fn render_metrics(sn: &Supernode, panics: u64) -> String {
     );
     m("stun_total", "counter", "STUN messages received.", s.stun);
     m(
+        "calls_rung_total",
+        "counter",
+        "Calls whose callee's device rang.",
+        s.calls_rung,
+    );
+    m(
         "cookies_sent_total",
         "counter",
         "Cookie replies sent: handshakes answered under load without Diffie-Hellman work.",
