@@ -131,14 +131,15 @@ impl CallMedia {
             + rs.frames_recovered_red
             + rs.frames_recovered_fec
             + rs.frames_concealed;
-        let d_speech = speech - self.last_speech;
-        let d_conc = rs.frames_concealed - self.last_concealed;
+        // Saturating: a concealed frame can later be counted as silence instead.
+        let d_speech = speech.saturating_sub(self.last_speech);
+        let d_conc = rs.frames_concealed.saturating_sub(self.last_concealed);
         self.last_speech = speech;
         self.last_concealed = rs.frames_concealed;
         let residual = if d_speech == 0 {
             0
         } else {
-            ((d_conc as f64 / d_speech as f64) * 65535.0).round() as u16
+            ((d_conc as f64 / d_speech as f64).min(1.0) * 65535.0).round() as u16
         };
         let (flags, echo_ms, echo_delay_ms) = match self.peer_report {
             Some((sent, at)) => (

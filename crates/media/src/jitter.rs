@@ -224,6 +224,8 @@ pub(crate) fn extend_near(reference: u64, value: u64, bits: u32) -> u64 {
 struct Slot {
     opus: Vec<u8>,
     seq: u64,
+    /// Frame index of the packet sent just before this one, when a copy says so.
+    prev_sent: Option<u64>,
     dtx: bool,
     from_copy: bool,
 }
@@ -255,8 +257,14 @@ pub struct JitterBuffer {
     lookahead: u64,
     delay_sum_ms: f64,
     delay_count: u64,
+    /// Recently concealed frames, in case a later packet shows they were silence.
+    concealed: VecDeque<u64>,
     stats: ReceiveStats,
 }
+
+/// Concealed frames remembered for reclassification (a DTX gap is rarely longer: the
+/// encoder sends a comfort-noise update every 400 ms).
+const MAX_CONCEALED_KEPT: usize = 64;
 
 impl JitterBuffer {
     /// An empty buffer; `now` is the call's start (the buffer's clock epoch).
@@ -281,6 +289,7 @@ impl JitterBuffer {
             lookahead: 0,
             delay_sum_ms: 0.0,
             delay_count: 0,
+            concealed: VecDeque::new(),
             stats: ReceiveStats::default(),
         })
     }
@@ -386,11 +395,25 @@ impl JitterBuffer {
             return;
         }
         let dtx = pkt.flags & FLAG_DTX != 0 || is_dtx_frame(&pkt.opus);
+        let prev_sent = pkt
+            .redundant
+            .first()
+            .and_then(|c| idx.checked_sub(u64::from(c.distance)));
+        if let Some(p) = prev_sent {
+            // Frames between the previous packet sent and this one were never sent (DTX):
+            // any of them concealed as lost were silence after all.
+            let before = self.concealed.len();
+            self.concealed.retain(|&c| c <= p || c >= idx);
+            let silent = (before - self.concealed.len()) as u64;
+            self.stats.frames_concealed = self.stats.frames_concealed.saturating_sub(silent);
+            self.stats.frames_dtx += silent;
+        }
         self.slots.insert(
             idx,
             Slot {
                 opus: pkt.opus.clone(),
                 seq: ext_seq,
+                prev_sent,
                 dtx,
                 from_copy: false,
             },
@@ -407,6 +430,10 @@ impl JitterBuffer {
                 Slot {
                     opus: copy.opus.clone(),
                     seq: ext_seq.saturating_sub(k as u64 + 1),
+                    prev_sent: pkt
+                        .redundant
+                        .get(k + 1)
+                        .and_then(|c| idx.checked_sub(u64::from(c.distance))),
                     dtx: is_dtx_frame(&copy.opus),
                     from_copy: true,
                 },
@@ -522,9 +549,15 @@ impl JitterBuffer {
             self.last_dtx = slot.dtx;
             return frame;
         }
-        let later = self.slots.range(idx + 1..).next().map(|(_, s)| s.seq);
+        let later = self
+            .slots
+            .range(idx + 1..)
+            .next()
+            .map(|(_, s)| (s.seq, s.prev_sent));
         let silent = match later {
-            Some(seq) => self.last_seq.is_some_and(|l| seq == l + 1),
+            Some((seq, prev_sent)) => {
+                self.last_seq.is_some_and(|l| seq == l + 1) || prev_sent.is_some_and(|p| p < idx)
+            }
             None => self.last_dtx,
         };
         if silent {
@@ -542,6 +575,10 @@ impl JitterBuffer {
             }
         }
         self.stats.frames_concealed += 1;
+        if self.concealed.len() >= MAX_CONCEALED_KEPT {
+            self.concealed.pop_front();
+        }
+        self.concealed.push_back(idx);
         self.decoder.conceal()
     }
 }

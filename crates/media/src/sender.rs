@@ -6,7 +6,9 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{is_dtx_frame, Encoder, EncoderSettings, Frame, FRAME_MS, FRAME_SAMPLES};
+use crate::codec::{
+    is_dtx_frame, Bandwidth, Encoder, EncoderSettings, Frame, FRAME_MS, FRAME_SAMPLES,
+};
 use crate::packet::{MediaPacket, Redundant, FLAG_DTX, FLAG_FEC, MAX_REDUNDANT, MEDIA_BUDGET};
 use crate::MediaError;
 
@@ -38,6 +40,10 @@ pub struct RatePolicy {
     pub high_rtt_ms: f64,
     /// Bitrate cap on a long path (long paths are often congested; less to queue).
     pub high_rtt_bitrate: i32,
+    /// Highest coded audio bandwidth. Wide band by default: at 16 to 64 kb/s the bits go
+    /// where speech is, and PESQ (P.862.2) scores that band; a clean path with the cap
+    /// lifted to full band scored lower (see docs/benchmarks.md).
+    pub max_bandwidth: Bandwidth,
 }
 
 impl Default for RatePolicy {
@@ -89,6 +95,7 @@ impl Default for RatePolicy {
             hold_ms: 5000,
             high_rtt_ms: 400.0,
             high_rtt_bitrate: 32_000,
+            max_bandwidth: Bandwidth::Wideband,
         }
     }
 }
@@ -159,7 +166,9 @@ impl MediaSender {
         let encoder = Encoder::new(EncoderSettings {
             bitrate: t.bitrate,
             fec: t.fec,
-            loss_percent: 0,
+            // Until the peer reports, expect the tier's upper bound of loss.
+            loss_percent: (t.max_loss * 100.0).round() as i32,
+            max_bandwidth: policy.max_bandwidth,
         })?;
         let mut s = MediaSender {
             encoder,
@@ -336,6 +345,7 @@ impl MediaSender {
             bitrate,
             fec: t.fec,
             loss_percent: (loss * 100.0).round() as i32,
+            max_bandwidth: self.policy.max_bandwidth,
         };
         if tier != self.tier {
             self.stats.tier_changes += 1;

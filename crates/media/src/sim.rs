@@ -76,9 +76,12 @@ pub fn simulate(input: &[i16], cfg: &SimConfig) -> Result<(Vec<i16>, SimReport),
         if t % FRAME_MS == 0 {
             // Frame k is captured during [20k, 20k + 20) ms, so it is ready at 20(k + 1).
             let k = (t / FRAME_MS) as usize;
-            if let Some(f) = k.checked_sub(1).and_then(|i| frames.get(i)) {
+            if k >= 1 {
+                // After the input, the microphone goes on capturing silence until hang-up.
                 let mut frame = [0i16; FRAME_SAMPLES];
-                frame[..f.len()].copy_from_slice(f);
+                if let Some(f) = frames.get(k - 1) {
+                    frame[..f.len()].copy_from_slice(f);
+                }
                 a.push_capture(&frame)?;
             }
             out.extend_from_slice(&b.pull_playout(now));
@@ -107,6 +110,35 @@ pub fn simulate(input: &[i16], cfg: &SimConfig) -> Result<(Vec<i16>, SimReport),
         channel,
     };
     Ok((out, report))
+}
+
+/// A deterministic speech-like test signal (48 kHz mono): a voiced tone whose pitch
+/// glides between about 110 and 170 Hz, with twelve harmonics shaped by two formants,
+/// syllables at 3.5 per second and a 0.8 s pause every 3 s (so DTX has silence to skip).
+/// For tests that must not depend on a speech synthesiser.
+pub fn synthetic_speech(seconds: f64) -> Vec<i16> {
+    let n = (seconds * 48_000.0) as usize;
+    let mut phase = 0.0f64;
+    let tau = std::f64::consts::TAU;
+    (0..n)
+        .map(|i| {
+            let t = i as f64 / 48_000.0;
+            let f0 = 140.0 + 30.0 * (tau * 0.7 * t).sin();
+            phase += tau * f0 / 48_000.0;
+            if t % 3.0 > 2.2 {
+                return 0;
+            }
+            let env = (tau * 1.75 * t).sin().abs().sqrt();
+            let mut v = 0.0;
+            for h in 1..=12 {
+                let f = f64::from(h) * f0;
+                let formant = (-((f - 700.0) / 300.0).powi(2)).exp()
+                    + 0.6 * (-((f - 1500.0) / 400.0).powi(2)).exp();
+                v += (0.15 + formant) / f64::from(h) * (f64::from(h) * phase).sin();
+            }
+            (v * env * 7000.0).round().clamp(-32768.0, 32767.0) as i16
+        })
+        .collect()
 }
 
 /// Longest delay searched when aligning, in ms.
