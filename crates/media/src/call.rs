@@ -159,7 +159,7 @@ impl CallMedia {
             echo_ms,
             echo_delay_ms,
             playout_delay_ms: rs.playout_delay_ms.round().clamp(0.0, 65535.0) as u16,
-            reserved: 0,
+            loss_run_tenths: (rs.mean_loss_run * 10.0).round().clamp(0.0, 255.0) as u8,
         };
         let mut out = Vec::with_capacity(crate::packet::FEEDBACK_LEN);
         fb.encode(&mut out);
@@ -193,6 +193,7 @@ impl CallMedia {
                     f.highest_seq,
                     f.received,
                     f64::from(f.residual_loss) / 65535.0,
+                    f64::from(f.loss_run_tenths) / 10.0,
                     self.srtt_ms,
                 )?;
             }

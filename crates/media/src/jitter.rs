@@ -54,7 +54,7 @@ impl Default for JitterConfig {
             quantile: 0.97,
             window_ms: 4000.0,
             decay_ms_per_s: 15.0,
-            max_lookahead_frames: 2,
+            max_lookahead_frames: 4,
             max_ahead_frames: 150,
         }
     }
@@ -95,6 +95,9 @@ pub struct ReceiveStats {
     pub mean_playout_delay_ms: f64,
     /// Current playout delay target, ms.
     pub target_delay_ms: f64,
+    /// Mean length of runs of consecutive frames whose own packet was missing at playout
+    /// (smoothed over recent runs), in packets.
+    pub mean_loss_run: f64,
 }
 
 impl ReceiveStats {
@@ -259,6 +262,8 @@ pub struct JitterBuffer {
     delay_count: u64,
     /// Recently concealed frames, in case a later packet shows they were silence.
     concealed: VecDeque<u64>,
+    /// Frames in the current run whose own packet was missing.
+    loss_run: u64,
     stats: ReceiveStats,
 }
 
@@ -290,6 +295,7 @@ impl JitterBuffer {
             delay_sum_ms: 0.0,
             delay_count: 0,
             concealed: VecDeque::new(),
+            loss_run: 0,
             stats: ReceiveStats::default(),
         })
     }
@@ -537,6 +543,11 @@ impl JitterBuffer {
             self.slots.remove(&k);
         }
         if let Some(slot) = self.slots.remove(&idx) {
+            if slot.from_copy {
+                self.loss_run += 1;
+            } else {
+                self.end_loss_run();
+            }
             let (frame, _) = self.decoder.decode(&slot.opus);
             if slot.from_copy {
                 self.stats.frames_recovered_red += 1;
@@ -561,9 +572,11 @@ impl JitterBuffer {
             None => self.last_dtx,
         };
         if silent {
+            self.end_loss_run();
             self.stats.frames_dtx += 1;
             return self.decoder.conceal();
         }
+        self.loss_run += 1;
         // A lost frame used one sequence number.
         self.last_seq = self.last_seq.map(|l| l + 1);
         self.last_dtx = false;
@@ -580,6 +593,20 @@ impl JitterBuffer {
         }
         self.concealed.push_back(idx);
         self.decoder.conceal()
+    }
+}
+
+impl JitterBuffer {
+    fn end_loss_run(&mut self) {
+        if self.loss_run > 0 {
+            let run = self.loss_run as f64;
+            self.stats.mean_loss_run = if self.stats.mean_loss_run == 0.0 {
+                run
+            } else {
+                self.stats.mean_loss_run + (run - self.stats.mean_loss_run) / 8.0
+            };
+            self.loss_run = 0;
+        }
     }
 }
 
