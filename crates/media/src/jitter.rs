@@ -233,6 +233,9 @@ struct Slot {
     from_copy: bool,
 }
 
+/// New packets in a row far behind playout that make the buffer restart at them.
+const RESYNC_AFTER: u32 = 3;
+
 /// Below this RMS (of 32,767) a decoded frame counts as quiet enough to drop.
 const QUIET_RMS: f64 = 150.0;
 
@@ -264,6 +267,8 @@ pub struct JitterBuffer {
     concealed: VecDeque<u64>,
     /// Frames in the current run whose own packet was missing.
     loss_run: u64,
+    /// Consecutive new packets far behind playout.
+    far_behind: u32,
     stats: ReceiveStats,
 }
 
@@ -296,6 +301,7 @@ impl JitterBuffer {
             delay_count: 0,
             concealed: VecDeque::new(),
             loss_run: 0,
+            far_behind: 0,
             stats: ReceiveStats::default(),
         })
     }
@@ -372,7 +378,6 @@ impl JitterBuffer {
         if self.stats.packets_received == 1 {
             self.origin = idx;
         }
-        self.observe_transit(now_ms, now_ms - self.frame_ms(idx));
         let depth = pkt.redundant.len() as u64
             + u64::from(pkt.flags & FLAG_FEC != 0 && pkt.redundant.is_empty());
         self.lookahead = depth.min(self.cfg.max_lookahead_frames);
@@ -388,14 +393,19 @@ impl JitterBuffer {
             }
             Some(n) => n,
         };
-        if idx >= next + self.cfg.max_ahead_frames {
-            // The sender's clock jumped (or a long outage): start again from here.
-            self.slots.clear();
-            self.next = Some(idx);
-            self.started = false;
-            self.stats.resyncs += 1;
+        let far_behind = idx + self.cfg.max_ahead_frames < next;
+        self.far_behind = if far_behind { self.far_behind + 1 } else { 0 };
+        // The sender's clock jumped forward (or a long outage), or several packets in a
+        // row belong far in the past (the sender restarted its clock): start again here.
+        if idx >= next + self.cfg.max_ahead_frames || self.far_behind >= RESYNC_AFTER {
+            self.resync(idx);
         }
         let next = self.next.unwrap_or(idx);
+        // Late packets count too: they are what the delay must grow to cover (but not
+        // ones from another clock).
+        if self.far_behind == 0 {
+            self.observe_transit(now_ms, now_ms - self.frame_ms(idx));
+        }
         if idx < next {
             self.stats.packets_late += 1;
             return;
@@ -445,6 +455,20 @@ impl JitterBuffer {
                 },
             );
         }
+    }
+
+    fn resync(&mut self, idx: u64) {
+        self.slots.clear();
+        self.next = Some(idx);
+        self.started = false;
+        self.far_behind = 0;
+        self.origin = idx;
+        // Transit times measured against the old clock mean nothing against the new one.
+        self.transits.clear();
+        self.last_transit = None;
+        self.net_target_ms = self.cfg.min_delay_ms;
+        self.last_seq = None;
+        self.stats.resyncs += 1;
     }
 
     fn observe_transit(&mut self, now_ms: f64, transit: f64) {
@@ -643,6 +667,58 @@ mod tests {
         assert!(matches!(w.insert(e), SeqVerdict::New));
         let e = w.extend(16);
         assert!(matches!(w.insert(e), SeqVerdict::TooOld));
+    }
+
+    fn media(seq: u16, frame: u32) -> MediaPacket {
+        MediaPacket {
+            flags: 0,
+            seq,
+            timestamp: frame.wrapping_mul(FRAME_SAMPLES as u32),
+            redundant: Vec::new(),
+            // A CELT-only 20 ms TOC and a few bytes: decodes to something.
+            opus: vec![0xf8, 0xff, 0xfe],
+        }
+    }
+
+    #[test]
+    fn sender_clock_jumps_restart_playout() -> Result<(), crate::MediaError> {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::default(), t0)?;
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        for k in 0..50u16 {
+            jb.insert(at(u64::from(k) * 20), &media(k, 1000 + u32::from(k)));
+            let _ = jb.pull(at(u64::from(k) * 20 + 10));
+        }
+        // Forward by an hour: one packet is enough.
+        jb.insert(at(1000), &media(50, 1000 + 180_000));
+        assert_eq!(jb.stats().resyncs, 1);
+        // Back to zero: one stray packet is only late; three in a row restart.
+        for k in 0..3u16 {
+            jb.insert(at(1020 + u64::from(k) * 20), &media(51 + k, u32::from(k)));
+            assert_eq!(jb.stats().resyncs, if k < 2 { 1 } else { 2 });
+        }
+        assert!(jb.len() <= 1);
+        for k in 3..20u16 {
+            jb.insert(at(1020 + u64::from(k) * 20), &media(51 + k, u32::from(k)));
+            let _ = jb.pull(at(1020 + u64::from(k) * 20 + 10));
+        }
+        assert!(jb.stats().frames_decoded > 50, "{:?}", jb.stats());
+        Ok(())
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood() -> Result<(), crate::MediaError> {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::default(), t0)?;
+        // Never pulled, packets spread over the future: the buffer holds at most
+        // max_ahead_frames of them.
+        for k in 0..5000u32 {
+            let seq = (k % 65_536) as u16;
+            jb.insert(t0, &media(seq, (k * 7919) % 100_000));
+        }
+        assert!(jb.len() as u64 <= JitterConfig::default().max_ahead_frames);
+        assert!(jb.transits.len() <= 2000);
+        Ok(())
     }
 
     #[test]

@@ -146,6 +146,9 @@ struct Sent {
     opus: Vec<u8>,
 }
 
+/// Most receiver reports kept for the loss window.
+const MAX_REPORTS: usize = 256;
+
 /// Most packets waiting for `poll_transmit`; older ones are dropped (stale audio is useless).
 const MAX_QUEUED: usize = 16;
 
@@ -316,6 +319,10 @@ impl MediaSender {
             Some(&(_, _, r)) => crate::jitter::extend_near(r, u64::from(received), 32),
         };
         self.reports.push_back((now_ms, ext, recv));
+        // Reports come every 100 ms; a peer sending them faster cannot grow this.
+        if self.reports.len() > MAX_REPORTS {
+            self.reports.pop_front();
+        }
         while self.reports.len() > 2
             && self
                 .reports
