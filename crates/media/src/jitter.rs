@@ -530,8 +530,9 @@ impl JitterBuffer {
             }
             self.started = true;
         }
-        // Grow: play concealment without advancing when too early. In silence or with the
-        // frame missing this is inaudible; in speech only when far too early.
+        // Grow: play concealment without advancing when too early. With the frame missing
+        // it would be concealed anyway, and in silence it is inaudible; in the middle of
+        // speech only when far too early.
         let missing = !self.slots.contains_key(&next);
         if delay + half < target
             && (missing || self.last_dtx || delay + 2.0 * (FRAME_MS as f64) < target)
