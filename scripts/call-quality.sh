@@ -3,7 +3,9 @@
 # (peerline-media-sim, virtual time), scored with PESQ (ITU-T P.862.2 wide band, the `pesq`
 # Python package) as MOS-LQO, with the delay Peerline adds and the bitrate.
 #
-#   scripts/call-quality.sh [--json] [--seeds "1 2 3"] [--out DIR]
+#   scripts/call-quality.sh [--json] [--seeds "1 2 3"] [--out DIR] [--sim-args "..."]
+#
+# --sim-args passes extra flags to every harness run (for example "--bandwidth full").
 #
 # Cases: clean path; 0 %, 3 % and 10 % random loss each with 30 ms jitter; 5 % bursty loss
 # (mean burst 3 packets) with 30 ms jitter. Every case uses a 40 ms one-way base delay.
@@ -17,12 +19,14 @@ root="$(dirname "$here")"
 json=0
 seeds="1 2 3"
 out=""
+extra=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --json) json=1 ;;
         --seeds) seeds="$2"; shift ;;
         --out) out="$2"; shift ;;
-        *) echo "usage: $0 [--json] [--seeds \"1 2 3\"] [--out DIR]" >&2; exit 2 ;;
+        --sim-args) extra="$2"; shift ;;
+        *) echo "usage: $0 [--json] [--seeds \"1 2 3\"] [--out DIR] [--sim-args \"...\"]" >&2; exit 2 ;;
     esac
     shift
 done
@@ -77,7 +81,7 @@ for c in "${cases[@]}"; do
         i=$((i + 1))
         deg="$work/out-$i.wav"
         # shellcheck disable=SC2086
-        "$sim" "$speech" "$deg" $flags --seed "$seed" --json > "$work/report-$i.json"
+        "$sim" "$speech" "$deg" $flags $extra --seed "$seed" --json > "$work/report-$i.json"
         python3 - "$speech" "$deg" "$work/report-$i.json" "$name" "$seed" >> "$results" <<'EOF'
 import json, sys
 import numpy as np

@@ -131,14 +131,15 @@ impl CallMedia {
             + rs.frames_recovered_red
             + rs.frames_recovered_fec
             + rs.frames_concealed;
-        let d_speech = speech - self.last_speech;
-        let d_conc = rs.frames_concealed - self.last_concealed;
+        // Saturating: a concealed frame can later be counted as silence instead.
+        let d_speech = speech.saturating_sub(self.last_speech);
+        let d_conc = rs.frames_concealed.saturating_sub(self.last_concealed);
         self.last_speech = speech;
         self.last_concealed = rs.frames_concealed;
         let residual = if d_speech == 0 {
             0
         } else {
-            ((d_conc as f64 / d_speech as f64) * 65535.0).round() as u16
+            ((d_conc as f64 / d_speech as f64).min(1.0) * 65535.0).round() as u16
         };
         let (flags, echo_ms, echo_delay_ms) = match self.peer_report {
             Some((sent, at)) => (
@@ -158,7 +159,7 @@ impl CallMedia {
             echo_ms,
             echo_delay_ms,
             playout_delay_ms: rs.playout_delay_ms.round().clamp(0.0, 65535.0) as u16,
-            reserved: 0,
+            loss_run_tenths: (rs.mean_loss_run * 10.0).round().clamp(0.0, 255.0) as u8,
         };
         let mut out = Vec::with_capacity(crate::packet::FEEDBACK_LEN);
         fb.encode(&mut out);
@@ -192,6 +193,7 @@ impl CallMedia {
                     f.highest_seq,
                     f.received,
                     f64::from(f.residual_loss) / 65535.0,
+                    f64::from(f.loss_run_tenths) / 10.0,
                     self.srtt_ms,
                 )?;
             }

@@ -1,6 +1,8 @@
 //! Opus at 48 kHz mono in 20 ms frames: a thin, typed wrapper over the `opus` crate
 //! (bundled libopus).
 
+use serde::{Deserialize, Serialize};
+
 use crate::MediaError;
 
 /// Sample rate of everything inside the crate.
@@ -12,6 +14,28 @@ pub const FRAME_MS: u64 = 20;
 /// Largest Opus frame the encoder may produce (64 kb/s needs 160 bytes; VBR peaks stay
 /// below this, and libopus lowers the rate of a frame rather than exceed it).
 pub const MAX_OPUS_FRAME: usize = 400;
+
+/// Highest audio bandwidth the encoder may code (the sample rate stays 48 kHz).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bandwidth {
+    /// 8 kHz audio band: wide-band voice (as SILK in Skype, G.722, "HD voice").
+    Wideband,
+    /// 12 kHz audio band.
+    Superwideband,
+    /// 20 kHz audio band.
+    Fullband,
+}
+
+impl Bandwidth {
+    fn opus(self) -> opus::Bandwidth {
+        match self {
+            Bandwidth::Wideband => opus::Bandwidth::Wideband,
+            Bandwidth::Superwideband => opus::Bandwidth::Superwideband,
+            Bandwidth::Fullband => opus::Bandwidth::Fullband,
+        }
+    }
+}
 
 /// One 20 ms frame of 48 kHz mono PCM.
 pub type Frame = [i16; FRAME_SAMPLES];
@@ -25,6 +49,8 @@ pub struct EncoderSettings {
     pub fec: bool,
     /// Expected loss in percent (tells libopus how much FEC to spend).
     pub loss_percent: i32,
+    /// Highest coded audio bandwidth.
+    pub max_bandwidth: Bandwidth,
 }
 
 /// Opus encoder with DTX on.
@@ -65,6 +91,9 @@ impl Encoder {
         self.inner
             .set_inband_fec(s.fec)
             .map_err(opus_err("set FEC"))?;
+        self.inner
+            .set_max_bandwidth(s.max_bandwidth.opus())
+            .map_err(opus_err("set bandwidth"))?;
         self.inner
             .set_packet_loss_perc(s.loss_percent.clamp(0, 100))
             .map_err(opus_err("set loss"))?;

@@ -54,7 +54,7 @@ impl Default for JitterConfig {
             quantile: 0.97,
             window_ms: 4000.0,
             decay_ms_per_s: 15.0,
-            max_lookahead_frames: 2,
+            max_lookahead_frames: 4,
             max_ahead_frames: 150,
         }
     }
@@ -95,6 +95,9 @@ pub struct ReceiveStats {
     pub mean_playout_delay_ms: f64,
     /// Current playout delay target, ms.
     pub target_delay_ms: f64,
+    /// Mean length of runs of consecutive frames whose own packet was missing at playout
+    /// (smoothed over recent runs), in packets.
+    pub mean_loss_run: f64,
 }
 
 impl ReceiveStats {
@@ -224,9 +227,14 @@ pub(crate) fn extend_near(reference: u64, value: u64, bits: u32) -> u64 {
 struct Slot {
     opus: Vec<u8>,
     seq: u64,
+    /// Frame index of the packet sent just before this one, when a copy says so.
+    prev_sent: Option<u64>,
     dtx: bool,
     from_copy: bool,
 }
+
+/// New packets in a row far behind playout that make the buffer restart at them.
+const RESYNC_AFTER: u32 = 3;
 
 /// Below this RMS (of 32,767) a decoded frame counts as quiet enough to drop.
 const QUIET_RMS: f64 = 150.0;
@@ -255,8 +263,18 @@ pub struct JitterBuffer {
     lookahead: u64,
     delay_sum_ms: f64,
     delay_count: u64,
+    /// Recently concealed frames, in case a later packet shows they were silence.
+    concealed: VecDeque<u64>,
+    /// Frames in the current run whose own packet was missing.
+    loss_run: u64,
+    /// Consecutive new packets far behind playout.
+    far_behind: u32,
     stats: ReceiveStats,
 }
+
+/// Concealed frames remembered for reclassification (a DTX gap is rarely longer: the
+/// encoder sends a comfort-noise update every 400 ms).
+const MAX_CONCEALED_KEPT: usize = 64;
 
 impl JitterBuffer {
     /// An empty buffer; `now` is the call's start (the buffer's clock epoch).
@@ -281,6 +299,9 @@ impl JitterBuffer {
             lookahead: 0,
             delay_sum_ms: 0.0,
             delay_count: 0,
+            concealed: VecDeque::new(),
+            loss_run: 0,
+            far_behind: 0,
             stats: ReceiveStats::default(),
         })
     }
@@ -357,7 +378,6 @@ impl JitterBuffer {
         if self.stats.packets_received == 1 {
             self.origin = idx;
         }
-        self.observe_transit(now_ms, now_ms - self.frame_ms(idx));
         let depth = pkt.redundant.len() as u64
             + u64::from(pkt.flags & FLAG_FEC != 0 && pkt.redundant.is_empty());
         self.lookahead = depth.min(self.cfg.max_lookahead_frames);
@@ -373,24 +393,43 @@ impl JitterBuffer {
             }
             Some(n) => n,
         };
-        if idx >= next + self.cfg.max_ahead_frames {
-            // The sender's clock jumped (or a long outage): start again from here.
-            self.slots.clear();
-            self.next = Some(idx);
-            self.started = false;
-            self.stats.resyncs += 1;
+        let far_behind = idx + self.cfg.max_ahead_frames < next;
+        self.far_behind = if far_behind { self.far_behind + 1 } else { 0 };
+        // The sender's clock jumped forward (or a long outage), or several packets in a
+        // row belong far in the past (the sender restarted its clock): start again here.
+        if idx >= next + self.cfg.max_ahead_frames || self.far_behind >= RESYNC_AFTER {
+            self.resync(idx);
         }
         let next = self.next.unwrap_or(idx);
+        // Late packets count too: they are what the delay must grow to cover (but not
+        // ones from another clock).
+        if self.far_behind == 0 {
+            self.observe_transit(now_ms, now_ms - self.frame_ms(idx));
+        }
         if idx < next {
             self.stats.packets_late += 1;
             return;
         }
         let dtx = pkt.flags & FLAG_DTX != 0 || is_dtx_frame(&pkt.opus);
+        let prev_sent = pkt
+            .redundant
+            .first()
+            .and_then(|c| idx.checked_sub(u64::from(c.distance)));
+        if let Some(p) = prev_sent {
+            // Frames between the previous packet sent and this one were never sent (DTX):
+            // any of them concealed as lost were silence after all.
+            let before = self.concealed.len();
+            self.concealed.retain(|&c| c <= p || c >= idx);
+            let silent = (before - self.concealed.len()) as u64;
+            self.stats.frames_concealed = self.stats.frames_concealed.saturating_sub(silent);
+            self.stats.frames_dtx += silent;
+        }
         self.slots.insert(
             idx,
             Slot {
                 opus: pkt.opus.clone(),
                 seq: ext_seq,
+                prev_sent,
                 dtx,
                 from_copy: false,
             },
@@ -407,11 +446,29 @@ impl JitterBuffer {
                 Slot {
                     opus: copy.opus.clone(),
                     seq: ext_seq.saturating_sub(k as u64 + 1),
+                    prev_sent: pkt
+                        .redundant
+                        .get(k + 1)
+                        .and_then(|c| idx.checked_sub(u64::from(c.distance))),
                     dtx: is_dtx_frame(&copy.opus),
                     from_copy: true,
                 },
             );
         }
+    }
+
+    fn resync(&mut self, idx: u64) {
+        self.slots.clear();
+        self.next = Some(idx);
+        self.started = false;
+        self.far_behind = 0;
+        self.origin = idx;
+        // Transit times measured against the old clock mean nothing against the new one.
+        self.transits.clear();
+        self.last_transit = None;
+        self.net_target_ms = self.cfg.min_delay_ms;
+        self.last_seq = None;
+        self.stats.resyncs += 1;
     }
 
     fn observe_transit(&mut self, now_ms: f64, transit: f64) {
@@ -473,8 +530,9 @@ impl JitterBuffer {
             }
             self.started = true;
         }
-        // Grow: play concealment without advancing when too early. In silence or with the
-        // frame missing this is inaudible; in speech only when far too early.
+        // Grow: play concealment without advancing when too early. With the frame missing
+        // it would be concealed anyway, and in silence it is inaudible; in the middle of
+        // speech only when far too early.
         let missing = !self.slots.contains_key(&next);
         if delay + half < target
             && (missing || self.last_dtx || delay + 2.0 * (FRAME_MS as f64) < target)
@@ -510,6 +568,11 @@ impl JitterBuffer {
             self.slots.remove(&k);
         }
         if let Some(slot) = self.slots.remove(&idx) {
+            if slot.from_copy {
+                self.loss_run += 1;
+            } else {
+                self.end_loss_run();
+            }
             let (frame, _) = self.decoder.decode(&slot.opus);
             if slot.from_copy {
                 self.stats.frames_recovered_red += 1;
@@ -522,15 +585,23 @@ impl JitterBuffer {
             self.last_dtx = slot.dtx;
             return frame;
         }
-        let later = self.slots.range(idx + 1..).next().map(|(_, s)| s.seq);
+        let later = self
+            .slots
+            .range(idx + 1..)
+            .next()
+            .map(|(_, s)| (s.seq, s.prev_sent));
         let silent = match later {
-            Some(seq) => self.last_seq.is_some_and(|l| seq == l + 1),
+            Some((seq, prev_sent)) => {
+                self.last_seq.is_some_and(|l| seq == l + 1) || prev_sent.is_some_and(|p| p < idx)
+            }
             None => self.last_dtx,
         };
         if silent {
+            self.end_loss_run();
             self.stats.frames_dtx += 1;
             return self.decoder.conceal();
         }
+        self.loss_run += 1;
         // A lost frame used one sequence number.
         self.last_seq = self.last_seq.map(|l| l + 1);
         self.last_dtx = false;
@@ -542,7 +613,25 @@ impl JitterBuffer {
             }
         }
         self.stats.frames_concealed += 1;
+        if self.concealed.len() >= MAX_CONCEALED_KEPT {
+            self.concealed.pop_front();
+        }
+        self.concealed.push_back(idx);
         self.decoder.conceal()
+    }
+}
+
+impl JitterBuffer {
+    fn end_loss_run(&mut self) {
+        if self.loss_run > 0 {
+            let run = self.loss_run as f64;
+            self.stats.mean_loss_run = if self.stats.mean_loss_run == 0.0 {
+                run
+            } else {
+                self.stats.mean_loss_run + (run - self.stats.mean_loss_run) / 8.0
+            };
+            self.loss_run = 0;
+        }
     }
 }
 
@@ -579,6 +668,108 @@ mod tests {
         assert!(matches!(w.insert(e), SeqVerdict::New));
         let e = w.extend(16);
         assert!(matches!(w.insert(e), SeqVerdict::TooOld));
+    }
+
+    fn media(seq: u16, frame: u32) -> MediaPacket {
+        MediaPacket {
+            flags: 0,
+            seq,
+            timestamp: frame.wrapping_mul(FRAME_SAMPLES as u32),
+            redundant: Vec::new(),
+            // A CELT-only 20 ms TOC and a few bytes: decodes to something.
+            opus: vec![0xf8, 0xff, 0xfe],
+        }
+    }
+
+    #[test]
+    fn sender_clock_jumps_restart_playout() -> Result<(), crate::MediaError> {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::default(), t0)?;
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        for k in 0..50u16 {
+            jb.insert(at(u64::from(k) * 20), &media(k, 1000 + u32::from(k)));
+            let _ = jb.pull(at(u64::from(k) * 20 + 10));
+        }
+        // Forward by an hour: one packet is enough.
+        jb.insert(at(1000), &media(50, 1000 + 180_000));
+        assert_eq!(jb.stats().resyncs, 1);
+        // Back to zero: one stray packet is only late; three in a row restart.
+        for k in 0..3u16 {
+            jb.insert(at(1020 + u64::from(k) * 20), &media(51 + k, u32::from(k)));
+            assert_eq!(jb.stats().resyncs, if k < 2 { 1 } else { 2 });
+        }
+        assert!(jb.len() <= 1);
+        for k in 3..20u16 {
+            jb.insert(at(1020 + u64::from(k) * 20), &media(51 + k, u32::from(k)));
+            let _ = jb.pull(at(1020 + u64::from(k) * 20 + 10));
+        }
+        assert!(jb.stats().frames_decoded > 50, "{:?}", jb.stats());
+        Ok(())
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood() -> Result<(), crate::MediaError> {
+        let t0 = Instant::now();
+        let mut jb = JitterBuffer::new(JitterConfig::default(), t0)?;
+        // Never pulled, packets spread over the future: the buffer holds at most
+        // max_ahead_frames of them.
+        for k in 0..5000u32 {
+            let seq = (k % 65_536) as u16;
+            jb.insert(t0, &media(seq, (k * 7919) % 100_000));
+        }
+        assert!(jb.len() as u64 <= JitterConfig::default().max_ahead_frames);
+        assert!(jb.transits.len() <= 2000);
+        Ok(())
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+        /// Reference model: whatever the reordering and duplication, when every packet
+        /// arrives within the buffer's delay, each frame plays exactly once, from its own
+        /// packet, and every duplicate is recognised.
+        #[test]
+        fn every_frame_plays_exactly_once(
+            delays in proptest::collection::vec(0u64..60, 60),
+            dups in proptest::collection::vec(proptest::prelude::any::<bool>(), 60),
+            first_seq in proptest::prelude::any::<u16>(),
+            first_frame in proptest::prelude::any::<u32>(),
+        ) {
+            let t0 = Instant::now();
+            let cfg = JitterConfig { min_delay_ms: 80.0, ..JitterConfig::default() };
+            let mut jb = JitterBuffer::new(cfg, t0).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+            // (arrival ms, order, packet index)
+            let mut arrivals: Vec<(u64, usize, usize)> = Vec::new();
+            for (i, (&d, &dup)) in delays.iter().zip(&dups).enumerate() {
+                let sent = i as u64 * 20;
+                arrivals.push((sent + 40 + d, arrivals.len(), i));
+                if dup {
+                    arrivals.push((sent + 40 + (d + 7) % 60, arrivals.len(), i));
+                }
+            }
+            arrivals.sort();
+            let mut next_arrival = 0;
+            for t in 0..(60 * 20 + 400u64) {
+                while next_arrival < arrivals.len() && arrivals[next_arrival].0 <= t {
+                    let i = arrivals[next_arrival].2;
+                    let seq = first_seq.wrapping_add(i as u16);
+                    let frame = first_frame.wrapping_add(i as u32);
+                    jb.insert(at(t), &media(seq, frame));
+                    next_arrival += 1;
+                }
+                // Play until the 60 frames are through (the caller would hang up then).
+                let played = jb.stats.frames_decoded + jb.stats.frames_concealed;
+                if t % 20 == 10 && played < 60 {
+                    let _ = jb.pull(at(t));
+                }
+            }
+            let s = jb.stats();
+            let dup_count = dups.iter().filter(|&&d| d).count() as u64;
+            proptest::prop_assert_eq!(s.frames_decoded, 60, "{:?}", s);
+            proptest::prop_assert_eq!(s.frames_concealed, 0);
+            proptest::prop_assert_eq!(s.packets_duplicate, dup_count);
+            proptest::prop_assert_eq!(s.packets_late, 0);
+        }
     }
 
     #[test]

@@ -45,6 +45,23 @@
 //!
 //! The same engine, with [`netem::Channel`] between the two sides and virtual time, is the
 //! quality harness ([`sim::simulate`], binary `peerline-media-sim`).
+//!
+//! # Notes for carrying a call
+//!
+//! - Payloads start with `0xA1` (media) or `0xA2` (receiver report); the layouts are in
+//!   `docs/protocol.md` section 10. Carry them unreliably (no retransmission: a late
+//!   frame is worthless), each in its own datagram, and keep them apart from reliable
+//!   frames of the same session by whatever framing the session uses.
+//! - [`CallMedia::handle_packet`] fails only on a payload that is not a media packet:
+//!   count it and carry on.
+//! - Capture and playout run on the sound card's clock (or, headless, a 20 ms timer);
+//!   pass the time of each call. Keep capturing (silence is cheap: DTX sends almost
+//!   nothing) until hang-up, so the listener can tell a pause from an outage.
+//! - [`CallStats`] covers the media; call setup time and the path (direct or relay) are
+//!   known only to the caller of this crate and belong next to it in the call's report.
+//! - [`wav::read_wav`] gives any common WAV as 48 kHz mono; [`wav::write_wav`] writes
+//!   what [`CallMedia::pull_playout`] returned.
+//! - One [`CallMedia`] per call: sequence numbers and the playout clock start afresh.
 #![deny(missing_docs)]
 
 pub mod call;

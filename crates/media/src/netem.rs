@@ -149,6 +149,11 @@ impl Channel {
         self.order += 1;
     }
 
+    /// Changes the path's behaviour from now on (packets in flight keep their delay).
+    pub fn set_config(&mut self, cfg: ChannelConfig) {
+        self.cfg = cfg;
+    }
+
     /// Offers a packet to the path at `now`.
     pub fn send(&mut self, now: Instant, payload: Vec<u8>) {
         self.stats.sent += 1;

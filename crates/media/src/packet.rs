@@ -119,8 +119,9 @@ pub struct Feedback {
     pub echo_delay_ms: u16,
     /// Current playout delay of the sender of this report, in milliseconds.
     pub playout_delay_ms: u16,
-    /// Reserved for a congestion signal; zero in version 1 (carried as is).
-    pub reserved: u8,
+    /// Mean length of runs of consecutive lost packets, in tenths of a packet (saturating
+    /// at 25.5): how bursty the loss is, so the sender can spread its redundancy.
+    pub loss_run_tenths: u8,
 }
 
 /// A decoded media-plane packet.
@@ -151,11 +152,11 @@ impl<'a> Reader<'a> {
     }
     fn u16(&mut self) -> Result<u16, PacketError> {
         let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
+        Ok(u16::from_le_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Result<u32, PacketError> {
         let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 }
 
@@ -250,8 +251,8 @@ impl MediaPacket {
         out.reserve(self.len());
         out.push(KIND_MEDIA);
         out.push(self.flags);
-        out.extend_from_slice(&self.seq.to_be_bytes());
-        out.extend_from_slice(&self.timestamp.to_be_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.timestamp.to_le_bytes());
         // Saturating casts: a caller breaking the invariants gets a packet the decoder
         // rejects, never a panic here.
         out.push(u8::try_from(self.redundant.len()).unwrap_or(u8::MAX));
@@ -260,7 +261,7 @@ impl MediaPacket {
             out.extend_from_slice(
                 &u16::try_from(c.opus.len())
                     .unwrap_or(u16::MAX)
-                    .to_be_bytes(),
+                    .to_le_bytes(),
             );
             out.extend_from_slice(&c.opus);
         }
@@ -290,7 +291,7 @@ impl Feedback {
             echo_ms: r.u32()?,
             echo_delay_ms: r.u16()?,
             playout_delay_ms: r.u16()?,
-            reserved: r.u8()?,
+            loss_run_tenths: r.u8()?,
         };
         if !r.buf.is_empty() {
             return Err(PacketError::Trailing);
@@ -302,15 +303,15 @@ impl Feedback {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.push(KIND_FEEDBACK);
         out.push(self.flags);
-        out.extend_from_slice(&self.highest_seq.to_be_bytes());
-        out.extend_from_slice(&self.received.to_be_bytes());
-        out.extend_from_slice(&self.jitter_tenth_ms.to_be_bytes());
-        out.extend_from_slice(&self.residual_loss.to_be_bytes());
-        out.extend_from_slice(&self.send_ms.to_be_bytes());
-        out.extend_from_slice(&self.echo_ms.to_be_bytes());
-        out.extend_from_slice(&self.echo_delay_ms.to_be_bytes());
-        out.extend_from_slice(&self.playout_delay_ms.to_be_bytes());
-        out.push(self.reserved);
+        out.extend_from_slice(&self.highest_seq.to_le_bytes());
+        out.extend_from_slice(&self.received.to_le_bytes());
+        out.extend_from_slice(&self.jitter_tenth_ms.to_le_bytes());
+        out.extend_from_slice(&self.residual_loss.to_le_bytes());
+        out.extend_from_slice(&self.send_ms.to_le_bytes());
+        out.extend_from_slice(&self.echo_ms.to_le_bytes());
+        out.extend_from_slice(&self.echo_delay_ms.to_le_bytes());
+        out.extend_from_slice(&self.playout_delay_ms.to_le_bytes());
+        out.push(self.loss_run_tenths);
     }
 }
 
@@ -371,7 +372,7 @@ mod tests {
                 echo_ms: e,
                 echo_delay_ms: ed,
                 playout_delay_ms: pd,
-                reserved: res,
+                loss_run_tenths: res,
             })
     }
 
@@ -447,12 +448,12 @@ mod tests {
         // Two copies at the same distance.
         let mut same = hdr.to_vec();
         same[8] = 2;
-        same.extend_from_slice(&[1, 0, 1, 0xaa, 1, 0, 1, 0xbb, 0xcc]);
+        same.extend_from_slice(&[1, 1, 0, 0xaa, 1, 1, 0, 0xbb, 0xcc]);
         assert_eq!(Packet::decode(&same), Err(PacketError::BadDistance));
         // A copy announcing more bytes than follow.
         let mut short = hdr.to_vec();
         short[8] = 1;
-        short.extend_from_slice(&[1, 0, 50, 0xaa]);
+        short.extend_from_slice(&[1, 50, 0, 0xaa]);
         assert_eq!(Packet::decode(&short), Err(PacketError::UnexpectedEnd));
         assert_eq!(
             Packet::decode(&vec![KIND_MEDIA; MAX_PACKET + 1]),

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use peerline_media::codec::Bandwidth;
 use peerline_media::netem::{ChannelConfig, LossModel};
 use peerline_media::sim::{simulate, SimConfig};
 use peerline_media::{wav, MediaConfig};
@@ -35,6 +36,9 @@ struct Args {
     /// Duplicated packets in percent.
     #[arg(long, default_value_t = 0.0)]
     duplicate: f64,
+    /// Highest coded audio band: wide (8 kHz, the default), superwide (12 kHz) or full.
+    #[arg(long, default_value = "wide", value_parser = ["wide", "superwide", "full"])]
+    bandwidth: String,
     /// Seed of the channel's random choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -72,12 +76,19 @@ fn run(args: Args) -> Result<()> {
         jitter_ms: args.jitter_ms,
         duplicate: args.duplicate / 100.0,
     };
+    let mut media = MediaConfig::default();
+    media.rate.max_bandwidth = match args.bandwidth.as_str() {
+        "superwide" => Bandwidth::Superwideband,
+        "full" => Bandwidth::Fullband,
+        _ => Bandwidth::Wideband,
+    };
     let cfg = SimConfig {
         forward: channel,
         reverse: channel,
         seed: args.seed,
-        media: MediaConfig::default(),
+        media,
         tail_ms: 1000,
+        playout_phase_ms: 10,
     };
     let (out, report) = simulate(&input, &cfg).context("running the call")?;
     wav::write_wav(&args.output, &out)
