@@ -8,11 +8,15 @@
 //! parallel runs (and parallel labs in one test process) never clash, and dropping the [`Lab`]
 //! removes all of it. [`cleanup_stale`] removes what a crashed run left behind.
 
+pub mod impair;
 mod lab;
 pub mod matrix;
+mod nfqueue;
 pub mod probe;
 mod rules;
+pub mod wav;
 
+pub use impair::{ImpairConfig, LossModel, StageStats};
 pub use lab::{check_environment, cleanup_stale, Environment, Host, Lab, Nat, NatOptions};
 
 use std::fmt;

@@ -37,8 +37,8 @@ enum Cmd {
         #[arg(long, default_value = PREFIX)]
         prefix: String,
     },
-    /// Two Peerline users behind every pair of NAT types: the path of their first message
-    /// and its setup time (needs the peerlined and peerline binaries).
+    /// Two Peerline users behind every pair of NAT types: the path and setup time of their
+    /// first message, then of a 3 s call (needs the peerlined and peerline binaries).
     Matrix {
         #[arg(long)]
         json: bool,
@@ -48,7 +48,8 @@ enum Cmd {
         /// Only these NAT types (comma-separated; default: all).
         #[arg(long, value_delimiter = ',')]
         types: Vec<NatType>,
-        /// Exit non-zero unless every pair takes the path this build is expected to find.
+        /// Exit non-zero unless every pair's message and call take the path this build is
+        /// expected to find.
         #[arg(long)]
         check: bool,
     },
@@ -85,6 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("root: {}", if env.root { "yes" } else { "no" });
                 println!("nft:  {}", show(&env.nft));
                 println!("ip:   {}", show(&env.ip));
+                println!("iptables (delay and jitter): {}", show(&env.iptables));
             }
             Ok(match env.require() {
                 Ok(()) => ExitCode::SUCCESS,
@@ -174,16 +176,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             // A pair that could not even be set up is a lab failure; a pair without a
             // peer path is a result, unless `--check` expects otherwise.
+            // The call must take the same path as the message.
             let unexpected: Vec<&matrix::PairResult> = results
                 .iter()
-                .filter(|r| r.path != matrix::expected_path(r.a, r.b, r.same_nat))
+                .filter(|r| {
+                    let want = matrix::expected_path(r.a, r.b, r.same_nat);
+                    r.path != want || r.call_path != want
+                })
                 .collect();
             for r in &unexpected {
                 eprintln!(
-                    "peerline-lab: {} x {}: path {}, expected {}",
+                    "peerline-lab: {} x {}: path {}, call path {}, expected {}",
                     r.a,
                     r.b,
                     r.path,
+                    r.call_path,
                     matrix::expected_path(r.a, r.b, r.same_nat)
                 );
             }
