@@ -13,6 +13,7 @@ mod lab;
 pub mod matrix;
 mod nfqueue;
 pub mod probe;
+pub mod quality;
 mod rules;
 pub mod wav;
 

@@ -96,22 +96,44 @@ fn run(cmd: &mut std::process::Command, what: &str) -> Result<Output, LabError> 
     Ok(out)
 }
 
-struct User<'a> {
-    name: &'static str,
-    host: &'a Host,
-    profile: PathBuf,
-    bins: &'a Binaries,
+/// SCHED_FIFO priority of real-time users (low: above every normal process, below the
+/// kernel's own real-time threads).
+const REALTIME_PRIORITY: &str = "20";
+
+pub(crate) struct User<'a> {
+    pub(crate) name: &'static str,
+    pub(crate) host: &'a Host,
+    pub(crate) profile: PathBuf,
+    pub(crate) bins: &'a Binaries,
+    /// Run the agent (and the CLI) at real-time priority (`chrt -f`), so that other load
+    /// on the box cannot stall its 20 ms audio clock: the call-quality benchmark measures
+    /// the network's effect, as an audio stack with real-time threads would hear it.
+    pub(crate) realtime: bool,
 }
 
 impl User<'_> {
-    fn cli(&self, args: &[&str]) -> std::process::Command {
-        let mut c = self.host.command(&self.bins.peerline);
+    pub(crate) fn cli(&self, args: &[&str]) -> std::process::Command {
+        let mut c = if self.realtime {
+            let mut c = std::process::Command::new("chrt");
+            c.args([
+                "-f",
+                REALTIME_PRIORITY,
+                "ip",
+                "netns",
+                "exec",
+                &self.host.netns,
+            ])
+            .arg(&self.bins.peerline);
+            c
+        } else {
+            self.host.command(&self.bins.peerline)
+        };
         c.arg("--profile").arg(&self.profile).args(args);
         c.env("PEERLINE_PASSWORD", format!("{}-lab-password", self.name));
         c
     }
 
-    fn ok(&self, args: &[&str]) -> Result<Output, LabError> {
+    pub(crate) fn ok(&self, args: &[&str]) -> Result<Output, LabError> {
         run(
             &mut self.cli(args),
             &format!("{} {}", self.name, args.join(" ")),
@@ -120,7 +142,7 @@ impl User<'_> {
 }
 
 /// Kills the supernode when the pair is done, whatever happened.
-struct Daemon(Child);
+pub(crate) struct Daemon(pub(crate) Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -129,7 +151,11 @@ impl Drop for Daemon {
     }
 }
 
-fn start_supernode(sn: &Host, data: &Path, bins: &Binaries) -> Result<(Daemon, String), LabError> {
+pub(crate) fn start_supernode(
+    sn: &Host,
+    data: &Path,
+    bins: &Binaries,
+) -> Result<(Daemon, String), LabError> {
     let listen = format!("{}", sn.socket_addr(SUPERNODE_PORT));
     run(
         sn.command(&bins.peerlined)
@@ -257,7 +283,11 @@ fn hold_call(alice: &User, bob: &User, work: &Path) -> Result<CallOutcome, LabEr
         &tone,
     ]);
     let mut callee = callee;
-    let callee_out = wait_output(&mut callee.0, Duration::from_secs(15));
+    let callee_out = wait_output(
+        &mut callee.0,
+        Duration::from_secs(15),
+        "peerline calls wait",
+    );
     let caller = caller?;
     let callee_out = callee_out?;
     let report = |bytes: &[u8], who: &str| -> Result<serde_json::Value, LabError> {
@@ -298,7 +328,11 @@ fn hold_call(alice: &User, bob: &User, work: &Path) -> Result<CallOutcome, LabEr
 }
 
 /// Waits for a child's exit and its stdout, at most `limit` (then kills it).
-fn wait_output(child: &mut Child, limit: Duration) -> Result<Vec<u8>, LabError> {
+pub(crate) fn wait_output(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+) -> Result<Vec<u8>, LabError> {
     let start = Instant::now();
     loop {
         match child.try_wait() {
@@ -313,7 +347,7 @@ fn wait_output(child: &mut Child, limit: Duration) -> Result<Vec<u8>, LabError> 
                 }
                 if !status.success() {
                     return Err(LabError::Invalid(format!(
-                        "peerline calls wait: {}",
+                        "{what}: {}",
                         String::from_utf8_lossy(&err).trim()
                     )));
                 }
@@ -322,11 +356,9 @@ fn wait_output(child: &mut Child, limit: Duration) -> Result<Vec<u8>, LabError> 
             Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
             Ok(None) => {
                 let _ = child.kill();
-                return Err(LabError::Invalid(
-                    "peerline calls wait did not return".into(),
-                ));
+                return Err(LabError::Invalid(format!("{what} did not return")));
             }
-            Err(e) => return Err(LabError::io("waiting for peerline calls wait")(e)),
+            Err(e) => return Err(LabError::io(format!("waiting for {what}"))(e)),
         }
     }
 }
@@ -358,12 +390,14 @@ fn pair_inner(
         host: &host_a,
         profile: work.join("alice"),
         bins,
+        realtime: false,
     };
     let bob = User {
         name: "bob",
         host: &host_b,
         profile: work.join("bob"),
         bins,
+        realtime: false,
     };
     let outcome = (|| {
         for u in [&alice, &bob] {

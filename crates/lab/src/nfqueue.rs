@@ -65,6 +65,7 @@ impl Stage {
             std::thread::Builder::new()
                 .name(format!("impair-{netns}"))
                 .spawn(move || {
+                    realtime_priority();
                     let queue = (|| -> std::io::Result<Queue> {
                         use std::os::fd::AsFd as _;
                         move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network))?;
@@ -143,6 +144,20 @@ impl Drop for Stage {
         // The namespace goes away with the lab; the rule with it. Only the thread is ours.
         let _ = self.stop_thread();
     }
+}
+
+/// Best effort: the stage stands in for a kernel qdisc, so other load on the box must not
+/// delay its verdicts. SCHED_FIFO for this thread alone (`chrt` on its thread id; the
+/// workspace has no unsafe code for sched_setscheduler). Without it the stage still works,
+/// with the box's scheduling noise added to the asked-for jitter.
+fn realtime_priority() {
+    let tid = rustix::thread::gettid().as_raw_nonzero().to_string();
+    let _ = std::process::Command::new("chrt")
+        .args(["-f", "-p", "30", &tid])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
 }
 
 fn run(
