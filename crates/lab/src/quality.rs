@@ -98,7 +98,8 @@ pub struct Direction {
     /// Interarrival jitter at the listener, ms.
     pub jitter_ms: f64,
     /// Where the recording matched the reference best (network delay, jitter buffer and
-    /// the offset between the two sides' starts), ms.
+    /// the offset between the two sides' starts), ms; negative when the listener's side
+    /// went active after the talker had started (that start is scored as silence).
     pub alignment_ms: f64,
 }
 
@@ -189,11 +190,16 @@ def load16k(path):
     return resample_poly(x, 16000 // g, rate // g)
 
 ref, deg = load16k(sys.argv[1]), load16k(sys.argv[2])
-# Where the reference starts in the recording: the peak of their cross-correlation.
+# Where the reference starts in the recording: the peak of their cross-correlation within
+# +-3 s. Negative when the recording began after the talker started (the listener's side
+# went active later): that start was never heard and counts as silence.
 n = 1 << int(np.ceil(np.log2(len(ref) + len(deg))))
 xc = np.fft.irfft(np.fft.rfft(deg, n) * np.conj(np.fft.rfft(ref, n)), n)
-lag = int(np.argmax(xc[: len(deg)]))
-aligned = deg[lag : lag + len(ref)]
+w = min(3 * 16000, len(deg) - 1, len(ref) - 1)
+lags = np.concatenate([np.arange(-w, 0), np.arange(0, w + 1)])
+lag = int(lags[np.argmax(np.concatenate([xc[n - w :], xc[: w + 1]]))])
+aligned = deg[lag:] if lag >= 0 else np.concatenate([np.zeros(-lag), deg])
+aligned = aligned[: len(ref)]
 aligned = np.concatenate([aligned, np.zeros(len(ref) - len(aligned))])
 print(json.dumps({"mos_lqo": float(pesq(16000, ref, aligned, "wb")), "lag_ms": lag / 16.0}))
 "#;
