@@ -1,5 +1,7 @@
 //! Building the namespaces: the public segment, NAT routers, hosts; and tearing them down.
 
+use crate::impair::{ImpairConfig, StageStats};
+use crate::nfqueue::Stage;
 use crate::{rules, LabError, NatType};
 use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
 use std::fs::File;
@@ -33,6 +35,8 @@ pub struct Environment {
     pub nft: Option<String>,
     /// `ip -V`, when ip runs.
     pub ip: Option<String>,
+    /// `iptables -V`, when iptables runs (needed only for delay and jitter).
+    pub iptables: Option<String>,
 }
 
 impl Environment {
@@ -55,6 +59,18 @@ impl Environment {
         }
         Ok(())
     }
+
+    /// What the impairment stage needs on top of [`Environment::require`].
+    pub fn require_iptables(&self) -> Result<(), LabError> {
+        self.require()?;
+        if self.iptables.is_none() {
+            return Err(LabError::MissingTool {
+                tool: "iptables (for the NFQUEUE delay and jitter stage)",
+                package: "iptables",
+            });
+        }
+        Ok(())
+    }
 }
 
 pub fn check_environment() -> Environment {
@@ -69,6 +85,7 @@ pub fn check_environment() -> Environment {
         root: rustix::process::geteuid().is_root(),
         nft: version("nft", "--version"),
         ip: version("ip", "-V"),
+        iptables: version("iptables", "-V"),
     }
 }
 
@@ -160,6 +177,8 @@ impl Nat {
 
 struct NatSlot {
     netns: String,
+    /// The NFQUEUE delay/jitter/loss stage, while one runs.
+    stage: Option<Stage>,
     lan_base: u32,
     next_host: u32,
     last_host: u32,
@@ -291,6 +310,7 @@ impl Lab {
         let netns = self.add_netns(name)?;
         self.nats.push(NatSlot {
             netns: netns.clone(),
+            stage: None,
             lan_base,
             next_host: lan_base + 2,
             last_host,
@@ -370,6 +390,50 @@ impl Lab {
         })
     }
 
+    /// Delay, jitter and a loss model on everything `nat` forwards (both directions), from
+    /// a user-space NFQUEUE stage in the router's namespace (there is no netem here). Every
+    /// draw comes from `seed`. Replaces a stage already there; nftables loss
+    /// ([`Nat::set_loss`]) applies as well, after the stage. Needs iptables.
+    pub fn set_impairment(
+        &mut self,
+        nat: &Nat,
+        config: ImpairConfig,
+        seed: u64,
+    ) -> Result<(), LabError> {
+        check_environment().require_iptables()?;
+        let old = self.slot_mut(nat)?.stage.take();
+        if let Some(old) = old {
+            old.stop()?;
+        }
+        let stage = Stage::start(&nat.netns, config, seed)?;
+        self.slot_mut(nat)?.stage = Some(stage);
+        Ok(())
+    }
+
+    /// Stops `nat`'s stage (what it holds is let through) and returns what it did.
+    pub fn clear_impairment(&mut self, nat: &Nat) -> Result<Option<StageStats>, LabError> {
+        match self.slot_mut(nat)?.stage.take() {
+            Some(stage) => stage.stop().map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// What `nat`'s stage has done so far, if one runs.
+    pub fn impairment_stats(&self, nat: &Nat) -> Option<StageStats> {
+        self.nats
+            .get(nat.index.wrapping_sub(1))
+            .filter(|s| s.netns == nat.netns)
+            .and_then(|s| s.stage.as_ref())
+            .map(Stage::stats)
+    }
+
+    fn slot_mut(&mut self, nat: &Nat) -> Result<&mut NatSlot, LabError> {
+        self.nats
+            .get_mut(nat.index.wrapping_sub(1))
+            .filter(|s| s.netns == nat.netns)
+            .ok_or_else(|| LabError::Invalid(format!("NAT {} is not of this lab", nat.name)))
+    }
+
     fn add_netns(&mut self, name: &str) -> Result<String, LabError> {
         let ok = !name.is_empty()
             && name.len() <= 32
@@ -424,6 +488,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // Stage threads first: they hold queues bound inside the namespaces.
+        for slot in &mut self.nats {
+            drop(slot.stage.take());
+        }
         for netns in self.namespaces.iter().rev() {
             if let Err(e) = remove_netns(netns) {
                 eprintln!("peerline-lab: cleanup: {e}");
@@ -542,6 +610,13 @@ fn sysctl(netns: &str, key: &str, value: &str) -> Result<(), LabError> {
 
 fn ip(args: &[&str]) -> Result<(), LabError> {
     run("ip", args, None).map(drop)
+}
+
+/// `ip netns exec NETNS args..` to completion (stdout, or an error quoting stderr).
+pub(crate) fn run_in(netns: &str, args: &[&str]) -> Result<String, LabError> {
+    let mut all = vec!["netns", "exec", netns];
+    all.extend_from_slice(args);
+    run("ip", &all, None)
 }
 
 fn nft(netns: &str, script: &str) -> Result<(), LabError> {

@@ -9,11 +9,16 @@
 //! removes all of it. [`cleanup_stale`] removes what a crashed run left behind.
 #![forbid(unsafe_code)]
 
+pub mod impair;
 mod lab;
 pub mod matrix;
+mod nfqueue;
 pub mod probe;
+pub mod quality;
 mod rules;
+pub mod wav;
 
+pub use impair::{ImpairConfig, LossModel, StageStats};
 pub use lab::{check_environment, cleanup_stale, Environment, Host, Lab, Nat, NatOptions};
 
 use std::fmt;

@@ -3,7 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use peerline_lab::{check_environment, cleanup_stale, matrix, probe, Lab, NatType};
+use peerline_lab::{check_environment, cleanup_stale, matrix, probe, quality, Lab, NatType};
 use std::process::ExitCode;
 
 /// Namespaces made by this binary are named `plab{pid}-{seq}-{name}`.
@@ -32,14 +32,38 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Call quality over impaired paths: a speech call between two public hosts while the
+    /// router between them delays, jitters and drops (clean; 0, 3 and 10 % random loss
+    /// with 30 ms jitter; bursty loss), scored with PESQ (needs python3 with pesq, numpy,
+    /// scipy; espeak-ng unless --speech is given; iptables).
+    CallQuality {
+        #[arg(long)]
+        json: bool,
+        /// Directory holding `peerlined` and `peerline` (default: beside this binary).
+        #[arg(long)]
+        bin_dir: Option<std::path::PathBuf>,
+        /// Two WAV files, alice's speech and bob's (default: Harvard sentences spoken by
+        /// espeak-ng).
+        #[arg(long, value_delimiter = ',', num_args = 2)]
+        speech: Vec<std::path::PathBuf>,
+        /// Keep recordings and reports here (default: a temporary directory, removed).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// Seed of the impairment stage's draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Only the cases whose name contains one of these (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        cases: Vec<String>,
+    },
     /// Remove namespaces left behind by crashed runs (those whose process is gone).
     Cleanup {
         /// Namespace name prefix (the tests use "pltest").
         #[arg(long, default_value = PREFIX)]
         prefix: String,
     },
-    /// Two Peerline users behind every pair of NAT types: the path of their first message
-    /// and its setup time (needs the peerlined and peerline binaries).
+    /// Two Peerline users behind every pair of NAT types: the path and setup time of their
+    /// first message, then of a 3 s call (needs the peerlined and peerline binaries).
     Matrix {
         #[arg(long)]
         json: bool,
@@ -49,7 +73,8 @@ enum Cmd {
         /// Only these NAT types (comma-separated; default: all).
         #[arg(long, value_delimiter = ',')]
         types: Vec<NatType>,
-        /// Exit non-zero unless every pair takes the path this build is expected to find.
+        /// Exit non-zero unless every pair's message and call take the path this build is
+        /// expected to find.
         #[arg(long)]
         check: bool,
     },
@@ -86,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("root: {}", if env.root { "yes" } else { "no" });
                 println!("nft:  {}", show(&env.nft));
                 println!("ip:   {}", show(&env.ip));
+                println!("iptables (delay and jitter): {}", show(&env.iptables));
             }
             Ok(match env.require() {
                 Ok(()) => ExitCode::SUCCESS,
@@ -129,15 +155,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             types,
             check,
         } => {
-            let dir = match bin_dir {
-                Some(d) => d,
-                None => std::env::current_exe()
-                    .context("cannot find this executable")?
-                    .parent()
-                    .map(std::path::Path::to_path_buf)
-                    .context("this executable has no directory")?,
-            };
-            let bins = matrix::Binaries::in_dir(&dir)?;
+            let bins = matrix::Binaries::in_dir(&bin_dir_or_default(bin_dir)?)?;
             check_environment().require()?;
             let types = if types.is_empty() {
                 NatType::ALL.to_vec()
@@ -175,16 +193,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             // A pair that could not even be set up is a lab failure; a pair without a
             // peer path is a result, unless `--check` expects otherwise.
+            // The call must take the same path as the message.
             let unexpected: Vec<&matrix::PairResult> = results
                 .iter()
-                .filter(|r| r.path != matrix::expected_path(r.a, r.b, r.same_nat))
+                .filter(|r| {
+                    let want = matrix::expected_path(r.a, r.b, r.same_nat);
+                    r.path != want || r.call_path != want
+                })
                 .collect();
             for r in &unexpected {
                 eprintln!(
-                    "peerline-lab: {} x {}: path {}, expected {}",
+                    "peerline-lab: {} x {}: path {}, call path {}, expected {}",
                     r.a,
                     r.b,
                     r.path,
+                    r.call_path,
                     matrix::expected_path(r.a, r.b, r.same_nat)
                 );
             }
@@ -196,11 +219,62 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             )
         }
+        Cmd::CallQuality {
+            json,
+            bin_dir,
+            speech,
+            out,
+            seed,
+            cases,
+        } => {
+            let bins = matrix::Binaries::in_dir(&bin_dir_or_default(bin_dir)?)?;
+            check_environment().require_iptables()?;
+            quality::check_scorer()?;
+            let work = out.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("peerline-quality-{}", std::process::id()))
+            });
+            std::fs::create_dir_all(&work)
+                .with_context(|| format!("creating {}", work.display()))?;
+            let speech = match <[std::path::PathBuf; 2]>::try_from(speech) {
+                Ok(s) => s,
+                Err(_) => quality::synthesize_speech(&work)?,
+            };
+            let opts = quality::Options {
+                bins,
+                speech,
+                work: work.clone(),
+                seed,
+                only: cases,
+            };
+            let results = quality::run(PREFIX, &opts, |name| eprintln!("call: {name}"));
+            if out.is_none() {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+            let results = results?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&results)?);
+            } else {
+                print!("{}", quality::table(&results));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Cleanup { prefix } => {
             for name in cleanup_stale(&prefix)? {
                 println!("removed {name}");
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `--bin-dir`, else the directory of this executable.
+fn bin_dir_or_default(dir: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    match dir {
+        Some(d) => Ok(d),
+        None => std::env::current_exe()
+            .context("cannot find this executable")?
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .context("this executable has no directory"),
     }
 }

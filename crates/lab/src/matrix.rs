@@ -5,7 +5,9 @@
 //! message from the first to the second. The path is what the sender's agent reports:
 //! `direct` (a hole-punched peer session), `relay`, or `failed` when no peer session
 //! could be made (the message then still arrives through the supernode's mailbox, which
-//! is reported as `via`).
+//! is reported as `via`). Then the first calls the second for [`CALL_SECONDS`] with a
+//! generated test signal, the second answering with `peerline calls wait --accept`; the
+//! call's path and setup time are what the caller's call statistics say.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output, Stdio};
@@ -19,6 +21,13 @@ use crate::{Host, Lab, LabError, NatType};
 pub const SUPERNODE_PORT: u16 = 443;
 /// Port of the co-located TURN relay (UDP and TCP): 80, the other port `udp-blocked` lets out.
 pub const RELAY_PORT: u16 = 80;
+
+/// Length of each pair's call, seconds.
+pub const CALL_SECONDS: f64 = 3.0;
+/// The callee must have played at least this many 20 ms frames of the caller's audio for
+/// the call to count: a second, which proves media flowed on that path; a loaded CI box
+/// delays the agents' 20 ms ticks, so no more is asked.
+const MIN_FRAMES_HEARD: u64 = 50;
 
 /// One cell of the matrix.
 #[derive(Debug, Clone, Serialize)]
@@ -35,6 +44,14 @@ pub struct PairResult {
     pub setup_ms: Option<u64>,
     /// How the first message travelled: `direct`, `relay` or `offline` (mailbox).
     pub via: Option<String>,
+    /// The call's media path: `direct`, `relay`, or `failed` (no call, or no audio).
+    pub call_path: String,
+    /// From the caller's invite to an active call (ringing and answer included), ms.
+    pub call_setup_ms: Option<u64>,
+    /// Seconds of the caller's audio the callee played (decoded or recovered frames).
+    pub call_audio_s: Option<f64>,
+    /// Why the call failed, if it did.
+    pub call_error: Option<String>,
     /// What went wrong, if the pair could not be run at all.
     pub error: Option<String>,
 }
@@ -79,22 +96,44 @@ fn run(cmd: &mut std::process::Command, what: &str) -> Result<Output, LabError> 
     Ok(out)
 }
 
-struct User<'a> {
-    name: &'static str,
-    host: &'a Host,
-    profile: PathBuf,
-    bins: &'a Binaries,
+/// SCHED_FIFO priority of real-time users (low: above every normal process, below the
+/// kernel's own real-time threads).
+const REALTIME_PRIORITY: &str = "20";
+
+pub(crate) struct User<'a> {
+    pub(crate) name: &'static str,
+    pub(crate) host: &'a Host,
+    pub(crate) profile: PathBuf,
+    pub(crate) bins: &'a Binaries,
+    /// Run the agent (and the CLI) at real-time priority (`chrt -f`), so that other load
+    /// on the box cannot stall its 20 ms audio clock: the call-quality benchmark measures
+    /// the network's effect, as an audio stack with real-time threads would hear it.
+    pub(crate) realtime: bool,
 }
 
 impl User<'_> {
-    fn cli(&self, args: &[&str]) -> std::process::Command {
-        let mut c = self.host.command(&self.bins.peerline);
+    pub(crate) fn cli(&self, args: &[&str]) -> std::process::Command {
+        let mut c = if self.realtime {
+            let mut c = std::process::Command::new("chrt");
+            c.args([
+                "-f",
+                REALTIME_PRIORITY,
+                "ip",
+                "netns",
+                "exec",
+                &self.host.netns,
+            ])
+            .arg(&self.bins.peerline);
+            c
+        } else {
+            self.host.command(&self.bins.peerline)
+        };
         c.arg("--profile").arg(&self.profile).args(args);
         c.env("PEERLINE_PASSWORD", format!("{}-lab-password", self.name));
         c
     }
 
-    fn ok(&self, args: &[&str]) -> Result<Output, LabError> {
+    pub(crate) fn ok(&self, args: &[&str]) -> Result<Output, LabError> {
         run(
             &mut self.cli(args),
             &format!("{} {}", self.name, args.join(" ")),
@@ -103,7 +142,7 @@ impl User<'_> {
 }
 
 /// Kills the supernode when the pair is done, whatever happened.
-struct Daemon(Child);
+pub(crate) struct Daemon(pub(crate) Child);
 
 impl Drop for Daemon {
     fn drop(&mut self) {
@@ -112,7 +151,11 @@ impl Drop for Daemon {
     }
 }
 
-fn start_supernode(sn: &Host, data: &Path, bins: &Binaries) -> Result<(Daemon, String), LabError> {
+pub(crate) fn start_supernode(
+    sn: &Host,
+    data: &Path,
+    bins: &Binaries,
+) -> Result<(Daemon, String), LabError> {
     let listen = format!("{}", sn.socket_addr(SUPERNODE_PORT));
     run(
         sn.command(&bins.peerlined)
@@ -171,10 +214,14 @@ pub fn run_pair(
         path: "failed".into(),
         setup_ms: None,
         via: None,
+        call_path: "failed".into(),
+        call_setup_ms: None,
+        call_audio_s: None,
+        call_error: None,
         error: None,
     };
     match pair_inner(prefix, a, b, same_nat, bins, dir) {
-        Ok((via, ms)) => {
+        Ok(PairOutcome { via, ms, call }) => {
             result.path = if via == "offline" {
                 "failed".into()
             } else {
@@ -182,10 +229,138 @@ pub fn run_pair(
             };
             result.via = Some(via);
             result.setup_ms = Some(ms);
+            match call {
+                Ok(c) => {
+                    result.call_path = c.path;
+                    result.call_setup_ms = c.setup_ms;
+                    result.call_audio_s = Some(c.audio_s);
+                }
+                Err(e) => result.call_error = Some(e.to_string()),
+            }
         }
         Err(e) => result.error = Some(e.to_string()),
     }
     result
+}
+
+/// A pair that ran: its first message (`via`, ms) and its call.
+struct PairOutcome {
+    via: String,
+    ms: u64,
+    call: Result<CallOutcome, LabError>,
+}
+
+/// What the matrix keeps of a call.
+struct CallOutcome {
+    path: String,
+    setup_ms: Option<u64>,
+    audio_s: f64,
+}
+
+/// `alice` calls `bob` for [`CALL_SECONDS`], playing a test signal; `bob` answers. The
+/// call counts when both report the same path and `bob` decoded most of the audio.
+fn hold_call(alice: &User, bob: &User, work: &Path) -> Result<CallOutcome, LabError> {
+    let tone = work.join("tone.wav");
+    crate::wav::write_test_signal(&tone, CALL_SECONDS + 0.5)
+        .map_err(LabError::io("writing the test signal"))?;
+    let tone = tone.to_string_lossy().into_owned();
+    let callee = bob
+        .cli(&["calls", "wait", "--accept", "--json", "--timeout", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(LabError::io("starting peerline calls wait"))?;
+    let callee = Daemon(callee);
+    let secs = CALL_SECONDS.to_string();
+    let caller = alice.ok(&[
+        "call",
+        "bob",
+        "--duration",
+        &secs,
+        "--json",
+        "--play",
+        &tone,
+    ]);
+    let mut callee = callee;
+    let callee_out = wait_output(
+        &mut callee.0,
+        Duration::from_secs(15),
+        "peerline calls wait",
+    );
+    let caller = caller?;
+    let callee_out = callee_out?;
+    let report = |bytes: &[u8], who: &str| -> Result<serde_json::Value, LabError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| LabError::Invalid(format!("bad call report from {who}: {e}")))
+    };
+    let c = report(&caller.stdout, "the caller")?;
+    let r = report(&callee_out, "the callee")?;
+    let path = c["via"].as_str().unwrap_or("none").to_string();
+    if r["via"].as_str() != Some(path.as_str()) {
+        return Err(LabError::Invalid(format!(
+            "caller says {path}, callee says {}",
+            r["via"]
+        )));
+    }
+    // Frames played from the peer's packets: decoded, recovered from redundancy or FEC, or
+    // comfort noise for its silences (DTX); not concealed ones.
+    let rx = &r["media"]["receive"];
+    let heard: u64 = [
+        "frames_decoded",
+        "frames_recovered_red",
+        "frames_recovered_fec",
+        "frames_dtx",
+    ]
+    .iter()
+    .filter_map(|k| rx[*k].as_u64())
+    .sum();
+    if heard < MIN_FRAMES_HEARD {
+        return Err(LabError::Invalid(format!(
+            "the callee played {heard} frames (20 ms) of a {CALL_SECONDS} s call"
+        )));
+    }
+    Ok(CallOutcome {
+        path,
+        setup_ms: c["setup_ms"].as_u64(),
+        audio_s: heard as f64 * 0.02,
+    })
+}
+
+/// Waits for a child's exit and its stdout, at most `limit` (then kills it).
+pub(crate) fn wait_output(
+    child: &mut Child,
+    limit: Duration,
+    what: &str,
+) -> Result<Vec<u8>, LabError> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let mut out = Vec::new();
+                let mut err = Vec::new();
+                if let Some(mut o) = child.stdout.take() {
+                    let _ = std::io::Read::read_to_end(&mut o, &mut out);
+                }
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_end(&mut e, &mut err);
+                }
+                if !status.success() {
+                    return Err(LabError::Invalid(format!(
+                        "{what}: {}",
+                        String::from_utf8_lossy(&err).trim()
+                    )));
+                }
+                return Ok(out);
+            }
+            Ok(None) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => {
+                let _ = child.kill();
+                return Err(LabError::Invalid(format!("{what} did not return")));
+            }
+            Err(e) => return Err(LabError::io(format!("waiting for {what}"))(e)),
+        }
+    }
 }
 
 fn pair_inner(
@@ -195,7 +370,7 @@ fn pair_inner(
     same_nat: bool,
     bins: &Binaries,
     dir: &Path,
-) -> Result<(String, u64), LabError> {
+) -> Result<PairOutcome, LabError> {
     let mut lab = Lab::new(prefix)?;
     let sn = lab.add_public_host("sn")?;
     let nat_a = lab.add_nat("nata", a)?;
@@ -215,12 +390,14 @@ fn pair_inner(
         host: &host_a,
         profile: work.join("alice"),
         bins,
+        realtime: false,
     };
     let bob = User {
         name: "bob",
         host: &host_b,
         profile: work.join("bob"),
         bins,
+        realtime: false,
     };
     let outcome = (|| {
         for u in [&alice, &bob] {
@@ -237,6 +414,11 @@ fn pair_inner(
         let via = v["via"].as_str().unwrap_or("unknown").to_string();
         Ok((via, ms))
     })();
+    let outcome = outcome.map(|(via, ms)| PairOutcome {
+        via,
+        ms,
+        call: hold_call(&alice, &bob, &work),
+    });
     for u in [&alice, &bob] {
         let _ = u.cli(&["down"]).output();
     }
@@ -275,8 +457,8 @@ pub fn pairs(types: &[NatType]) -> Vec<(NatType, NatType)> {
 /// Text table of results.
 pub fn table(results: &[PairResult]) -> String {
     let mut s = format!(
-        "{:<16} {:<16} {:<8} {:>9}  {}\n",
-        "a", "b", "path", "setup_ms", "note"
+        "{:<16} {:<27} {:<8} {:>9}  {:<9} {:>13} {:>8}  {}\n",
+        "a", "b", "path", "setup_ms", "call_path", "call_setup_ms", "audio_s", "note"
     );
     for r in results {
         let b = if r.same_nat {
@@ -284,18 +466,32 @@ pub fn table(results: &[PairResult]) -> String {
         } else {
             r.b.to_string()
         };
-        let note = match (&r.error, &r.via) {
+        let mut note = match (&r.error, &r.via) {
             (Some(e), _) => e.clone(),
             (None, Some(v)) if v == "offline" => "delivered through the supernode's mailbox".into(),
             _ => String::new(),
         };
+        if let Some(e) = &r.call_error {
+            note = if note.is_empty() {
+                format!("call: {e}")
+            } else {
+                format!("{note}; call: {e}")
+            };
+        }
         let ms = r.setup_ms.map_or("-".to_string(), |m| m.to_string());
+        let call_ms = r.call_setup_ms.map_or("-".to_string(), |m| m.to_string());
+        let audio = r
+            .call_audio_s
+            .map_or("-".to_string(), |a| format!("{a:.2}"));
         s.push_str(&format!(
-            "{:<16} {:<16} {:<8} {:>9}  {}\n",
+            "{:<16} {:<27} {:<8} {:>9}  {:<9} {:>13} {:>8}  {}\n",
             r.a.to_string(),
             b,
             r.path,
             ms,
+            r.call_path,
+            call_ms,
+            audio,
             note
         ));
     }
