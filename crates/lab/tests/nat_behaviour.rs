@@ -197,6 +197,20 @@ fn loss_impairment_drops_about_the_share_asked() {
         }
         got
     };
+    // Warm the path first (neighbour resolution, conntrack): only then count.
+    let mut buf = [0u8; 8];
+    let start = std::time::Instant::now();
+    loop {
+        sock.send_to(b"w", server.socket_addr(3478)).unwrap();
+        if srv.recv_from(&mut buf).is_ok() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the path never worked"
+        );
+    }
+    while srv.recv_from(&mut buf).is_ok() {}
     assert_eq!(count(100), 100, "no loss by default");
     nat.set_loss(30).unwrap();
     let got = count(400);

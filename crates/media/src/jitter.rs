@@ -24,6 +24,13 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{has_lbrr, is_dtx_frame, Decoder, Frame, FRAME_MS, FRAME_SAMPLES};
 use crate::packet::{MediaPacket, FLAG_DTX, FLAG_FEC};
 
+/// How much one late packet adds to the delay (and to the learnt margin), ms.
+const LATE_STEP_MS: f64 = 5.0;
+/// Most margin learnt from late packets, ms (two frames).
+const LATE_MARGIN_MAX_MS: f64 = 40.0;
+/// How fast the learnt margin fades once packets stop being late, ms per second.
+const LATE_MARGIN_DECAY_MS_PER_S: f64 = 0.5;
+
 /// Jitter buffer tuning. The defaults are what the quality benchmark was measured with.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct JitterConfig {
@@ -258,6 +265,10 @@ pub struct JitterBuffer {
     transits: VecDeque<(f64, f64)>,
     base_ms: f64,
     net_target_ms: f64,
+    /// Extra delay learnt from packets that came after their playout time although their
+    /// transit looked in line: the phase of our playout clock against the sender's
+    /// capture clock, which the transit spread does not see.
+    late_margin_ms: f64,
     last_target_update_ms: f64,
     last_transit: Option<f64>,
     lookahead: u64,
@@ -281,6 +292,7 @@ impl JitterBuffer {
     pub fn new(cfg: JitterConfig, now: Instant) -> Result<JitterBuffer, crate::MediaError> {
         Ok(JitterBuffer {
             net_target_ms: cfg.min_delay_ms,
+            late_margin_ms: 0.0,
             cfg,
             epoch: now,
             decoder: Decoder::new()?,
@@ -408,6 +420,9 @@ impl JitterBuffer {
         }
         if idx < next {
             self.stats.packets_late += 1;
+            // Late although in line: the clocks' phase. Hold more, and remember it.
+            self.late_margin_ms = (self.late_margin_ms + LATE_STEP_MS).min(LATE_MARGIN_MAX_MS);
+            self.net_target_ms = (self.net_target_ms + LATE_STEP_MS).min(self.cfg.max_delay_ms);
             return;
         }
         let dtx = pkt.flags & FLAG_DTX != 0 || is_dtx_frame(&pkt.opus);
@@ -501,10 +516,12 @@ impl JitterBuffer {
             .collect();
         spreads.sort_by(f64::total_cmp);
         let q = ((spreads.len() as f64 - 1.0) * self.cfg.quantile).round() as usize;
-        let desired = spreads.get(q).copied().unwrap_or(0.0) + self.cfg.margin_ms;
-        // This packet's own lateness raises the target at once; the quantile brings it down.
-        let this = transit - self.base_ms + self.cfg.margin_ms;
         let dt_s = (now_ms - self.last_target_update_ms).max(0.0) / 1000.0;
+        self.late_margin_ms = (self.late_margin_ms - LATE_MARGIN_DECAY_MS_PER_S * dt_s).max(0.0);
+        let margin = self.cfg.margin_ms + self.late_margin_ms;
+        let desired = spreads.get(q).copied().unwrap_or(0.0) + margin;
+        // This packet's own lateness raises the target at once; the quantile brings it down.
+        let this = transit - self.base_ms + margin;
         self.last_target_update_ms = now_ms;
         if this > self.net_target_ms && this <= self.cfg.max_delay_ms {
             self.net_target_ms = this;
