@@ -3048,6 +3048,24 @@ impl Client {
 
     /// A media datagram over the peer session with `user`.
     fn on_call_media(&mut self, now: Instant, user: &Username, bytes: Vec<u8>) {
+        // Media from the callee over our session with them proves they answered: when it
+        // overtakes the accept notice (which goes the long way, through the supernode),
+        // the call goes active now rather than drop the callee's first words.
+        let early = self
+            .calls
+            .values()
+            .find(|c| {
+                &c.info.peer == user
+                    && c.info.direction == Direction::Outgoing
+                    && matches!(c.info.state, CallState::Ringing | CallState::Connecting)
+            })
+            .map(|c| c.info.call_id);
+        if let Some(id) = early {
+            if let Some(c) = self.calls.get_mut(&id) {
+                c.info.state = CallState::Connecting;
+            }
+            self.call_session_up(now, user);
+        }
         let Some(c) = self
             .calls
             .values_mut()

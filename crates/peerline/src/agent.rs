@@ -507,11 +507,23 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
 
 /// Rings `callee`, runs the call with `plan` and answers with its report.
 async fn place_call(shared: &Shared, callee: Username, plan: MediaPlan) -> ControlResponse {
-    let call_id = match command(shared, Command::CallStart { user: callee }).await {
-        CommandResult::Call { call_id } => call_id,
-        other => return to_response(other),
-    };
-    let report = shared.calls.plan(call_id, plan);
+    // The plan is in place before the call rings: a callee may answer before the
+    // ringing confirmation reaches us.
+    let report = shared.calls.plan_outgoing(callee.as_str(), plan);
+    match command(
+        shared,
+        Command::CallStart {
+            user: callee.clone(),
+        },
+    )
+    .await
+    {
+        CommandResult::Call { .. } => {}
+        other => {
+            shared.calls.cancel_outgoing(callee.as_str());
+            return to_response(other);
+        }
+    }
     match report.await {
         Ok(r) => ControlResponse::ok(serde_json::to_value(&r).unwrap_or_default()),
         Err(_) => ControlResponse::err("the agent stopped during the call"),

@@ -60,6 +60,9 @@ struct Running {
 
 #[derive(Default)]
 struct Inner {
+    /// The plan for the next outgoing call to a user, set before it rings (the callee may
+    /// answer before the ringing confirmation reaches us).
+    outgoing: HashMap<String, (MediaPlan, oneshot::Sender<CallReport>)>,
     plans: HashMap<u64, MediaPlan>,
     running: HashMap<u64, Running>,
     reports: HashMap<u64, oneshot::Sender<CallReport>>,
@@ -126,6 +129,23 @@ impl CallManager {
         rx
     }
 
+    /// Sets what the next outgoing call to `peer` plays and records, before it is placed;
+    /// returns where its report will arrive.
+    pub fn plan_outgoing(&self, peer: &str, plan: MediaPlan) -> oneshot::Receiver<CallReport> {
+        let (tx, rx) = oneshot::channel();
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.outgoing.insert(peer.to_string(), (plan, tx));
+        }
+        rx
+    }
+
+    /// Forgets the plan for an outgoing call that could not be placed.
+    pub fn cancel_outgoing(&self, peer: &str) {
+        if let Ok(mut inner) = self.inner.lock() {
+            inner.outgoing.remove(peer);
+        }
+    }
+
     /// A media datagram from the peer of `call_id`.
     pub fn on_media(&self, call_id: u64, bytes: Vec<u8>) {
         if let Ok(inner) = self.inner.lock() {
@@ -148,6 +168,13 @@ impl CallManager {
             return;
         };
         let id = info.call_id;
+        if info.direction == peerline_core::call::Direction::Outgoing {
+            // The pending plan belongs to this call from its first event on.
+            if let Some((plan, tx)) = inner.outgoing.remove(info.peer.as_str()) {
+                inner.plans.insert(id, plan);
+                inner.reports.insert(id, tx);
+            }
+        }
         match info.state {
             CallState::Active if !inner.running.contains_key(&id) => {
                 let plan = inner.plans.remove(&id).unwrap_or_default();
