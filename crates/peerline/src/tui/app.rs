@@ -851,7 +851,24 @@ impl App {
                     return vec![Effect::LoadHistory(p)];
                 }
             }
-            AgentEvent::Lost { reason } => self.link = Link::Lost(reason),
+            AgentEvent::Lost { reason } => {
+                // The agent ran the call: a call cannot outlive it.
+                if let Some(peer) = self.call.peer().map(str::to_string) {
+                    self.last_call = Some(EndedCall {
+                        peer,
+                        reason: "the agent stopped".into(),
+                        duration_s: match &self.call {
+                            Call::Active { started, .. } => {
+                                Some(self.now.saturating_sub(*started) / 1000)
+                            }
+                            _ => None,
+                        },
+                        at: self.now,
+                    });
+                    self.call = Call::Idle;
+                }
+                self.link = Link::Lost(reason);
+            }
             AgentEvent::Status(s) => {
                 if s.online {
                     self.offline_since = None;
@@ -2118,6 +2135,18 @@ mod tests {
             }))),
             vec![Effect::CallHangup(9)]
         );
+    }
+
+    #[test]
+    fn a_call_ends_when_the_agent_goes_away() {
+        let mut app = alice();
+        app.update(update(2, "bob", true, CallPhase::Active));
+        app.update(Event::Tick(6_000));
+        app.update(Event::Agent(AgentEvent::Lost {
+            reason: "the agent stopped".into(),
+        }));
+        assert_eq!(app.call, Call::Idle);
+        assert_eq!(app.last_call.as_ref().unwrap().duration_s, Some(5));
     }
 
     #[test]
