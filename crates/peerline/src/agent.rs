@@ -337,6 +337,8 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                     "direct_peers": s.direct_peers,
                     "agent_pid": std::process::id(),
                     "reason": shared.reason.lock().ok().and_then(|r| r.clone()),
+                    "audio": crate::calls::AUDIO_SUPPORT,
+                    "call_policy": if shared.profile.anyone_can_call() { "anyone" } else { "contacts" },
                 })),
                 Err(_) => ControlResponse::err("the agent is shutting down"),
             };
@@ -428,10 +430,24 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
             let wait = Duration::from_secs_f64(timeout_s.unwrap_or(3600.0).clamp(0.0, 86_400.0));
             return wait_for_call(shared, accept, plan, wait).await;
         }
+        ControlRequest::CallStart { user: u } => {
+            let u = match user(&u) {
+                Ok(u) => u,
+                Err(e) => return e,
+            };
+            return match command(shared, Command::CallStart { user: u }).await {
+                CommandResult::Call { call_id } => {
+                    // Placed from an app: its report is unused (events tell the story).
+                    drop(shared.calls.plan(call_id, app_plan()));
+                    ControlResponse::ok(json!({ "call_id": call_id }))
+                }
+                other => to_response(other),
+            };
+        }
         ControlRequest::CallAnswer { call_id, accept } => {
             if accept {
-                // Answered from an app: silence in, nothing recorded, report unused.
-                drop(shared.calls.plan(call_id, MediaPlan::default()));
+                // Answered from an app: report unused.
+                drop(shared.calls.plan(call_id, app_plan()));
             }
             Command::CallAnswer { call_id, accept }
         }
@@ -503,6 +519,15 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
         }
     };
     to_response(command(shared, cmd).await)
+}
+
+/// What a call placed or answered from an app plays: the sound card where the build has
+/// one, silence otherwise; nothing recorded.
+fn app_plan() -> MediaPlan {
+    MediaPlan {
+        devices: true,
+        ..MediaPlan::default()
+    }
 }
 
 /// Rings `callee`, runs the call with `plan` and answers with its report.

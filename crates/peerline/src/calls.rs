@@ -15,6 +15,26 @@ use peerline_net::client::Input;
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+/// Whether this build can use the sound card: `devices` with the `audio` feature, `none`
+/// without (calls then send silence, or a file).
+pub const AUDIO_SUPPORT: &str = if cfg!(feature = "audio") {
+    "devices"
+} else {
+    "none"
+};
+
+/// The RMS level of audio samples, as a fraction of full scale (0 for none).
+pub fn rms_level(sum_squares: f64, samples: usize) -> f64 {
+    if samples == 0 {
+        return 0.0;
+    }
+    ((sum_squares / samples as f64).sqrt() / 32768.0).clamp(0.0, 1.0)
+}
+
+fn sum_squares(frame: &[i16]) -> f64 {
+    frame.iter().map(|&x| f64::from(x) * f64::from(x)).sum()
+}
+
 /// What a call plays and records.
 #[derive(Debug, Clone, Default)]
 pub struct MediaPlan {
@@ -277,6 +297,20 @@ async fn run_media(
         }
     };
     let mut heard: Vec<i16> = Vec::new();
+    // Where the sent audio comes from, for the live statistics.
+    let audio_source = if source.is_some() {
+        "file"
+    } else {
+        #[cfg(feature = "audio")]
+        let d = devices.is_some();
+        #[cfg(not(feature = "audio"))]
+        let d = false;
+        if d {
+            "devices"
+        } else {
+            "silence"
+        }
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(FRAME_MS));
     let mut next_stats = started + STATS_EVERY;
     let mut ended: Option<CallInfo> = None;
@@ -315,6 +349,11 @@ async fn run_media(
                         o.insert("call_id".into(), call_id.into());
                         o.insert("peer".into(), info.peer.as_str().into());
                         o.insert("elapsed_s".into(), now.duration_since(started).as_secs_f64().into());
+                        // The level meters sample the frames of this tick only: summing
+                        // every frame costs the real-time loop more than a meter needs.
+                        o.insert("input_level".into(), rms_level(sum_squares(&frame), FRAME_SAMPLES).into());
+                        o.insert("output_level".into(), rms_level(sum_squares(&out), FRAME_SAMPLES).into());
+                        o.insert("audio_source".into(), audio_source.into());
                     }
                     emit("call_stats", v);
                 }
@@ -379,6 +418,16 @@ async fn run_media(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn levels_are_rms_over_full_scale() {
+        assert_eq!(rms_level(0.0, 0), 0.0);
+        let frame = [16384i16; 4];
+        assert!((rms_level(sum_squares(&frame), 4) - 0.5).abs() < 1e-9);
+        let alternating = [-32768i16, 32767, -32768, 32767];
+        assert!(rms_level(sum_squares(&alternating), 4) > 0.999);
+        assert_eq!(rms_level(sum_squares(&[0; 8]), 8), 0.0);
+    }
 
     #[test]
     fn a_source_gives_whole_frames_then_silence_and_says_when_it_is_done() {

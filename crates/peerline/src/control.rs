@@ -90,7 +90,15 @@ pub enum ControlRequest {
         #[serde(default)]
         timeout_s: Option<f64>,
     },
-    /// Answer a ringing call without waiting for its end (silence in, nothing recorded).
+    /// Ring a user and answer with `{call_id}` at once, without waiting for the call to
+    /// end (for apps: the call uses the sound card, or silence without the `audio`
+    /// feature; its state comes on the `events` stream).
+    CallStart {
+        /// Callee.
+        user: String,
+    },
+    /// Answer a ringing call without waiting for its end (the sound card, or silence
+    /// without the `audio` feature; nothing recorded).
     CallAnswer {
         /// The call.
         call_id: u64,

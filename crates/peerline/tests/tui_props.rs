@@ -4,8 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 use peerline::tui::app::{
-    AgentEvent, App, CallEvent, CallPath, CallStats, ContactState, Event, MessageRecord, Presence,
-    Status, MAX_LOADED_MESSAGES,
+    AgentEvent, App, CallEvent, CallPath, CallPhase, CallStats, CallUpdate, ContactState, Event,
+    MessageRecord, Presence, Status, MAX_LOADED_MESSAGES,
 };
 use peerline::tui::io::parse_event;
 use peerline::tui::ui::render;
@@ -82,6 +82,9 @@ fn key() -> impl Strategy<Value = Event> {
             KeyCode::Char('s'),
             KeyCode::Char('a'),
             KeyCode::Char('x'),
+            KeyCode::Char('c'),
+            KeyCode::Char('h'),
+            KeyCode::Char('d'),
         ]),
     ];
     let mods = prop::sample::select(vec![
@@ -94,26 +97,58 @@ fn key() -> impl Strategy<Value = Event> {
 
 fn stats() -> impl Strategy<Value = CallStats> {
     (
-        any::<bool>(),
-        any::<u32>(),
-        any::<f32>(),
-        any::<f32>(),
-        any::<f32>(),
+        prop::option::of(any::<f64>()),
+        any::<f64>(),
+        any::<f64>(),
+        any::<f64>(),
+        any::<f64>(),
+        prop::sample::select(vec!["devices", "file", "silence", ""]),
     )
-        .prop_map(|(direct, n, loss, li, lo)| CallStats {
-            path: if direct {
-                CallPath::Direct
-            } else {
-                CallPath::Relay
-            },
-            rtt_ms: n,
+        .prop_map(|(rtt_ms, loss, jitter, li, lo, src)| CallStats {
+            rtt_ms,
             loss_pct: loss,
-            jitter_ms: n / 3,
-            bitrate_kbps: n / 7,
+            residual_loss_pct: loss / 3.0,
+            jitter_ms: jitter,
+            send_kbps: jitter * 2.0,
             level_in: li,
             level_out: lo,
-            audio: "silence".into(),
+            audio_source: src.into(),
         })
+}
+
+fn phase() -> impl Strategy<Value = CallPhase> {
+    prop::sample::select(vec![
+        CallPhase::Ringing,
+        CallPhase::Incoming,
+        CallPhase::Connecting,
+        CallPhase::Active,
+        CallPhase::Ended,
+    ])
+}
+
+fn call_update() -> impl Strategy<Value = CallUpdate> {
+    (
+        0u64..4,
+        name(),
+        any::<bool>(),
+        phase(),
+        any::<bool>(),
+        prop::option::of(any::<String>()),
+    )
+        .prop_map(
+            |(call_id, peer, outgoing, phase, direct, end_reason)| CallUpdate {
+                call_id,
+                peer,
+                outgoing,
+                phase,
+                path: Some(if direct {
+                    CallPath::Direct
+                } else {
+                    CallPath::Relay
+                }),
+                end_reason,
+            },
+        )
 }
 
 fn agent_event() -> impl Strategy<Value = AgentEvent> {
@@ -128,6 +163,8 @@ fn agent_event() -> impl Strategy<Value = AgentEvent> {
                 presence,
                 relay_only,
                 reason: None,
+                audio: if relay_only { "none" } else { "devices" }.into(),
+                call_policy: if online { "anyone" } else { "contacts" }.into(),
             })
         ),
         prop::collection::vec((name(), state(), presence()), 0..6).prop_map(AgentEvent::Contacts),
@@ -157,12 +194,17 @@ fn agent_event() -> impl Strategy<Value = AgentEvent> {
         any::<String>().prop_map(AgentEvent::Failed),
         any::<bool>().prop_map(AgentEvent::RelayOnly),
         Just(AgentEvent::Lagged),
-        name().prop_map(|peer| AgentEvent::Call(CallEvent::Incoming { peer })),
-        name().prop_map(|peer| AgentEvent::Call(CallEvent::Ringing { peer })),
-        (name(), stats())
-            .prop_map(|(peer, stats)| AgentEvent::Call(CallEvent::Started { peer, stats })),
-        stats().prop_map(|s| AgentEvent::Call(CallEvent::Stats(s))),
-        any::<String>().prop_map(|reason| AgentEvent::Call(CallEvent::Ended { reason })),
+        call_update().prop_map(|u| AgentEvent::Call(CallEvent::Update(u))),
+        (0u64..4, stats())
+            .prop_map(|(call_id, stats)| AgentEvent::Call(CallEvent::Stats { call_id, stats })),
+        (name(), any::<bool>(), 0u64..4, any::<String>()).prop_map(|(peer, ok, id, e)| {
+            AgentEvent::Call(CallEvent::Placed {
+                peer,
+                result: if ok { Ok(id) } else { Err(e) },
+            })
+        }),
+        prop::sample::select(vec!["anyone", "contacts", "?"])
+            .prop_map(|p| AgentEvent::CallPolicy(p.into())),
     ]
 }
 
@@ -206,6 +248,10 @@ proptest! {
                     prop_assert!(!m.text.chars().any(|c| c.is_control() && c != '\n'));
                 }
             }
+            // An effect about a call names the call the model holds (or held a moment ago).
+            if let Some(id) = app.call.id() {
+                prop_assert!(id < 4);
+            }
             if let Some(sel) = &app.selected {
                 let rows = app.rows();
                 prop_assert!(rows.is_empty() || rows.iter().any(|c| &c.name == sel));
@@ -245,5 +291,43 @@ proptest! {
         let line = serde_json::Value::Object(obj).to_string();
         let parsed = parse_event(&line);
         prop_assert_eq!(parsed.is_some(), kind != "other");
+    }
+
+    #[test]
+    fn any_json_call_shape_parses_or_is_ignored(
+        kind in prop::sample::select(vec!["call", "call_stats"]),
+        fields in prop::collection::vec(
+            (
+                prop::sample::select(vec!["call_id", "peer", "direction", "state", "via", "end_reason", "rtt_ms", "loss_before_recovery", "jitter_ms", "send_kbps", "input_level", "output_level", "audio_source"]),
+                prop_oneof![
+                    any::<String>().prop_map(serde_json::Value::from),
+                    prop::sample::select(vec!["ringing", "incoming", "connecting", "active", "ended", "direct", "relay", "outgoing"]).prop_map(serde_json::Value::from),
+                    any::<u64>().prop_map(serde_json::Value::from),
+                    any::<f64>().prop_map(serde_json::Value::from),
+                    any::<bool>().prop_map(serde_json::Value::from),
+                    Just(serde_json::Value::Null),
+                ],
+            ),
+            0..10,
+        ),
+    ) {
+        let mut obj = serde_json::Map::new();
+        obj.insert("type".into(), kind.into());
+        for (k, v) in fields {
+            obj.insert(k.into(), v);
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        match parse_event(&line) {
+            None => {}
+            Some(AgentEvent::Call(CallEvent::Stats { stats, .. })) => {
+                // Figures reach the model finite, whatever the agent wrote.
+                prop_assert!(stats.jitter_ms.is_finite() && stats.loss_pct.is_finite());
+                prop_assert!(stats.rtt_ms.is_none_or(f64::is_finite));
+            }
+            Some(AgentEvent::Call(CallEvent::Update(u))) => {
+                prop_assert!(!u.peer.is_empty() && !u.peer.chars().any(char::is_control));
+            }
+            Some(other) => prop_assert!(false, "not a call event: {:?}", other),
+        }
     }
 }

@@ -3,10 +3,12 @@
 #![allow(clippy::unwrap_used)]
 
 use peerline::tui::app::{
-    AgentEvent, App, CallEvent, CallPath, CallStats, ContactState, Event, MessageRecord, Presence,
-    Status,
+    AgentEvent, App, CallEvent, ContactState, Effect, Event, MessageRecord, Presence, Status,
 };
+use peerline::tui::io::parse_event;
 use peerline::tui::ui::render;
+use peerline_core::call::{CallInfo, CallState, Direction};
+use peerline_core::client::Via;
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use ratatui::Terminal;
@@ -60,6 +62,8 @@ fn alice() -> App {
             presence: "online".into(),
             relay_only: false,
             reason: None,
+            audio: "none".into(),
+            call_policy: "contacts".into(),
         }),
     );
     agent(
@@ -185,6 +189,8 @@ fn first_start_without_contacts_80x24() {
             presence: "online".into(),
             relay_only: false,
             reason: None,
+            audio: "none".into(),
+            call_policy: "contacts".into(),
         }),
     );
     insta::assert_snapshot!(screen(&app, 80, 24));
@@ -285,46 +291,192 @@ fn login_form_80x24() {
     insta::assert_snapshot!(screen(&app, 80, 24));
 }
 
-fn stats(path: CallPath) -> CallStats {
-    CallStats {
-        path,
-        rtt_ms: 38,
-        loss_pct: 0.4,
-        jitter_ms: 6,
-        bitrate_kbps: 24,
-        level_in: 0.6,
-        level_out: 0.25,
-        audio: "files (built without audio devices)".into(),
-    }
+/// Feeds one line of the agent's event stream to the app, as the link does.
+fn line(app: &mut App, json: serde_json::Value) -> Vec<Effect> {
+    let ev = parse_event(&json.to_string()).expect("an event the app understands");
+    app.update(Event::Agent(ev))
 }
 
-// Calls are scripted here: the agent does not support them yet. These screens fix what
-// the popup and the panel show once it does.
+/// A `call` event exactly as the agent writes it: the core's CallInfo plus its type.
+fn call_event(
+    call_id: u64,
+    peer: &str,
+    direction: Direction,
+    state: CallState,
+    via: Option<Via>,
+    end_reason: Option<&str>,
+) -> serde_json::Value {
+    let info = CallInfo {
+        call_id,
+        peer: peerline_wire::Username::parse(peer).unwrap(),
+        direction,
+        state,
+        via,
+        setup_ms: via.map(|_| 140),
+        end_reason: end_reason.map(str::to_string),
+    };
+    let mut v = serde_json::to_value(&info).unwrap();
+    v["type"] = "call".into();
+    v
+}
+
+/// A `call_stats` event as the agent writes it: the media engine's statistics plus the
+/// fields the agent adds.
+fn stats_event(call_id: u64, source: &str, input: f64, output: f64) -> serde_json::Value {
+    let mut v = serde_json::to_value(peerline_media::CallStats {
+        rtt_ms: Some(38.4),
+        loss_before_recovery: 0.012,
+        loss_after_recovery: 0.001,
+        jitter_ms: 6.2,
+        playout_delay_ms: 40.0,
+        send_kbps: 27.6,
+        bitrate_kbps: 24.0,
+        ..Default::default()
+    })
+    .unwrap();
+    for (k, x) in [
+        ("type", serde_json::json!("call_stats")),
+        ("call_id", call_id.into()),
+        ("peer", "bob".into()),
+        ("elapsed_s", 125.0.into()),
+        ("input_level", input.into()),
+        ("output_level", output.into()),
+        ("audio_source", source.into()),
+    ] {
+        v[k] = x;
+    }
+    v
+}
+
 #[test]
-fn incoming_call_popup_scripted_80x24() {
+fn incoming_call_popup_80x24() {
     let mut app = alice();
-    agent(
+    line(
         &mut app,
-        AgentEvent::Call(CallEvent::Incoming { peer: "bob".into() }),
+        call_event(
+            5,
+            "bob",
+            Direction::Incoming,
+            CallState::Incoming,
+            None,
+            None,
+        ),
     );
     app.update(Event::Tick(NOW + 4_000));
     insta::assert_snapshot!(screen(&app, 80, 24));
 }
 
 #[test]
-fn live_call_panel_scripted_100x30() {
+fn calling_a_contact_80x24() {
     let mut app = conversation();
-    agent(
+    key(&mut app, KeyCode::Esc);
+    let eff = app.update(Event::Key(KeyEvent::new(
+        KeyCode::Char('c'),
+        KeyModifiers::NONE,
+    )));
+    assert_eq!(eff, vec![Effect::CallStart("bob".into())]);
+    line(
         &mut app,
-        AgentEvent::Call(CallEvent::Started {
-            peer: "bob".into(),
-            stats: stats(CallPath::Direct),
-        }),
+        call_event(
+            6,
+            "bob",
+            Direction::Outgoing,
+            CallState::Ringing,
+            None,
+            None,
+        ),
+    );
+    app.update(Event::Tick(NOW + 3_000));
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+/// Alice in a call with bob, active for 2 min 5 s, as the agent reports it.
+fn in_a_call(mut app: App, via: Via, source: &str) -> App {
+    line(
+        &mut app,
+        call_event(
+            7,
+            "bob",
+            Direction::Outgoing,
+            CallState::Ringing,
+            None,
+            None,
+        ),
+    );
+    line(
+        &mut app,
+        call_event(
+            7,
+            "bob",
+            Direction::Outgoing,
+            CallState::Connecting,
+            None,
+            None,
+        ),
+    );
+    line(
+        &mut app,
+        call_event(
+            7,
+            "bob",
+            Direction::Outgoing,
+            CallState::Active,
+            Some(via),
+            None,
+        ),
     );
     app.update(Event::Tick(NOW + 125_000));
+    // Speech at about -20 dBFS going out, -35 dBFS coming in.
+    line(&mut app, stats_event(7, source, 0.1, 0.018));
+    app
+}
+
+#[test]
+fn live_call_panel_100x30() {
+    let app = in_a_call(conversation(), Via::Direct, "devices");
+    insta::assert_snapshot!(screen(&app, 100, 30));
+}
+
+#[test]
+fn live_call_without_sound_support_over_the_relay_80x24() {
+    let app = in_a_call(alice(), Via::Relay, "silence");
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn live_call_at_the_minimum_size_60x16() {
+    let app = in_a_call(conversation(), Via::Direct, "silence");
+    insta::assert_snapshot!(screen(&app, 60, 16));
+}
+
+#[test]
+fn call_ended_80x24() {
+    let mut app = in_a_call(conversation(), Via::Direct, "silence");
+    line(
+        &mut app,
+        call_event(
+            7,
+            "bob",
+            Direction::Outgoing,
+            CallState::Ended,
+            Some(Via::Direct),
+            Some("hung up"),
+        ),
+    );
+    app.notice = None;
+    insta::assert_snapshot!(screen(&app, 80, 24));
+}
+
+#[test]
+fn a_refused_call_says_why_80x24() {
+    let mut app = alice();
+    key(&mut app, KeyCode::Char('c'));
     agent(
         &mut app,
-        AgentEvent::Call(CallEvent::Stats(stats(CallPath::Relay))),
+        AgentEvent::Call(CallEvent::Placed {
+            peer: "bob".into(),
+            result: Err("bob is offline".into()),
+        }),
     );
-    insta::assert_snapshot!(screen(&app, 100, 30));
+    insta::assert_snapshot!(screen(&app, 80, 24));
 }

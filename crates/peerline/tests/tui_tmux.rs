@@ -239,7 +239,7 @@ fn line_with<'a>(screen: &'a str, needle: &str) -> &'a str {
 }
 
 #[test]
-fn two_apps_in_tmux_request_accept_chat_and_presence() {
+fn two_apps_in_tmux_request_accept_chat_presence_and_call() {
     let root = tempfile::tempdir().unwrap();
     let sn = Supernode::start(root.path());
     let bootstrap = sn.bootstrap();
@@ -393,6 +393,43 @@ fn two_apps_in_tmux_request_accept_chat_and_presence() {
     tmux.wait_for("alice", "Terminal too small");
     tmux.ok(&["resize-window", "-t", "alice", "-x", "100", "-y", "30"]);
     tmux.wait_for("alice", "bob: hi alice, got it");
+
+    // Alice calls bob from the contact list; bob accepts in the ringing popup; both see
+    // the live call panel on a direct path, with figures; alice hangs up.
+    tmux.keys("alice", &["Escape"]);
+    tmux.wait_for("alice", "Message (Tab to type)");
+    tmux.keys("alice", &["c"]);
+    tmux.wait_for("bob", "alice is calling");
+    tmux.keys("bob", &["a"]);
+    let direct = |peer: &'static str| {
+        move |s: &str| line_with(s, &format!("on call with {peer}")).contains("path: direct")
+    };
+    tmux.wait(
+        "alice",
+        "the live call panel on a direct path",
+        direct("bob"),
+    );
+    tmux.wait(
+        "bob",
+        "the live call panel on a direct path",
+        direct("alice"),
+    );
+    // The figures come once a second; the meters need them.
+    for name in ["alice", "bob"] {
+        tmux.wait(name, "the call's figures", |s| {
+            s.contains("RTT ") && s.contains("mic ") && s.contains("speaker ")
+        });
+    }
+    eprintln!(
+        "call up on both screens after {:?}; bob's screen:\n{}",
+        t0.elapsed(),
+        tmux.screen("bob")
+    );
+    tmux.keys("alice", &["h"]);
+    tmux.wait_for("alice", "call with bob ended");
+    let s = tmux.wait_for("bob", "call with alice ended");
+    assert!(!s.contains("on call with"), "{s}");
+    eprintln!("call over on both screens after {:?}", t0.elapsed());
 
     // Help, then quit from the contact list: the app exits cleanly, the agent stays up.
     tmux.keys("alice", &["Escape"]);

@@ -200,6 +200,10 @@ pub struct Status {
     pub relay_only: bool,
     /// Why the agent last went offline.
     pub reason: Option<String>,
+    /// Sound support of the agent's build: `devices` or `none` (empty: not reported).
+    pub audio: String,
+    /// Who may ring us: `anyone` or `contacts` (empty: not reported).
+    pub call_policy: String,
 }
 
 /// Which path a call's media takes.
@@ -211,84 +215,199 @@ pub enum CallPath {
     Relay,
 }
 
-/// Live figures of a call, as the agent would report them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CallStats {
-    /// Path of the media.
-    pub path: CallPath,
-    /// Round-trip time (ms).
-    pub rtt_ms: u32,
-    /// Packet loss (percent).
-    pub loss_pct: f32,
-    /// Jitter (ms).
-    pub jitter_ms: u32,
-    /// Send bitrate (kbit/s).
-    pub bitrate_kbps: u32,
-    /// Microphone level, 0.0 to 1.0.
-    pub level_in: f32,
-    /// Speaker level, 0.0 to 1.0.
-    pub level_out: f32,
-    /// Where audio comes from and goes (`devices`, or files or silence without the feature).
-    pub audio: String,
+impl CallPath {
+    /// Parses the agent's name (`direct` or `relay`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "direct" => Some(CallPath::Direct),
+            "relay" => Some(CallPath::Relay),
+            _ => None,
+        }
+    }
 }
 
-/// The call state the app shows. Calls are not implemented by the agent yet: this is the
-/// shape the ringing popup and the call panel render from, fed by [`CallEvent`]s.
+/// Where a call stands, as the agent reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallPhase {
+    /// Ours, ringing at the peer.
+    Ringing,
+    /// Theirs, ringing here.
+    Incoming,
+    /// Answered; the media path is being set up.
+    Connecting,
+    /// Audio flows.
+    Active,
+    /// Over.
+    Ended,
+}
+
+impl CallPhase {
+    /// Parses the agent's lowercase name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ringing" => CallPhase::Ringing,
+            "incoming" => CallPhase::Incoming,
+            "connecting" => CallPhase::Connecting,
+            "active" => CallPhase::Active,
+            "ended" => CallPhase::Ended,
+            _ => return None,
+        })
+    }
+}
+
+/// A call's state as the agent's `call` event reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallUpdate {
+    /// The agent's id for the call.
+    pub call_id: u64,
+    /// The other party.
+    pub peer: String,
+    /// We rang (else they did).
+    pub outgoing: bool,
+    /// Where it stands.
+    pub phase: CallPhase,
+    /// The media path, once known.
+    pub path: Option<CallPath>,
+    /// Why it ended.
+    pub end_reason: Option<String>,
+}
+
+/// Live figures of a call, from the agent's `call_stats` event.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CallStats {
+    /// Round-trip time (ms), once measured.
+    pub rtt_ms: Option<f64>,
+    /// Packets from the peer that never arrived (percent).
+    pub loss_pct: f64,
+    /// Speech still missing after loss recovery (percent).
+    pub residual_loss_pct: f64,
+    /// Jitter (ms).
+    pub jitter_ms: f64,
+    /// What we send (kbit/s).
+    pub send_kbps: f64,
+    /// Level of what we send: RMS as a fraction of full scale.
+    pub level_in: f64,
+    /// Level of what we hear: RMS as a fraction of full scale.
+    pub level_out: f64,
+    /// What we send: `devices`, `file` or `silence` (empty when the agent does not say).
+    pub audio_source: String,
+}
+
+/// The call the app shows (the agent runs at most one at a time).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Call {
     /// No call.
     Idle,
+    /// Asked the agent to ring a contact; no answer yet.
+    Placing {
+        /// Callee.
+        peer: String,
+        /// Since (unix ms).
+        since: u64,
+        /// Hang up as soon as the call has an id.
+        cancel: bool,
+    },
     /// A contact is calling us.
     Incoming {
+        /// The call.
+        call_id: u64,
         /// Caller.
         peer: String,
         /// Since (unix ms).
         since: u64,
     },
-    /// We are calling a contact.
+    /// Our call rings at the contact.
     Outgoing {
+        /// The call.
+        call_id: u64,
         /// Callee.
+        peer: String,
+        /// Since (unix ms).
+        since: u64,
+    },
+    /// Answered; the media path is being set up.
+    Connecting {
+        /// The call.
+        call_id: u64,
+        /// The other party.
         peer: String,
         /// Since (unix ms).
         since: u64,
     },
     /// A call is up.
     Active {
+        /// The call.
+        call_id: u64,
         /// The other party.
         peer: String,
-        /// Answered at (unix ms).
+        /// Became active at (unix ms).
         started: u64,
-        /// Latest figures.
-        stats: CallStats,
+        /// Media path.
+        path: Option<CallPath>,
+        /// Latest figures (none before the first second).
+        stats: Option<CallStats>,
     },
 }
 
-/// Call state changes from the agent.
+impl Call {
+    /// The agent's id for the call, once known.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Call::Incoming { call_id, .. }
+            | Call::Outgoing { call_id, .. }
+            | Call::Connecting { call_id, .. }
+            | Call::Active { call_id, .. } => Some(*call_id),
+            Call::Idle | Call::Placing { .. } => None,
+        }
+    }
+
+    /// The other party, if there is a call.
+    pub fn peer(&self) -> Option<&str> {
+        match self {
+            Call::Idle => None,
+            Call::Placing { peer, .. }
+            | Call::Incoming { peer, .. }
+            | Call::Outgoing { peer, .. }
+            | Call::Connecting { peer, .. }
+            | Call::Active { peer, .. } => Some(peer),
+        }
+    }
+}
+
+/// The call that just ended, shown for a while after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedCall {
+    /// The other party.
+    pub peer: String,
+    /// Why it ended.
+    pub reason: String,
+    /// How long it was active (seconds), if it was.
+    pub duration_s: Option<u64>,
+    /// When it ended (unix ms).
+    pub at: u64,
+}
+
+/// How long the panel shows a call that ended.
+pub const ENDED_SHOWN_MS: u64 = 30_000;
+
+/// Call news from the agent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CallEvent {
-    /// A contact calls us.
-    Incoming {
-        /// Caller.
-        peer: String,
-    },
-    /// Our call is ringing at the contact.
-    Ringing {
+    /// The agent's answer to our call start: the call's id, or why it could not ring.
+    Placed {
         /// Callee.
         peer: String,
+        /// Call id or reason.
+        result: Result<u64, String>,
     },
-    /// The call was answered.
-    Started {
-        /// The other party.
-        peer: String,
-        /// First figures.
+    /// A call changed state.
+    Update(CallUpdate),
+    /// New figures for a call.
+    Stats {
+        /// The call.
+        call_id: u64,
+        /// Figures.
         stats: CallStats,
-    },
-    /// New figures.
-    Stats(CallStats),
-    /// The call is over.
-    Ended {
-        /// Why, for the status bar.
-        reason: String,
     },
 }
 
@@ -364,6 +483,8 @@ pub enum AgentEvent {
     Failed(String),
     /// Relay-only mode as saved in the profile.
     RelayOnly(bool),
+    /// Who may ring us, as the agent now has it: `anyone` or `contacts`.
+    CallPolicy(String),
     /// Registration or enrolment finished.
     LoginResult(Result<String, String>),
     /// Events were dropped by the agent for a slow reader: reload everything.
@@ -431,14 +552,16 @@ pub enum Effect {
         /// Register a new account (else enrol into an existing one).
         register: bool,
     },
+    /// Set who may ring us: `anyone` or `contacts`.
+    SetCallPolicy(&'static str),
     /// Call a contact.
     CallStart(String),
     /// Answer the ringing call.
-    CallAccept,
+    CallAccept(u64),
     /// Refuse the ringing call.
-    CallDecline,
-    /// End the call.
-    CallHangup,
+    CallDecline(u64),
+    /// End (or cancel) the call.
+    CallHangup(u64),
 }
 
 /// Which pane has the keyboard.
@@ -570,6 +693,8 @@ pub struct App {
     pub notice: Option<Notice>,
     /// Call state.
     pub call: Call,
+    /// The last call that ended, shown for [`ENDED_SHOWN_MS`].
+    pub last_call: Option<EndedCall>,
     /// The contact a first `x` asked to remove (a second `x` confirms).
     pub confirm_remove: Option<String>,
     next_local_id: u64,
@@ -603,6 +728,7 @@ impl App {
             overlay: None,
             notice: None,
             call: Call::Idle,
+            last_call: None,
             confirm_remove: None,
             next_local_id: 1,
         }
@@ -662,6 +788,13 @@ impl App {
                 if self.notice.as_ref().is_some_and(|n| n.until <= now) {
                     self.notice = None;
                 }
+                if self
+                    .last_call
+                    .as_ref()
+                    .is_some_and(|c| c.at + ENDED_SHOWN_MS <= now)
+                {
+                    self.last_call = None;
+                }
                 Vec::new()
             }
             Event::Resize(w, h) => {
@@ -718,7 +851,24 @@ impl App {
                     return vec![Effect::LoadHistory(p)];
                 }
             }
-            AgentEvent::Lost { reason } => self.link = Link::Lost(reason),
+            AgentEvent::Lost { reason } => {
+                // The agent ran the call: a call cannot outlive it.
+                if let Some(peer) = self.call.peer().map(str::to_string) {
+                    self.last_call = Some(EndedCall {
+                        peer,
+                        reason: "the agent stopped".into(),
+                        duration_s: match &self.call {
+                            Call::Active { started, .. } => {
+                                Some(self.now.saturating_sub(*started) / 1000)
+                            }
+                            _ => None,
+                        },
+                        at: self.now,
+                    });
+                    self.call = Call::Idle;
+                }
+                self.link = Link::Lost(reason);
+            }
             AgentEvent::Status(s) => {
                 if s.online {
                     self.offline_since = None;
@@ -828,6 +978,7 @@ impl App {
             AgentEvent::Done(text) => self.notify(text, false),
             AgentEvent::Failed(text) => self.notify(text, true),
             AgentEvent::RelayOnly(on) => self.status.relay_only = on,
+            AgentEvent::CallPolicy(p) => self.status.call_policy = p,
             AgentEvent::LoginResult(r) => {
                 if let Screen::Login(f) = &mut self.screen {
                     match r {
@@ -849,7 +1000,7 @@ impl App {
                 }
                 return v;
             }
-            AgentEvent::Call(c) => self.on_call_event(c),
+            AgentEvent::Call(c) => return self.on_call_event(c),
         }
         Vec::new()
     }
@@ -972,37 +1123,134 @@ impl App {
         }
     }
 
-    fn on_call_event(&mut self, c: CallEvent) {
+    fn on_call_event(&mut self, c: CallEvent) -> Vec<Effect> {
         match c {
-            CallEvent::Incoming { peer } => {
-                self.call = Call::Incoming {
-                    peer,
-                    since: self.now,
+            CallEvent::Placed { peer, result } => {
+                let Call::Placing {
+                    peer: placing,
+                    since,
+                    cancel,
+                } = &self.call
+                else {
+                    // The call's own events got here first: nothing to add.
+                    return Vec::new();
+                };
+                if *placing != peer {
+                    return Vec::new();
+                }
+                let (since, cancel) = (*since, *cancel);
+                match result {
+                    Ok(call_id) => {
+                        self.call = Call::Outgoing {
+                            call_id,
+                            peer,
+                            since,
+                        };
+                        if cancel {
+                            return vec![Effect::CallHangup(call_id)];
+                        }
+                    }
+                    Err(e) => {
+                        self.call = Call::Idle;
+                        self.notify(format!("cannot call {peer}: {e}"), true);
+                    }
                 }
             }
-            CallEvent::Ringing { peer } => {
-                self.call = Call::Outgoing {
-                    peer,
-                    since: self.now,
+            CallEvent::Update(u) => return self.on_call_update(u),
+            CallEvent::Stats { call_id, stats } => {
+                if let Call::Active {
+                    call_id: id,
+                    stats: s,
+                    ..
+                } = &mut self.call
+                {
+                    if *id == call_id {
+                        *s = Some(stats);
+                    }
                 }
-            }
-            CallEvent::Started { peer, stats } => {
-                self.call = Call::Active {
-                    peer,
-                    started: self.now,
-                    stats,
-                }
-            }
-            CallEvent::Stats(s) => {
-                if let Call::Active { stats, .. } = &mut self.call {
-                    *stats = s;
-                }
-            }
-            CallEvent::Ended { reason } => {
-                self.call = Call::Idle;
-                self.notify(format!("call ended: {reason}"), false);
             }
         }
+        Vec::new()
+    }
+
+    fn on_call_update(&mut self, u: CallUpdate) -> Vec<Effect> {
+        let ours = match &self.call {
+            Call::Idle => u.phase != CallPhase::Ended,
+            Call::Placing { peer, .. } => u.outgoing && *peer == u.peer,
+            other => other.id() == Some(u.call_id),
+        };
+        if !ours {
+            // Another call's news (the agent runs one at a time; this is an old one).
+            return Vec::new();
+        }
+        let since = match &self.call {
+            Call::Placing { since, .. }
+            | Call::Incoming { since, .. }
+            | Call::Outgoing { since, .. }
+            | Call::Connecting { since, .. } => *since,
+            _ => self.now,
+        };
+        let cancel = matches!(self.call, Call::Placing { cancel: true, .. });
+        let (call_id, peer) = (u.call_id, u.peer);
+        match u.phase {
+            CallPhase::Ended => {
+                let duration_s = match &self.call {
+                    Call::Active { started, .. } => Some(self.now.saturating_sub(*started) / 1000),
+                    _ => None,
+                };
+                let reason =
+                    sanitize(u.end_reason.as_deref().unwrap_or("ended")).replace('\n', " ");
+                self.notify(format!("call with {peer} ended: {reason}"), false);
+                self.last_call = Some(EndedCall {
+                    peer,
+                    reason,
+                    duration_s,
+                    at: self.now,
+                });
+                self.call = Call::Idle;
+                return Vec::new();
+            }
+            CallPhase::Incoming => {
+                self.last_call = None;
+                self.call = Call::Incoming {
+                    call_id,
+                    peer,
+                    since,
+                };
+            }
+            CallPhase::Ringing => {
+                self.last_call = None;
+                self.call = Call::Outgoing {
+                    call_id,
+                    peer,
+                    since,
+                };
+            }
+            CallPhase::Connecting => {
+                self.call = Call::Connecting {
+                    call_id,
+                    peer,
+                    since,
+                };
+            }
+            CallPhase::Active => {
+                let (started, stats) = match &self.call {
+                    Call::Active { started, stats, .. } => (*started, stats.clone()),
+                    _ => (self.now, None),
+                };
+                self.call = Call::Active {
+                    call_id,
+                    peer,
+                    started,
+                    path: u.path,
+                    stats,
+                };
+            }
+        }
+        if cancel {
+            return vec![Effect::CallHangup(call_id)];
+        }
+        Vec::new()
     }
 
     /// Keeps the highlight on an existing row.
@@ -1123,9 +1371,16 @@ impl App {
                         let t = format!("{} is not a contact yet", c.name);
                         self.notify(t, true);
                     } else if self.call != Call::Idle {
-                        self.notify("already in a call", true);
+                        self.notify("already in a call: h hangs up", true);
                     } else {
-                        return vec![Effect::CallStart(c.name.clone())];
+                        let peer = c.name.clone();
+                        self.last_call = None;
+                        self.call = Call::Placing {
+                            peer: peer.clone(),
+                            since: self.now,
+                            cancel: false,
+                        };
+                        return vec![Effect::CallStart(peer)];
                     }
                 }
             }
@@ -1277,10 +1532,14 @@ impl App {
                 }
                 KeyCode::Enter | KeyCode::Char(' ') => match *selected {
                     0 => return vec![Effect::SetRelayOnly(!self.status.relay_only)],
-                    1 => self.notify(
-                        "who may call me: calls are not available in this version yet",
-                        true,
-                    ),
+                    1 => {
+                        let to = if self.status.call_policy == "anyone" {
+                            "contacts"
+                        } else {
+                            "anyone"
+                        };
+                        return vec![Effect::SetCallPolicy(to)];
+                    }
                     _ => self.notify(
                         "display names are not supported by the network yet: contacts see your username",
                         true,
@@ -1293,21 +1552,38 @@ impl App {
     }
 
     fn on_call_key(&mut self, k: KeyEvent) -> Option<Vec<Effect>> {
-        match &self.call {
-            Call::Incoming { .. } => match k.code {
-                KeyCode::Char('a') | KeyCode::Enter => Some(vec![Effect::CallAccept]),
-                KeyCode::Char('d') | KeyCode::Esc => Some(vec![Effect::CallDecline]),
-                _ => Some(Vec::new()),
-            },
-            Call::Outgoing { .. } | Call::Active { .. }
-                if self.focus == Focus::Contacts && self.overlay.is_none() =>
-            {
-                match k.code {
-                    KeyCode::Char('h') => Some(vec![Effect::CallHangup]),
-                    _ => None,
+        // A ringing call takes every key until it is answered.
+        if let Call::Incoming { call_id, peer, .. } = &self.call {
+            let (call_id, peer) = (*call_id, peer.clone());
+            return Some(match k.code {
+                KeyCode::Char('a') | KeyCode::Enter => {
+                    self.call = Call::Connecting {
+                        call_id,
+                        peer,
+                        since: self.now,
+                    };
+                    vec![Effect::CallAccept(call_id)]
                 }
+                KeyCode::Char('d') | KeyCode::Esc => {
+                    self.call = Call::Idle;
+                    self.notify(format!("declined the call from {peer}"), false);
+                    vec![Effect::CallDecline(call_id)]
+                }
+                _ => Vec::new(),
+            });
+        }
+        if k.code != KeyCode::Char('h') || self.focus != Focus::Contacts || self.overlay.is_some() {
+            return None;
+        }
+        match &mut self.call {
+            Call::Idle | Call::Incoming { .. } => None,
+            Call::Placing { cancel, .. } => {
+                // No id yet: hang up as soon as the agent gives one.
+                *cancel = true;
+                self.notify("hanging up…", false);
+                Some(Vec::new())
             }
-            _ => None,
+            other => other.id().map(|id| vec![Effect::CallHangup(id)]),
         }
     }
 
@@ -1724,28 +2000,177 @@ mod tests {
             vec![Effect::SetRelayOnly(true)]
         );
         app.update(key(KeyCode::Down));
+        app.update(key(KeyCode::Down));
         app.update(key(KeyCode::Enter));
-        assert!(app.notice.as_ref().unwrap().text.contains("not available"));
+        assert!(app.notice.as_ref().unwrap().text.contains("not supported"));
+    }
+
+    fn update(call_id: u64, peer: &str, outgoing: bool, phase: CallPhase) -> Event {
+        Event::Agent(AgentEvent::Call(CallEvent::Update(CallUpdate {
+            call_id,
+            peer: peer.into(),
+            outgoing,
+            phase,
+            path: Some(CallPath::Direct),
+            end_reason: (phase == CallPhase::Ended).then(|| "hung up".into()),
+        })))
     }
 
     #[test]
-    fn a_ringing_call_takes_the_keys() {
+    fn a_ringing_call_takes_the_keys_and_accept_answers_it() {
         let mut app = alice();
-        app.update(Event::Agent(AgentEvent::Call(CallEvent::Incoming {
-            peer: "bob".into(),
-        })));
+        app.update(update(7, "bob", false, CallPhase::Incoming));
         assert_eq!(app.update(key(KeyCode::Char('q'))), vec![]);
         assert_eq!(
             app.update(key(KeyCode::Char('a'))),
-            vec![Effect::CallAccept]
+            vec![Effect::CallAccept(7)]
         );
-        app.update(Event::Agent(AgentEvent::Call(CallEvent::Ended {
-            reason: "declined".into(),
+        assert!(matches!(app.call, Call::Connecting { call_id: 7, .. }));
+        app.update(update(7, "bob", false, CallPhase::Active));
+        assert!(matches!(
+            app.call,
+            Call::Active {
+                call_id: 7,
+                path: Some(CallPath::Direct),
+                ..
+            }
+        ));
+        // Stats for another call are not this call's.
+        let stats = CallStats {
+            rtt_ms: Some(12.0),
+            ..CallStats::default()
+        };
+        app.update(Event::Agent(AgentEvent::Call(CallEvent::Stats {
+            call_id: 8,
+            stats: stats.clone(),
         })));
+        assert!(matches!(&app.call, Call::Active { stats: None, .. }));
+        app.update(Event::Agent(AgentEvent::Call(CallEvent::Stats {
+            call_id: 7,
+            stats: stats.clone(),
+        })));
+        assert!(matches!(&app.call, Call::Active { stats: Some(s), .. } if *s == stats));
+        // h hangs up from the contact list.
+        assert_eq!(
+            app.update(key(KeyCode::Char('h'))),
+            vec![Effect::CallHangup(7)]
+        );
+        app.update(Event::Tick(13_000));
+        app.update(update(7, "bob", false, CallPhase::Ended));
         assert_eq!(app.call, Call::Idle);
+        let ended = app.last_call.clone().unwrap();
+        assert_eq!(
+            (ended.reason.as_str(), ended.duration_s),
+            ("hung up", Some(12))
+        );
+        // The summary goes after a while.
+        app.update(Event::Tick(13_000 + ENDED_SHOWN_MS));
+        assert_eq!(app.last_call, None);
+    }
+
+    #[test]
+    fn declining_closes_the_popup_at_once_and_the_end_changes_nothing() {
+        let mut app = alice();
+        app.update(update(3, "bob", false, CallPhase::Incoming));
+        assert_eq!(app.update(key(KeyCode::Esc)), vec![Effect::CallDecline(3)]);
+        assert_eq!(app.call, Call::Idle);
+        app.update(update(3, "bob", false, CallPhase::Ended));
+        assert_eq!(app.call, Call::Idle);
+        assert_eq!(app.last_call, None);
+    }
+
+    #[test]
+    fn c_calls_the_contact_and_the_agent_answer_gives_the_call_its_id() {
+        let mut app = alice();
         assert_eq!(
             app.update(key(KeyCode::Char('c'))),
             vec![Effect::CallStart("bob".into())]
+        );
+        assert!(matches!(app.call, Call::Placing { .. }));
+        // A second call is refused while one is under way.
+        assert!(app.update(key(KeyCode::Char('c'))).is_empty());
+        app.update(Event::Agent(AgentEvent::Call(CallEvent::Placed {
+            peer: "bob".into(),
+            result: Ok(4),
+        })));
+        assert!(matches!(app.call, Call::Outgoing { call_id: 4, .. }));
+        // The ringing event after the answer keeps the call as it is.
+        app.update(update(4, "bob", true, CallPhase::Ringing));
+        assert!(matches!(app.call, Call::Outgoing { call_id: 4, .. }));
+        app.update(update(4, "bob", true, CallPhase::Ended));
+        assert_eq!(app.call, Call::Idle);
+        assert_eq!(app.last_call.as_ref().unwrap().duration_s, None);
+    }
+
+    #[test]
+    fn a_call_the_agent_refuses_says_why() {
+        let mut app = alice();
+        app.update(key(KeyCode::Char('c')));
+        app.update(Event::Agent(AgentEvent::Call(CallEvent::Placed {
+            peer: "bob".into(),
+            result: Err("bob is offline".into()),
+        })));
+        assert_eq!(app.call, Call::Idle);
+        let n = app.notice.as_ref().unwrap();
+        assert!(n.error && n.text.contains("bob is offline"), "{n:?}");
+    }
+
+    #[test]
+    fn hanging_up_before_the_call_has_an_id_hangs_up_once_it_has_one() {
+        let mut app = alice();
+        app.update(key(KeyCode::Char('c')));
+        assert!(app.update(key(KeyCode::Char('h'))).is_empty());
+        // The ringing event may come before the agent's answer.
+        assert_eq!(
+            app.update(update(9, "bob", true, CallPhase::Ringing)),
+            vec![Effect::CallHangup(9)]
+        );
+        let mut app = alice();
+        app.update(key(KeyCode::Char('c')));
+        app.update(key(KeyCode::Char('h')));
+        assert_eq!(
+            app.update(Event::Agent(AgentEvent::Call(CallEvent::Placed {
+                peer: "bob".into(),
+                result: Ok(9),
+            }))),
+            vec![Effect::CallHangup(9)]
+        );
+    }
+
+    #[test]
+    fn a_call_ends_when_the_agent_goes_away() {
+        let mut app = alice();
+        app.update(update(2, "bob", true, CallPhase::Active));
+        app.update(Event::Tick(6_000));
+        app.update(Event::Agent(AgentEvent::Lost {
+            reason: "the agent stopped".into(),
+        }));
+        assert_eq!(app.call, Call::Idle);
+        assert_eq!(app.last_call.as_ref().unwrap().duration_s, Some(5));
+    }
+
+    #[test]
+    fn h_types_in_the_input_line_during_a_call() {
+        let mut app = alice();
+        app.update(update(2, "bob", true, CallPhase::Active));
+        app.update(key(KeyCode::Enter));
+        assert!(app.update(key(KeyCode::Char('h'))).is_empty());
+        assert_eq!(app.input, "h");
+    }
+
+    #[test]
+    fn the_settings_row_sets_who_may_call() {
+        let mut app = alice();
+        app.update(key(KeyCode::Char('s')));
+        app.update(key(KeyCode::Down));
+        assert_eq!(
+            app.update(key(KeyCode::Enter)),
+            vec![Effect::SetCallPolicy("anyone")]
+        );
+        app.update(Event::Agent(AgentEvent::CallPolicy("anyone".into())));
+        assert_eq!(
+            app.update(key(KeyCode::Enter)),
+            vec![Effect::SetCallPolicy("contacts")]
         );
     }
 

@@ -11,7 +11,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
-use super::app::{AgentEvent, ContactState, Effect, MessageRecord, Presence, Status};
+use super::app::{
+    AgentEvent, CallEvent, CallPath, CallPhase, CallStats, CallUpdate, ContactState, Effect,
+    MessageRecord, Presence, Status,
+};
 use crate::history::History;
 use crate::profile::Profile;
 
@@ -68,7 +71,45 @@ pub fn parse_status(v: &Value) -> Status {
         presence: s(v, "presence"),
         relay_only: v["relay_only"] == json!(true),
         reason: v["reason"].as_str().map(str::to_string),
+        audio: s(v, "audio"),
+        call_policy: s(v, "call_policy"),
     }
+}
+
+/// Parses a `call` event (a CallInfo); None when it names no call.
+fn parse_call(v: &Value) -> Option<CallUpdate> {
+    let peer = super::app::sanitize(&s(v, "peer")).replace('\n', " ");
+    if peer.is_empty() {
+        return None;
+    }
+    Some(CallUpdate {
+        call_id: v["call_id"].as_u64()?,
+        peer,
+        outgoing: v["direction"] == json!("outgoing"),
+        phase: CallPhase::parse(v["state"].as_str()?)?,
+        path: v["via"].as_str().and_then(CallPath::parse),
+        end_reason: v["end_reason"].as_str().map(str::to_string),
+    })
+}
+
+/// A number from the agent, or 0; never NaN or infinite.
+fn num(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().filter(|x| x.is_finite()).unwrap_or(0.0)
+}
+
+/// Parses a `call_stats` event (the media engine's statistics).
+fn parse_call_stats(v: &Value) -> Option<(u64, CallStats)> {
+    let stats = CallStats {
+        rtt_ms: v["rtt_ms"].as_f64().filter(|x| x.is_finite()),
+        loss_pct: (100.0 * num(v, "loss_before_recovery")).clamp(0.0, 100.0),
+        residual_loss_pct: (100.0 * num(v, "loss_after_recovery")).clamp(0.0, 100.0),
+        jitter_ms: num(v, "jitter_ms"),
+        send_kbps: num(v, "send_kbps"),
+        level_in: num(v, "input_level"),
+        level_out: num(v, "output_level"),
+        audio_source: s(v, "audio_source"),
+    };
+    Some((v["call_id"].as_u64()?, stats))
 }
 
 fn parse_contacts(v: &Value) -> Vec<(String, ContactState, Presence)> {
@@ -117,6 +158,11 @@ pub fn parse_event(line: &str) -> Option<AgentEvent> {
             reason: s(&v, "reason"),
         },
         "lagged" => AgentEvent::Lagged,
+        "call" => AgentEvent::Call(CallEvent::Update(parse_call(&v)?)),
+        "call_stats" => {
+            let (call_id, stats) = parse_call_stats(&v)?;
+            AgentEvent::Call(CallEvent::Stats { call_id, stats })
+        }
         _ => return None,
     })
 }
@@ -226,6 +272,14 @@ impl Link {
             }
         }
         self.refresh_contacts(me.as_deref()).await;
+        // A call may be under way already (the app restarted, or the agent did).
+        if let Ok(v) = call(&self.socket(), json!({"op": "calls_list"})).await {
+            for c in v.as_array().into_iter().flatten() {
+                if let Some(u) = parse_call(c) {
+                    self.report(AgentEvent::Call(CallEvent::Update(u))).await;
+                }
+            }
+        }
         let mut lines = BufReader::new(stream);
         // Status polling runs beside the stream; it ends with it.
         let poller = tokio::spawn(self.clone().poll_status());
@@ -424,14 +478,47 @@ impl Link {
                 let r = login(&self.profile, &user, &server, password, register).await;
                 self.report(AgentEvent::LoginResult(r)).await;
             }
-            Effect::CallStart(_)
-            | Effect::CallAccept
-            | Effect::CallDecline
-            | Effect::CallHangup => {
-                self.report(AgentEvent::Failed(
-                    "calls are not available in this version yet".into(),
-                ))
+            Effect::SetCallPolicy(from) => {
+                let r = call(&sock, json!({"op": "call_policy", "from": from})).await;
+                if r.is_ok() {
+                    self.report(AgentEvent::CallPolicy(from.to_string())).await;
+                }
+                let what = if from == "anyone" {
+                    "anyone may call you now"
+                } else {
+                    "only your contacts may call you now"
+                };
+                self.done(r, what.to_string()).await;
+            }
+            Effect::CallStart(peer) => {
+                // Answers once the call rings (or cannot); its progress comes as events.
+                let r = call(&sock, json!({"op": "call_start", "user": peer})).await;
+                let result = r.and_then(|v| {
+                    v["call_id"]
+                        .as_u64()
+                        .ok_or_else(|| "the agent sent a malformed answer".to_string())
+                });
+                self.report(AgentEvent::Call(CallEvent::Placed { peer, result }))
+                    .await;
+            }
+            Effect::CallAccept(call_id) | Effect::CallDecline(call_id) => {
+                let accept = matches!(effect, Effect::CallAccept(_));
+                let r = call(
+                    &sock,
+                    json!({"op": "call_answer", "call_id": call_id, "accept": accept}),
+                )
                 .await;
+                if let Err(e) = r {
+                    self.report(AgentEvent::Failed(format!("cannot answer: {e}")))
+                        .await;
+                }
+            }
+            Effect::CallHangup(call_id) => {
+                let r = call(&sock, json!({"op": "call_hang_up", "call_id": call_id})).await;
+                if let Err(e) = r {
+                    self.report(AgentEvent::Failed(format!("cannot hang up: {e}")))
+                        .await;
+                }
             }
         }
     }
@@ -542,6 +629,86 @@ mod tests {
             parse_event(r#"{"type":"message"}"#),
             Some(AgentEvent::Received(_))
         ));
+    }
+
+    #[test]
+    fn call_events_as_the_agent_writes_them_parse() {
+        use peerline_core::call::{CallInfo, CallState, Direction};
+        // The agent serialises the core's CallInfo: parse exactly that.
+        let info = CallInfo {
+            call_id: 42,
+            peer: peerline_wire::Username::parse("bob").unwrap(),
+            direction: Direction::Outgoing,
+            state: CallState::Active,
+            via: Some(peerline_core::client::Via::Direct),
+            setup_ms: Some(120),
+            end_reason: None,
+        };
+        let mut v = serde_json::to_value(&info).unwrap();
+        v["type"] = json!("call");
+        assert_eq!(
+            parse_event(&v.to_string()),
+            Some(AgentEvent::Call(CallEvent::Update(CallUpdate {
+                call_id: 42,
+                peer: "bob".into(),
+                outgoing: true,
+                phase: CallPhase::Active,
+                path: Some(CallPath::Direct),
+                end_reason: None,
+            })))
+        );
+        // The media engine's statistics, with the fields the agent adds.
+        let mut v = serde_json::to_value(peerline_media::CallStats {
+            rtt_ms: Some(31.5),
+            loss_before_recovery: 0.02,
+            loss_after_recovery: 0.001,
+            jitter_ms: 4.0,
+            send_kbps: 27.0,
+            ..Default::default()
+        })
+        .unwrap();
+        for (k, x) in [
+            ("type", json!("call_stats")),
+            ("call_id", json!(42)),
+            ("input_level", json!(0.25)),
+            ("output_level", json!(0.5)),
+            ("audio_source", json!("silence")),
+        ] {
+            v[k] = x;
+        }
+        let Some(AgentEvent::Call(CallEvent::Stats { call_id, stats })) =
+            parse_event(&v.to_string())
+        else {
+            panic!("stats expected")
+        };
+        assert_eq!(call_id, 42);
+        assert_eq!(stats.rtt_ms, Some(31.5));
+        assert!((stats.loss_pct - 2.0).abs() < 1e-9);
+        assert!((stats.residual_loss_pct - 0.1).abs() < 1e-9);
+        assert_eq!((stats.jitter_ms, stats.send_kbps), (4.0, 27.0));
+        assert_eq!((stats.level_in, stats.level_out), (0.25, 0.5));
+        assert_eq!(stats.audio_source, "silence");
+        // A call event without an id or a known state is not a call.
+        assert_eq!(
+            parse_event(r#"{"type":"call","peer":"bob","state":"active"}"#),
+            None
+        );
+        assert_eq!(
+            parse_event(r#"{"type":"call","call_id":1,"peer":"bob","state":"dancing"}"#),
+            None
+        );
+        assert_eq!(parse_event(r#"{"type":"call_stats"}"#), None);
+    }
+
+    #[test]
+    fn status_reports_sound_support_and_call_policy() {
+        let st = parse_status(
+            &json!({"online": true, "user": "a", "audio": "none", "call_policy": "anyone"}),
+        );
+        assert_eq!(
+            (st.audio.as_str(), st.call_policy.as_str()),
+            ("none", "anyone")
+        );
     }
 
     #[test]

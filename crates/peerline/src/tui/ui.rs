@@ -9,7 +9,7 @@ use unicode_width::UnicodeWidthChar;
 
 use super::app::{
     App, Call, CallPath, CallStats, Contact, ContactState, Delivery, Focus, Link, LoginForm,
-    Message, Overlay, Presence, Screen, SearchBox,
+    Message, Overlay, Presence, Screen, SearchBox, ENDED_SHOWN_MS,
 };
 
 /// The smallest terminal the app draws in; below it says so instead.
@@ -163,7 +163,7 @@ fn main_screen(app: &App, f: &mut Frame, area: Rect) {
         Some(Overlay::Settings { selected }) => settings(app, f, area, *selected),
         None => {}
     }
-    if let Call::Incoming { peer, since } = &app.call {
+    if let Call::Incoming { peer, since, .. } = &app.call {
         ringing(app, f, area, peer, *since);
     }
 }
@@ -387,7 +387,28 @@ fn truncate(s: &str, w: usize) -> String {
     out
 }
 
+/// Rows the call panel takes at the top of the right pane (0: no call to show).
+fn call_panel_height(app: &App) -> u16 {
+    match &app.call {
+        Call::Active { .. } => 7,
+        Call::Idle => match &app.last_call {
+            Some(c) if app.now < c.at + ENDED_SHOWN_MS => 3,
+            _ => 0,
+        },
+        // The ringing popup shows an incoming call.
+        Call::Incoming { .. } => 0,
+        _ => 4,
+    }
+}
+
 fn conversation_pane(app: &App, f: &mut Frame, area: Rect) {
+    // The call shows whichever conversation is open.
+    let call_h = call_panel_height(app).min(area.height.saturating_sub(5));
+    let [call_area, area] =
+        Layout::vertical([Constraint::Length(call_h), Constraint::Min(1)]).areas(area);
+    if call_h > 0 {
+        call_panel(app, f, call_area);
+    }
     let focused = app.focus == Focus::Conversation && app.overlay.is_none();
     let border = if focused {
         Style::default().fg(ACCENT)
@@ -435,19 +456,8 @@ fn conversation_pane(app: &App, f: &mut Frame, area: Rect) {
         ),
         Span::raw(format!("· {state_note} ")),
     ]);
-    let call_h = match &app.call {
-        Call::Active { peer: p, .. } | Call::Outgoing { peer: p, .. } if p == peer => 6,
-        _ => 0,
-    };
-    let [call_area, msgs_area, input_area] = Layout::vertical([
-        Constraint::Length(call_h),
-        Constraint::Min(1),
-        Constraint::Length(3),
-    ])
-    .areas(area);
-    if call_h > 0 {
-        call_panel(app, f, call_area);
-    }
+    let [msgs_area, input_area] =
+        Layout::vertical([Constraint::Min(1), Constraint::Length(3)]).areas(area);
     let block = Block::default()
         .borders(Borders::ALL)
         .border_type(BorderType::Rounded)
@@ -668,8 +678,9 @@ const HELP: &[(&str, &str)] = &[
     ("x x", "remove contact, withdraw request, unblock"),
     ("p", "set your presence (online, away, busy, invisible)"),
     ("s", "settings (relay-only mode, calls, display name)"),
-    ("c", "call the highlighted contact (not available yet)"),
-    ("h", "hang up a call"),
+    ("c", "call the highlighted contact"),
+    ("a  d", "accept, decline a ringing call"),
+    ("h", "hang up (from the contact list)"),
     ("?", "this help"),
     ("q  Ctrl-C", "quit (the agent keeps running)"),
 ];
@@ -808,8 +819,15 @@ fn settings(app: &App, f: &mut Frame, area: Rect, selected: usize) {
             "peers see only the relay's address (from the next agent start)",
         ),
         (
-            "Who may call me: not supported yet".to_string(),
-            "calls are not available in this version",
+            format!(
+                "Who may call me: {}",
+                if app.status.call_policy == "anyone" {
+                    "anyone"
+                } else {
+                    "my contacts"
+                }
+            ),
+            "anyone: people who are not your contacts can ring you too",
         ),
         (
             "Display name: not supported yet".to_string(),
@@ -863,8 +881,15 @@ fn ringing(app: &App, f: &mut Frame, area: Rect, peer: &str, since: u64) {
     );
 }
 
-fn meter(level: f32, width: usize) -> String {
-    let n = ((level.clamp(0.0, 1.0) * width as f32).round() as usize).min(width);
+/// A meter `width` cells wide for an RMS `level` (fraction of full scale), on a decibel
+/// scale from -60 dBFS (empty) to 0 dBFS (full), as a person hears loudness.
+fn meter(level: f64, width: usize) -> String {
+    let fill = if level > 0.0 {
+        ((20.0 * level.log10() + 60.0) / 60.0).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let n = ((fill * width as f64).round() as usize).min(width);
     format!("{}{}", "█".repeat(n), "░".repeat(width - n))
 }
 
@@ -873,61 +898,161 @@ fn mmss(secs: u64) -> String {
 }
 
 fn call_panel(app: &App, f: &mut Frame, area: Rect) {
+    let live = app.call != Call::Idle;
     let block = Block::default()
         .borders(Borders::ALL)
         .border_type(BorderType::Rounded)
-        .border_style(Style::default().fg(Color::Green))
-        .title(" Call (h hangs up) ");
+        .border_style(Style::default().fg(if live { Color::Green } else { Color::DarkGray }))
+        .title(if live {
+            " Call (h hangs up) "
+        } else {
+            " Call "
+        });
     let inner = block.inner(area);
     f.render_widget(block, area);
-    let lines = match &app.call {
-        Call::Outgoing { peer, since } => vec![
-            Line::from(format!(
-                "calling {peer}… {}",
-                mmss(app.now.saturating_sub(*since) / 1000)
+    let w = inner.width as usize;
+    let waiting = |what: String, since: u64| {
+        vec![
+            Line::from(Span::styled(
+                format!("{what}  {}", mmss(app.now.saturating_sub(since) / 1000)),
+                Style::default().add_modifier(Modifier::BOLD),
             )),
-            Line::from(""),
-        ],
+            Line::from(Span::styled(
+                audio_note(app, None).0,
+                Style::default().fg(Color::DarkGray),
+            )),
+        ]
+    };
+    let lines = match &app.call {
+        Call::Placing { peer, since, .. } | Call::Outgoing { peer, since, .. } => {
+            waiting(format!("calling {peer}…"), *since)
+        }
+        Call::Connecting { peer, since, .. } => waiting(format!("connecting to {peer}…"), *since),
         Call::Active {
             peer,
             started,
+            path,
             stats,
-        } => call_lines(app, peer, *started, stats, inner.width as usize),
-        _ => Vec::new(),
+            ..
+        } => call_lines(app, peer, *started, *path, stats.as_ref(), w),
+        Call::Incoming { .. } => Vec::new(),
+        Call::Idle => match &app.last_call {
+            Some(c) => {
+                let lasted = c
+                    .duration_s
+                    .map_or(String::new(), |d| format!(" after {}", mmss(d)));
+                vec![Line::from(format!(
+                    "call with {} ended{lasted}: {}",
+                    c.peer, c.reason
+                ))]
+            }
+            None => Vec::new(),
+        },
     };
+    let lines: Vec<Line> = lines
+        .into_iter()
+        .map(|l| {
+            if l.width() > w {
+                let text: String = l.spans.iter().map(|s| s.content.as_ref()).collect();
+                Line::from(truncate(&text, w)).style(l.style)
+            } else {
+                l
+            }
+        })
+        .collect();
     f.render_widget(Paragraph::new(lines), inner);
 }
 
-fn call_lines(app: &App, peer: &str, started: u64, s: &CallStats, w: usize) -> Vec<Line<'static>> {
-    let path = match s.path {
-        CallPath::Direct => Span::styled("direct", Style::default().fg(Color::Green)),
-        CallPath::Relay => Span::styled("relay", Style::default().fg(Color::Yellow)),
+/// What the call sends and plays, and whether that is worth a warning (what matters
+/// first, as narrow panels cut the end).
+fn audio_note(app: &App, s: Option<&CallStats>) -> (String, bool) {
+    let no_support = app.status.audio == "none";
+    match s.map(|s| s.audio_source.as_str()) {
+        Some("devices") => ("audio: microphone and speaker".into(), false),
+        Some("file") => ("audio: playing a file".into(), false),
+        Some("silence") if no_support => (
+            "sending silence (no sound support in this build)".into(),
+            true,
+        ),
+        Some("silence") => ("sending silence (no sound device found)".into(), true),
+        _ if no_support => (
+            "no sound support in this build: calls send silence".into(),
+            true,
+        ),
+        _ if app.status.audio == "devices" => ("audio: microphone and speaker".into(), false),
+        _ => (String::new(), false),
+    }
+}
+
+fn call_lines(
+    app: &App,
+    peer: &str,
+    started: u64,
+    path: Option<CallPath>,
+    s: Option<&CallStats>,
+    w: usize,
+) -> Vec<Line<'static>> {
+    let path = match path {
+        Some(CallPath::Direct) => Span::styled("direct", Style::default().fg(Color::Green)),
+        Some(CallPath::Relay) => Span::styled("relay", Style::default().fg(Color::Yellow)),
+        None => Span::styled("unknown", Style::default().fg(Color::DarkGray)),
     };
-    let mw = w.saturating_sub(30).clamp(4, 20);
-    vec![
-        Line::from(vec![
-            Span::styled(
-                format!(
-                    "with {peer}  {}  ",
-                    mmss(app.now.saturating_sub(started) / 1000)
-                ),
-                Style::default().add_modifier(Modifier::BOLD),
+    // Narrow panels drop the words and keep the facts.
+    let (with, path_label) = if w >= 40 {
+        ("on call with ", "path: ")
+    } else {
+        ("", "")
+    };
+    let head = Line::from(vec![
+        Span::styled(
+            format!(
+                "{with}{peer}  {}  ",
+                mmss(app.now.saturating_sub(started) / 1000)
             ),
-            path,
-        ]),
+            Style::default().add_modifier(Modifier::BOLD),
+        ),
+        Span::raw(path_label),
+        path,
+    ]);
+    let (note, warn) = audio_note(app, s);
+    let note = Line::from(Span::styled(
+        note,
+        Style::default().fg(if warn { Color::Yellow } else { Color::DarkGray }),
+    ));
+    let Some(s) = s else {
+        return vec![
+            head,
+            Line::from(Span::styled(
+                "measuring…",
+                Style::default().fg(Color::DarkGray),
+            )),
+            Line::from(""),
+            Line::from(""),
+            note,
+        ];
+    };
+    let rtt = s
+        .rtt_ms
+        .map_or("–".to_string(), |r| format!("{:.0} ms", r.max(0.0)));
+    let mw = w.saturating_sub(22).clamp(4, 20) / 2;
+    vec![
+        head,
         Line::from(format!(
-            "RTT {} ms  loss {:.1}%  jitter {} ms  {} kbit/s",
-            s.rtt_ms, s.loss_pct, s.jitter_ms, s.bitrate_kbps
+            "RTT {rtt}  jitter {:.0} ms  {:.0} kbit/s",
+            s.jitter_ms.max(0.0),
+            s.send_kbps.max(0.0)
+        )),
+        Line::from(format!(
+            "loss {:.1}%  after recovery {:.1}%",
+            s.loss_pct.clamp(0.0, 100.0),
+            s.residual_loss_pct.clamp(0.0, 100.0)
         )),
         Line::from(format!(
             "mic {}  speaker {}",
             meter(s.level_in, mw),
             meter(s.level_out, mw)
         )),
-        Line::from(Span::styled(
-            format!("audio: {}", s.audio),
-            Style::default().fg(Color::DarkGray),
-        )),
+        note,
     ]
 }
 
@@ -956,9 +1081,14 @@ mod tests {
     }
 
     #[test]
-    fn meters_are_clamped() {
-        assert_eq!(meter(0.5, 4), "██░░");
+    fn meters_use_decibels_and_are_clamped() {
+        // -30 dBFS is half way.
+        assert_eq!(meter(10f64.powf(-1.5), 4), "██░░");
+        assert_eq!(meter(1.0, 4), "████");
         assert_eq!(meter(7.0, 2), "██");
+        assert_eq!(meter(1e-9, 2), "░░");
+        assert_eq!(meter(0.0, 2), "░░");
         assert_eq!(meter(-1.0, 2), "░░");
+        assert_eq!(meter(f64::NAN, 2), "░░");
     }
 }
