@@ -435,13 +435,17 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 Ok(u) => u,
                 Err(e) => return e,
             };
-            return match command(shared, Command::CallStart { user: u }).await {
+            // Placed from an app: its report is unused (events tell the story). The plan
+            // is in place before the call rings, as for `call`.
+            drop(shared.calls.plan_outgoing(u.as_str(), app_plan()));
+            return match command(shared, Command::CallStart { user: u.clone() }).await {
                 CommandResult::Call { call_id } => {
-                    // Placed from an app: its report is unused (events tell the story).
-                    drop(shared.calls.plan(call_id, app_plan()));
                     ControlResponse::ok(json!({ "call_id": call_id }))
                 }
-                other => to_response(other),
+                other => {
+                    shared.calls.cancel_outgoing(u.as_str());
+                    to_response(other)
+                }
             };
         }
         ControlRequest::CallAnswer { call_id, accept } => {
