@@ -804,20 +804,21 @@ impl Shard {
     }
 }
 
-async fn flush_out(sock: &tokio::net::UdpSocket, target: SocketAddr, out: &mut Vec<Vec<u8>>) {
-    for b in out.drain(..) {
-        loop {
-            match sock.try_send_to(&b, target) {
-                Ok(_) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if sock.writable().await.is_err() {
-                        break;
-                    }
-                }
-                Err(_) => break,
-            }
+/// Sends queued datagrams until the socket would block; what is left stays queued.
+/// Never waits: on loopback a datagram stays charged to the sender's buffer until the
+/// receiver reads it, so a shard that waited to send while the supernode waited to send
+/// to it would deadlock both.
+fn try_flush(sock: &tokio::net::UdpSocket, target: SocketAddr, out: &mut Vec<Vec<u8>>) {
+    let mut sent = 0;
+    for b in out.iter() {
+        match sock.try_send_to(b, target) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // Other errors (e.g. ECONNREFUSED from an earlier datagram): drop this one.
+            Err(_) => sent += 1,
         }
     }
+    out.drain(..sent);
 }
 
 async fn run_shard(mut sh: Shard, sock: tokio::net::UdpSocket) -> ShardResult {
@@ -826,10 +827,11 @@ async fn run_shard(mut sh: Shard, sock: tokio::net::UdpSocket) -> ShardResult {
     let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS as u64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        flush_out(&sock, target, &mut sh.out).await;
+        try_flush(&sock, target, &mut sh.out);
         if sh.shared.phase.load(Ordering::Relaxed) == phase::STOP {
             break;
         }
+        let blocked = !sh.out.is_empty();
         tokio::select! {
             r = sock.readable() => {
                 if r.is_ok() {
@@ -845,6 +847,7 @@ async fn run_shard(mut sh: Shard, sock: tokio::net::UdpSocket) -> ShardResult {
                     sh.work(now_ms);
                 }
             }
+            _ = sock.writable(), if blocked => {}
             _ = tick.tick() => sh.on_tick(),
         }
     }

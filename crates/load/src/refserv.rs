@@ -164,8 +164,13 @@ impl Drop for RefServer {
 /// `net.core.rmem_max`).
 pub fn set_buffers(sock: &impl std::os::fd::AsFd) {
     use nix::sys::socket::{setsockopt, sockopt};
-    let _ = setsockopt(sock, sockopt::RcvBuf, &(8 << 20));
-    let _ = setsockopt(sock, sockopt::SndBuf, &(8 << 20));
+    // The *Force variants pass net.core.rmem_max when run as root.
+    if setsockopt(sock, sockopt::RcvBufForce, &(8 << 20)).is_err() {
+        let _ = setsockopt(sock, sockopt::RcvBuf, &(8 << 20));
+    }
+    if setsockopt(sock, sockopt::SndBufForce, &(8 << 20)).is_err() {
+        let _ = setsockopt(sock, sockopt::SndBuf, &(8 << 20));
+    }
 }
 
 /// The `i`th loopback source address of a load run: spread across 127.0.0.0/8 (never

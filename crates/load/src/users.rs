@@ -16,6 +16,7 @@ use peerline_core::store::{Account, Device};
 use peerline_crypto::cert::CertRequest;
 use peerline_crypto::{Authority, DeviceKeys};
 use peerline_net::bootstrap::Bootstrap;
+use peerline_wire::cert::CertRepr;
 use peerline_wire::Username;
 use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -342,18 +343,19 @@ pub fn provision(dd: &DataDir, n: usize, threads: usize) -> Result<ProvisionRepo
         peerline_store::SqliteStore::open(&path).map_err(|e| UsersError::Store(e.to_string()))?;
     let mut rows = Vec::with_capacity(n);
     for i in 0..n {
-        let k = keys(seed, i);
+        // The public keys come back out of the certificate: no second key derivation.
+        let repr = CertRepr::decode(users.cert(i)).map_err(|e| UsersError::Store(e.to_string()))?;
         rows.push((
             Account {
-                username: username(i),
+                username: repr.username.clone(),
                 password_hash: password_hash.clone(),
                 created_at: now,
             },
             Device {
-                username: username(i),
-                device_id: device_id(seed, i),
-                noise_key: k.noise_public(),
-                sign_key: k.sign_public(),
+                username: repr.username,
+                device_id: repr.device_id,
+                noise_key: repr.noise_key,
+                sign_key: repr.sign_key,
                 revoked: false,
             },
         ));
