@@ -980,9 +980,199 @@ impl Engine {
     }
 }
 
+/// One shard with no socket, for feeding it arbitrary datagrams (fuzzing and property
+/// tests): client 0 holds a real session with a responder that plays the supernode,
+/// client 1 has a handshake in flight. Nothing the network sends may panic it.
+pub struct DatagramProbe {
+    shard: Shard,
+    /// The supernode side of client 0's session, to make valid packets.
+    pub server: Transport,
+    /// The supernode's index of client 0's session.
+    pub server_index: u32,
+}
+
+impl DatagramProbe {
+    /// Sets up the two clients.
+    pub fn new() -> DatagramProbe {
+        use peerline_crypto::noise::Responder;
+        use rand_chacha::rand_core::SeedableRng as _;
+        let node =
+            peerline_crypto::DeviceKeys::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(1));
+        let auth =
+            peerline_crypto::Authority::generate(&mut rand_chacha::ChaCha20Rng::seed_from_u64(2));
+        let users = Arc::new(Users::issue(&auth, 2, 3, 1_000_000, 1));
+        let target: SocketAddr = ([127, 0, 0, 1], 9).into();
+        let cfg = Arc::new(EngineConfig {
+            target,
+            node_key: node.noise_public(),
+            shards: 1,
+            inflight: 2,
+            keepalive: Duration::from_secs(25),
+            presence_rate: 0.0,
+            lookup_rate: 0.0,
+            connect_rate: 0.0,
+            seed: 4,
+        });
+        let shared = Arc::new(Shared {
+            phase: AtomicU8::new(phase::LOGIN),
+            counters: Counters::default(),
+            timeline: Mutex::new(BTreeMap::new()),
+            start: Instant::now(),
+        });
+        let mut shard = Shard {
+            no: 0,
+            shards: 1,
+            cfg,
+            users,
+            shared,
+            local: target,
+            clients: (0..2)
+                .map(|_| Client {
+                    sched: NONE,
+                    ..Client::default()
+                })
+                .collect(),
+            by_remote: HashMap::new(),
+            wheel: vec![Vec::new(); WHEEL],
+            wheel_cur: 0,
+            backlog: VecDeque::new(),
+            out: Vec::new(),
+            rng: rand_chacha::ChaCha8Rng::seed_from_u64(5),
+            cursor: 2,
+            inflight: 0,
+            window: 2,
+            tokens: [0.0; 3],
+            last_tick_us: 0,
+            last_hello_ms: 0,
+            seen_phase: phase::LOGIN,
+            hists: phase_hists(),
+            sec: 0,
+            sec_hist: small_hist(),
+            hs_started: 0,
+        };
+        shard.start_handshake(0, 0);
+        shard.start_handshake(1, 0);
+        // Answer client 0's handshake as the supernode would.
+        let init = shard.out.remove(0);
+        let server_index = 77;
+        let mut server = None;
+        if let Ok(Packet::HandshakeInit { sender, noise }) = Packet::decode(&init) {
+            if let Ok(r) = Responder::read(&node.noise_private(), [6; 32], noise) {
+                let w = Welcome {
+                    version: PROTOCOL_VERSION,
+                    unix_ms: 1,
+                    cert: None,
+                };
+                if let Ok((t, msg2)) = w
+                    .encode()
+                    .map_err(|_| ())
+                    .and_then(|p| r.accept(&p).map_err(|_| ()))
+                {
+                    let mut out = Vec::new();
+                    Packet::HandshakeResponse {
+                        sender: server_index,
+                        receiver: sender,
+                        noise: &msg2,
+                    }
+                    .encode(&mut out);
+                    shard.on_datagram(&out);
+                    server = Some(t);
+                }
+            }
+        }
+        #[allow(clippy::expect_used)]
+        let server = server.expect("the probe's own handshake completes");
+        shard.out.clear();
+        DatagramProbe {
+            shard,
+            server,
+            server_index,
+        }
+    }
+
+    /// Feeds one datagram as if it came from the supernode.
+    pub fn feed(&mut self, datagram: &[u8]) {
+        self.shard.on_datagram(datagram);
+        self.shard.out.clear();
+        let now_ms = (self.shard.now_us() / 1000) as u32;
+        self.shard.work(now_ms);
+    }
+
+    /// Clients online.
+    pub fn online(&self) -> i64 {
+        self.shard.shared.counters.online.load(Ordering::Relaxed)
+    }
+
+    /// A transport packet carrying `frame` on client 0's session.
+    pub fn seal(&mut self, frame: &Frame) -> Vec<u8> {
+        let mut out = vec![0u8; 16];
+        let pt = frame.encode().unwrap_or_default();
+        let c = self.server.seal(&pt, &mut out).unwrap_or(0);
+        out[..16].copy_from_slice(&Packet::transport_header(1, c));
+        out
+    }
+
+    /// Datagrams the clients sent in answer to the last feed (then cleared).
+    pub fn answers(&self) -> usize {
+        self.shard.shared.counters.pushes.load(Ordering::Relaxed) as usize
+    }
+}
+
+impl Default for DatagramProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use proptest::prelude::*;
+
+    #[test]
+    fn a_probe_client_logs_in_answers_pushes_and_follows_resets() {
+        let mut p = DatagramProbe::new();
+        assert_eq!(p.online(), 1);
+        let push = Frame::Request {
+            id: 1,
+            body: Request::PresenceEvent {
+                user: username(1),
+                presence: Presence::Away,
+            },
+        };
+        let d = p.seal(&push);
+        p.feed(&d);
+        assert_eq!(p.answers(), 1);
+        // A replay of the same packet is dropped by the replay window.
+        p.feed(&d);
+        assert_eq!(p.answers(), 1);
+        let mut reset = Vec::new();
+        Packet::Reset {
+            receiver: p.server_index,
+        }
+        .encode(&mut reset);
+        p.feed(&reset);
+        assert_eq!(p.online(), 0, "a reset for our session drops it");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic_a_shard(data in proptest::collection::vec(any::<u8>(), 0..1300)) {
+            let mut p = DatagramProbe::new();
+            p.feed(&data);
+            prop_assert!(p.online() <= 1);
+        }
+
+        #[test]
+        fn arbitrary_packets_with_valid_headers_never_panic(ty in 0x81u8..=0x85, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut p = DatagramProbe::new();
+            let mut d = vec![ty, PROTOCOL_VERSION, 0, 0];
+            d.extend_from_slice(&body);
+            p.feed(&d);
+            prop_assert!(p.online() <= 2);
+        }
+    }
 
     #[test]
     fn a_client_record_stays_compact() {
