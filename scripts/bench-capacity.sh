@@ -17,26 +17,57 @@ MAXLOAD_KEEPALIVE=${MAXLOAD_KEEPALIVE:-1}
 OUT=${OUT:-bench-out}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release}
 SCENARIOS=${SCENARIOS:-"steady maxload halfload storm"}
+# peerlined's UDP socket gets the system's default buffers (net.core.rmem_default, 208 KiB
+# on Debian): at tens of thousands of datagrams per second a few milliseconds without
+# the CPU overflow it. As root, the defaults are raised to RMEM bytes only while
+# peerlined creates its socket, then restored (RMEM=0: keep the system's).
+RMEM=${RMEM:-16777216}
 mkdir -p "$OUT"
 for b in peerlined peerline-load; do
     [ -x "$BIN/$b" ] || { echo "$BIN/$b missing: cargo build --release -p peerlined -p peerline-load" >&2; exit 1; }
 done
-data=$(mktemp -d)/sn
 sn_pid=""
-stop_sn() { [ -n "$sn_pid" ] && kill "$sn_pid" 2>/dev/null && wait "$sn_pid" 2>/dev/null; sn_pid=""; }
-trap 'stop_sn; rm -rf "$(dirname "$data")"' EXIT
+old_r=""; old_w=""
+restore() {
+    if [ -n "$old_r" ]; then sysctl -qw net.core.rmem_default="$old_r" net.core.wmem_default="$old_w"; fi
+    old_r=""
+}
+stop_sn() {
+    restore
+    # A supernode stuck in a long timer pass ignores SIGTERM: give it 10 s, then SIGKILL.
+    if [ -n "$sn_pid" ]; then
+        kill "$sn_pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$sn_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$sn_pid" 2>/dev/null || true
+        wait "$sn_pid" 2>/dev/null || true
+    fi
+    sn_pid=""
+}
 port() { python3 -c 'import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-"$BIN/peerlined" init --data "$data" --listen "127.0.0.1:$(port)" --admin "127.0.0.1:$(port)" >/dev/null
-sed -i 's/^relay_listen = .*/relay_listen = "off"/; s/^max_sessions = .*/max_sessions = 2000000/' "$data/peerlined.toml"
-"$BIN/peerline-load" provision --data "$data" --users "$USERS" --json | tee "$OUT/provision.json"
+if [ -n "${DATA:-}" ] && [ -f "$DATA/load-users.bin" ]; then
+    data=$DATA                    # a data dir provisioned by an earlier run: kept
+    trap 'stop_sn' EXIT
+else
+    data=${DATA:-$(mktemp -d)/sn}
+    [ -n "${DATA:-}" ] && trap 'stop_sn' EXIT || trap 'stop_sn; rm -rf "$(dirname "$data")"' EXIT
+    "$BIN/peerlined" init --data "$data" --listen "127.0.0.1:$(port)" --admin "127.0.0.1:$(port)" >/dev/null
+    sed -i 's/^relay_listen = .*/relay_listen = "off"/; s/^max_sessions = .*/max_sessions = 2000000/' "$data/peerlined.toml"
+    "$BIN/peerline-load" provision --data "$data" --users "$USERS" --json | tee "$OUT/provision.json"
+fi
 
 start_sn() {
     rm -f "$data/sessions.snapshot"
+    if [ "$RMEM" != 0 ] && [ "$(id -u)" = 0 ]; then
+        old_r=$(sysctl -n net.core.rmem_default); old_w=$(sysctl -n net.core.wmem_default)
+        sysctl -qw net.core.rmem_default="$RMEM" net.core.wmem_default="$RMEM"
+    fi
     "$BIN/peerlined" run --data "$data" 2>"$OUT/peerlined-$1.log" &
     sn_pid=$!
-    for _ in $(seq 200); do [ "$(cat "$data/peerlined.pid" 2>/dev/null)" = "$sn_pid" ] && return; sleep 0.05; done
-    echo "peerlined did not start" >&2; exit 1
+    local ok=""
+    # The pid file comes first; the log says when the UDP socket is bound.
+    for _ in $(seq 400); do grep -q "supernode listening" "$OUT/peerlined-$1.log" 2>/dev/null && { ok=1; break; }; sleep 0.05; done
+    restore
+    [ -n "$ok" ] || { echo "peerlined did not start" >&2; exit 1; }
 }
 
 run() { # name, peerline-load arguments...
