@@ -73,7 +73,9 @@ start_sn() {
 run() { # name, peerline-load arguments...
     local name=$1; shift
     start_sn "$name"
-    "$BIN/peerline-load" "$@" --data "$data" --json --plot "$OUT/$name.svg" >"$OUT/$name.json"
+    # A run that misses (e.g. not every user logged in) still writes its report.
+    "$BIN/peerline-load" "$@" --data "$data" --json --plot "$OUT/$name.svg" >"$OUT/$name.json" \
+        || echo "$name: peerline-load exited with an error; its report is kept" >&2
     stop_sn
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[2], json.dumps({k: r[k] for k in ["users","logins_per_s","login_vs_crypto_bound","login_per_core_vs_crypto_bound","requests_vs_echo"]}), json.dumps(r["supernode"]), json.dumps(r["phase"]), json.dumps(r.get("storm")))' "$OUT/$name.json" "$name"
 }
