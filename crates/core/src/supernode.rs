@@ -11,7 +11,7 @@
 //! Search results, presence and contact events never carry addresses.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -437,7 +437,9 @@ pub struct Supernode {
     ops: VecDeque<(u64, Op)>,
     next_token: u64,
     waiting: HashMap<u64, Waiting>,
-    pushes: HashMap<(u32, u64), Push>,
+    /// Pushes awaiting an answer, by (session, request id): ordered, so a session's own
+    /// are found without scanning everyone's (logout used to scan them all).
+    pushes: BTreeMap<(u32, u64), Push>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SupernodeEvent>,
     reset_window: (Instant, u32),
@@ -580,7 +582,7 @@ impl Supernode {
             ops: VecDeque::new(),
             next_token: 1,
             waiting: HashMap::new(),
-            pushes: HashMap::new(),
+            pushes: BTreeMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             reset_window: (now, 0),
@@ -1077,6 +1079,7 @@ impl Supernode {
                         self.push_transmit(t);
                     }
                 }
+                self.orphan_pushes(now, old.session, &user);
             }
         }
         self.stats.logins += 1;
@@ -1124,12 +1127,16 @@ impl Supernode {
                 }
             }
         }
-        // Callers waiting on this session as callee get an answer.
+        self.orphan_pushes(now, index, &user);
+    }
+
+    /// Forgets the pushes of session `index`, which is gone: callers waiting on it as
+    /// callee get an answer (a displaced session's pushes would otherwise stay forever).
+    fn orphan_pushes(&mut self, now: Instant, index: u32, user: &Username) {
         let orphaned: Vec<(u32, u64)> = self
             .pushes
-            .keys()
-            .filter(|(i, _)| *i == index)
-            .copied()
+            .range((index, 0)..=(index, u64::MAX))
+            .map(|(k, _)| *k)
             .collect();
         for key in orphaned {
             match self.pushes.remove(&key) {
