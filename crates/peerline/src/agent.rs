@@ -95,6 +95,31 @@ pub fn client_for(
     Ok((client, cfg))
 }
 
+/// Starts the agent for `profile` in the background, logging to the profile's agent log.
+/// It runs in its own process group, so it outlives the terminal (or app) that started it
+/// and ignores a Ctrl-C there. Errors are one line each.
+pub fn spawn_agent(profile: &Profile) -> Result<std::process::Child, String> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the peerline executable: {e}"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(profile.log_path())
+        .map_err(|e| format!("cannot open {}: {e}", profile.log_path().display()))?;
+    std::process::Command::new(exe)
+        .arg("--profile")
+        .arg(profile.dir())
+        .arg("agent")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot start the agent: {e}"))
+}
+
 /// Runs the agent for `profile` until asked to stop.
 pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
     let cert = profile

@@ -3,7 +3,6 @@
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -477,24 +476,7 @@ fn up(profile: &Profile, json_out: bool) -> anyhow::Result<()> {
         .cert()?
         .ok_or_else(|| crate::profile::ProfileError::NotRegistered(profile.dir().to_path_buf()))?;
     if !agent_running(profile) {
-        let exe = std::env::current_exe().context("cannot find the peerline executable")?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(profile.log_path())
-            .with_context(|| format!("cannot open {}", profile.log_path().display()))?;
-        use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(exe)
-            .arg("--profile")
-            .arg(profile.dir())
-            .arg("agent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            // Its own process group: a Ctrl-C in this terminal does not stop the agent.
-            .process_group(0)
-            .spawn()
-            .context("cannot start the agent")?;
+        let mut child = crate::agent::spawn_agent(profile).map_err(|e| anyhow!(e))?;
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = child.try_wait() {

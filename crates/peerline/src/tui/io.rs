@@ -3,7 +3,6 @@
 //! channel. Nothing here runs on the UI's thread, so the screen never waits on the network.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -213,25 +212,7 @@ impl Link {
         if UnixStream::connect(self.socket()).await.is_ok() {
             return Ok(());
         }
-        let exe = std::env::current_exe()
-            .map_err(|e| format!("cannot find the peerline executable: {e}"))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.profile.log_path())
-            .map_err(|e| format!("cannot open {}: {e}", self.profile.log_path().display()))?;
-        use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(exe)
-            .arg("--profile")
-            .arg(self.profile.dir())
-            .arg("agent")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            // Its own process group: it outlives the app and ignores the app's Ctrl-C.
-            .process_group(0)
-            .spawn()
-            .map_err(|e| format!("cannot start the agent: {e}"))?;
+        let mut child = crate::agent::spawn_agent(&self.profile)?;
         let start = tokio::time::Instant::now();
         loop {
             if UnixStream::connect(self.socket()).await.is_ok() {
