@@ -462,6 +462,13 @@ enum Ack {
     Peer(u32, u64),
 }
 
+/// A hole-punching probe datagram (it carries nothing but its type).
+fn probe_packet() -> Vec<u8> {
+    let mut b = Vec::with_capacity(8);
+    Packet::Probe.encode(&mut b);
+    b
+}
+
 /// The client state machine.
 pub struct Client {
     cfg: ClientConfig,
@@ -739,11 +746,7 @@ impl Client {
                 .is_some_and(|p| !p.relayed);
             !b.finished(&cfg, now) && !direct
         });
-        let probe = {
-            let mut b = Vec::with_capacity(8);
-            Packet::Probe.encode(&mut b);
-            b
-        };
+        let probe = probe_packet();
         let rng = &mut self.rng;
         for b in self.birthdays.values_mut() {
             match b.step(&cfg, now, || rng.next_u32()) {
@@ -797,8 +800,7 @@ impl Client {
                     return;
                 };
                 tracing::debug!(peer = %user, socket, "birthday probe arrived");
-                let mut probe = Vec::with_capacity(8);
-                Packet::Probe.encode(&mut probe);
+                let probe = probe_packet();
                 // Answer from this socket: the peer (if it dials) learns the port; and if
                 // we dial, our handshake goes out through the mapping that works.
                 self.extra_transmits.push_back((
@@ -2287,11 +2289,7 @@ impl Client {
     /// Sends due probes towards callers we agreed to; stops when their session is up or
     /// the setup window closed.
     fn punch_tick(&mut self, now: Instant) {
-        let probe = {
-            let mut b = Vec::with_capacity(8);
-            Packet::Probe.encode(&mut b);
-            b
-        };
+        let probe = probe_packet();
         let peer_by_user = &self.peer_by_user;
         self.punches
             .retain(|p| now < p.until && !peer_by_user.contains_key(&p.user));
