@@ -2,34 +2,14 @@
 //! agents, driven through the command line exactly as a user would.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::UdpSocket;
+mod common;
+use common::{free_port, peerline_bin, peerlined_bin};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-
-fn peerline_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_peerline"))
-}
-
-fn peerlined_bin() -> PathBuf {
-    let p = peerline_bin().with_file_name("peerlined");
-    assert!(
-        p.exists(),
-        "{} is missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Supernode {
     data: PathBuf,
@@ -563,7 +543,7 @@ fn peerlined_runs_the_turn_relay() {
         + 3600;
     let (username, password) = peerline_core::relay::turn_credentials(&secret, "ivan", expires);
 
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let local = socket.local_addr().unwrap();
     let mut config = TurnConfig::new(TurnCredentials::new(&username, &password));
     // Loopback answers at once: retransmit quickly, give up within about 3 s.

@@ -6,35 +6,15 @@
 //! is killed when the test ends, whatever happens.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::UdpSocket;
+mod common;
+use common::{free_port, peerline_bin, peerlined_bin};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long any one screen may take to show what is expected.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn peerline_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_peerline"))
-}
-
-fn peerlined_bin() -> PathBuf {
-    let p = peerline_bin().with_file_name("peerlined");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (cargo build -p peerlined)",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A supernode on loopback, killed on drop.
 struct Supernode {
