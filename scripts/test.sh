@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
+# PostgreSQL and a 3-node Redis Cluster on loopback, for the fleet backends and tests.
+eval "$(bash scripts/fleet-services.sh start)"
 
 # Reuse one build directory outside the clone so repeated runs do not rebuild everything.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/tmp}/.cache/peerline-target}"
