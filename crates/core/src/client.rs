@@ -1475,6 +1475,8 @@ impl Client {
                 "the supernode refused the login: too many logins for this account; retrying later".to_string()
             }
             RejectReason::Revoked => "this device was revoked: enrol it again".to_string(),
+            RejectReason::Full => "the supernode is full; trying another".to_string(),
+            RejectReason::Draining => "the supernode is shutting down; trying another".to_string(),
             RejectReason::Other(b) => format!("the supernode refused the login (reason {b})"),
         };
         let was_online = self.is_online();

@@ -1617,7 +1617,9 @@ impl Supernode {
                 | Request::IncomingConnect { .. }
                 | Request::IncomingCall { .. }
                 | Request::Deliver { .. }
-                | Request::Chat { .. },
+                | Request::Chat { .. }
+                | Request::Hosts { .. }
+                | Request::Redirect { .. },
                 Some(_),
             ) => {
                 self.reply(

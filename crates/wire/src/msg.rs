@@ -34,6 +34,8 @@ pub const MAX_DETAIL: usize = 200;
 pub const MAX_CERT: usize = crate::cert::MAX_CERT_LEN;
 /// Longest media payload in one [`Frame::Datagram`] (an encoded audio packet).
 pub const MAX_MEDIA: usize = 1000;
+/// Most supernode addresses in one host list (`Hosts`, `Redirect`).
+pub const MAX_HOSTS: usize = 16;
 
 /// Availability a user shows to their contacts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -362,6 +364,18 @@ pub enum Request {
         /// Anyone can call.
         anyone: bool,
     },
+    /// Supernode to client: other supernodes of the fleet, least loaded first, for the
+    /// client's host cache (where it logs in again if this supernode goes away). Answer `Ok`.
+    Hosts {
+        /// Their UDP addresses (every supernode of a fleet has the fleet's Noise key).
+        hosts: Vec<SocketAddr>,
+    },
+    /// Supernode to client: this supernode is draining; log in at one of `hosts` now (it
+    /// closes the session after the answer). Answer `Ok`.
+    Redirect {
+        /// Where to go, preferred first.
+        hosts: Vec<SocketAddr>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -534,6 +548,9 @@ impl Request {
             Request::StoreMessage { text, .. }
             | Request::Deliver { text, .. }
             | Request::Chat { text, .. } => check_len(text, MAX_TEXT, "text"),
+            Request::Hosts { hosts } | Request::Redirect { hosts } => {
+                check_count(hosts.len(), MAX_HOSTS)
+            }
             Request::RenewCert
             | Request::SetPresence(_)
             | Request::ContactReply { .. }

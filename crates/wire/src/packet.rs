@@ -82,6 +82,10 @@ pub enum RejectReason {
     RateLimited,
     /// The device's certificate was revoked: enrol the device again.
     Revoked,
+    /// The supernode is full: log in at another supernode of the fleet.
+    Full,
+    /// The supernode is shutting down: log in at another supernode of the fleet.
+    Draining,
     /// A reason this build does not know (a newer peer).
     Other(u8),
 }
@@ -94,6 +98,8 @@ impl RejectReason {
             RejectReason::Stale => 2,
             RejectReason::RateLimited => 3,
             RejectReason::Revoked => 4,
+            RejectReason::Full => 5,
+            RejectReason::Draining => 6,
             RejectReason::Other(b) => b,
         }
     }
@@ -105,6 +111,8 @@ impl RejectReason {
             2 => RejectReason::Stale,
             3 => RejectReason::RateLimited,
             4 => RejectReason::Revoked,
+            5 => RejectReason::Full,
+            6 => RejectReason::Draining,
             b => RejectReason::Other(b),
         }
     }
@@ -448,6 +456,8 @@ mod tests {
             RejectReason::Stale,
             RejectReason::RateLimited,
             RejectReason::Revoked,
+            RejectReason::Full,
+            RejectReason::Draining,
             RejectReason::Other(77),
         ] {
             roundtrip(Packet::Reject {
