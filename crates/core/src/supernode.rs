@@ -36,11 +36,21 @@ use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
 use crate::ops::{Notice, Op, OpError, OpResult};
 use crate::store::{NewMessage, QueueOutcome, StoredMessage};
 
+mod fleet;
+pub use fleet::{NodeDest, NodeTransmit};
+use fleet::{RemoteSeen, RemoteWait};
+use peerline_wire::node::NodeMsg;
+
 /// Bounds and timings of a supernode.
 #[derive(Debug, Clone)]
 pub struct SupernodeConfig {
     /// This supernode's id in a fleet (0 alone).
     pub node_id: u32,
+    /// Part of a fleet: users not online here may be online on another supernode, so
+    /// signalling for them is forwarded (see [`Supernode::poll_node_msg`]).
+    pub fleet: bool,
+    /// How long a forwarded connection setup or call waits for the other supernode.
+    pub remote_timeout: Duration,
     /// Validity of issued device certificates.
     pub cert_lifetime: Duration,
     /// Most sessions (authenticated or not) at once.
@@ -163,6 +173,8 @@ impl Default for SupernodeConfig {
     fn default() -> Self {
         SupernodeConfig {
             node_id: 0,
+            fleet: false,
+            remote_timeout: Duration::from_secs(10),
             cert_lifetime: Duration::from_secs(24 * 3600),
             max_sessions: 1_000_000,
             mailbox_quota: 1000,
@@ -198,6 +210,8 @@ pub struct Stats {
     pub stun: u64,
     /// Calls rung (the callee's device answered the invite).
     pub calls_rung: u64,
+    /// Messages received from other supernodes of the fleet.
+    pub node_msgs: u64,
     /// Drops by reason, indexed by [`DropReason::index`]; they add up to `dropped`.
     pub drops: [u64; DropReason::ALL.len()],
     /// Cookie replies sent (initiations answered without Diffie-Hellman work under load).
@@ -416,6 +430,18 @@ enum Push {
         id: u64,
     },
     Info,
+    /// `IncomingConnect` for a caller homed on supernode `node`.
+    RemoteConnect {
+        node: u32,
+        token: u64,
+        call_only: bool,
+    },
+    /// `IncomingCall` for a caller homed on supernode `node`.
+    RemoteRing {
+        node: u32,
+        token: u64,
+        key: CallKey,
+    },
 }
 
 /// Calls known at once, in all (each costs about 100 bytes).
@@ -456,6 +482,18 @@ pub struct Supernode {
     half_open_queue: VecDeque<(Instant, u32)>,
     limiters: Limiters,
     last_prune: Instant,
+    /// Messages for other supernodes of the fleet.
+    node_out: VecDeque<NodeTransmit>,
+    /// Forwarded setups and calls awaiting the other supernode's answer, by token.
+    remote_waits: HashMap<u64, RemoteWait>,
+    /// Their deadlines, in order (all share one timeout).
+    remote_order: VecDeque<(Instant, u64)>,
+    /// Presence of contacts homed on other supernodes, as last told.
+    remote_seen: HashMap<Username, RemoteSeen>,
+    /// Other supernodes of the fleet, least loaded first (for clients' host caches).
+    hosts: Vec<SocketAddr>,
+    /// Shutting down: logins are refused and users are sent elsewhere.
+    draining: bool,
 }
 
 struct Limiters {
@@ -590,6 +628,12 @@ impl Supernode {
             recent_order: VecDeque::new(),
             calls: Calls::new(MAX_CALLS, MAX_CALLS_PER_USER),
             stats: Stats::default(),
+            node_out: VecDeque::new(),
+            remote_waits: HashMap::new(),
+            remote_order: VecDeque::new(),
+            remote_seen: HashMap::new(),
+            hosts: Vec::new(),
+            draining: false,
         }
     }
 
@@ -761,10 +805,8 @@ impl Supernode {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let t = self.timers.peek().map(|Reverse((t, _))| *t);
         let h = self.half_open_queue.front().map(|(t, _)| *t);
-        match (t, h) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let r = self.remote_order.front().map(|(t, _)| *t);
+        [t, h, r].into_iter().flatten().min()
     }
 
     fn op(&mut self, op: Op, w: Waiting) -> u64 {
@@ -901,7 +943,8 @@ impl Supernode {
         datagram: &[u8],
     ) {
         self.expire_half_open(now);
-        if self.sessions.len() >= self.cfg.max_sessions {
+        let full = self.sessions.len() >= self.cfg.max_sessions;
+        if full && self.hosts.is_empty() {
             self.dropped(DropReason::Capacity);
             return;
         }
@@ -909,6 +952,17 @@ impl Supernode {
         // work happens before both pass.
         if !self.mac_keys.mac1_ok(datagram) {
             self.dropped(DropReason::BadMac);
+            return;
+        }
+        // In a fleet, a full or draining supernode sends the client on to another one.
+        if full || self.draining {
+            self.dropped(DropReason::Capacity);
+            let reason = if self.draining {
+                RejectReason::Draining
+            } else {
+                RejectReason::Full
+            };
+            self.reject(now, from, sender, reason);
             return;
         }
         if self.under_load(now) {
@@ -1083,6 +1137,14 @@ impl Supernode {
             }
         }
         self.stats.logins += 1;
+        // Online here now: what another supernode said about this user is stale.
+        self.remote_seen.remove(&user);
+        if !self.hosts.is_empty() {
+            let body = Request::Hosts {
+                hosts: self.hosts.clone(),
+            };
+            self.push(now, index, body, Push::Info);
+        }
         tracing::info!(user = %user, "login");
         self.events.push_back(SupernodeEvent::Login(user.clone()));
         // Revocation first: the store runs operations in order, so a revoked device is
@@ -1155,6 +1217,15 @@ impl Supernode {
                         err(ErrorCode::Offline, format!("{user} went offline")),
                     );
                 }
+                Some(Push::RemoteConnect { node, token, .. }) => {
+                    let answer = err(ErrorCode::Offline, format!("{user} went offline"));
+                    self.send_node(node, NodeMsg::Answer { token, answer });
+                }
+                Some(Push::RemoteRing { node, token, key }) => {
+                    self.calls.end(&key);
+                    let answer = err(ErrorCode::Offline, format!("{user} went offline"));
+                    self.send_node(node, NodeMsg::Answer { token, answer });
+                }
                 _ => {}
             }
         }
@@ -1163,6 +1234,7 @@ impl Supernode {
     /// Runs due timers (retransmissions, idle expiry).
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_half_open(now);
+        self.expire_remote(now);
         while let Some(Reverse((t, index))) = self.timers.peek().copied() {
             if t > now {
                 break;
@@ -1194,7 +1266,10 @@ impl Supernode {
         // Ringing a callee must give up well before the caller's own request does, so an
         // unresponsive callee costs the caller a mailbox fallback, not a reconnection.
         let attempts = match kind {
-            Push::Connect { .. } | Push::Ring { .. } => CONNECT_PUSH_ATTEMPTS,
+            Push::Connect { .. }
+            | Push::Ring { .. }
+            | Push::RemoteConnect { .. }
+            | Push::RemoteRing { .. } => CONNECT_PUSH_ATTEMPTS,
             _ => u32::MAX,
         };
         if let Ok(id) = s.link.send_request_limited(now, body, attempts) {
@@ -1218,14 +1293,25 @@ impl Supernode {
                 presence,
             };
             self.push(now, i, body, Push::Info);
+        } else if self.cfg.fleet {
+            self.forward(NodeMsg::Presence {
+                to: to.clone(),
+                about: about.clone(),
+                presence,
+                ask: false,
+            });
         }
     }
 
     /// Presence of `user` as their contacts see it.
     fn seen_presence(&self, user: &Username) -> Presence {
-        self.session_of(user)
-            .and_then(|i| self.sessions.get(&i))
-            .map_or(Presence::Offline, |s| s.presence.as_seen())
+        match self.session_of(user).and_then(|i| self.sessions.get(&i)) {
+            Some(s) => s.presence.as_seen(),
+            None => self
+                .remote_seen
+                .get(user)
+                .map_or(Presence::Offline, |r| r.presence),
+        }
     }
 
     fn on_link_event(&mut self, now: Instant, index: u32, e: LinkEvent) {
@@ -1465,6 +1551,16 @@ impl Supernode {
                         };
                         self.push(now, i, body, Push::Info);
                     }
+                    // The call exists, so the other side was reachable: it is elsewhere.
+                    None if self.cfg.fleet => {
+                        self.reply(now, index, id, Response::Ok);
+                        self.forward(NodeMsg::Signal {
+                            to: other,
+                            from: me,
+                            call_id,
+                            signal,
+                        });
+                    }
                     None => self.reply(
                         now,
                         index,
@@ -1687,67 +1783,28 @@ impl Supernode {
         match kind {
             Push::Info => {}
             Push::Ring { caller, req, key } => {
-                let answer = match body {
-                    Some(Response::Ok) => {
-                        self.stats.calls_rung += 1;
-                        Response::Ok
-                    }
-                    Some(Response::Error {
-                        code: ErrorCode::Busy,
-                        ..
-                    }) => {
-                        self.calls.end(&key);
-                        err(ErrorCode::Busy, format!("{} is in another call", key.0))
-                    }
-                    Some(_) => {
-                        self.calls.end(&key);
-                        err(ErrorCode::Declined, "the call was refused")
-                    }
-                    None => {
-                        self.calls.end(&key);
-                        err(ErrorCode::Offline, "the callee did not answer")
-                    }
-                };
+                let answer = self.ring_answer(body, &key);
                 self.reply(now, caller, req, answer);
+            }
+            Push::RemoteRing { node, token, key } => {
+                let answer = self.ring_answer(body, &key);
+                self.send_node(node, NodeMsg::Answer { token, answer });
             }
             Push::Connect {
                 caller,
                 req,
                 call_only,
             } => {
-                let callee = self.sessions.get(&index);
-                let answer = match (body, callee) {
-                    (
-                        Some(Response::ConnectAnswer {
-                            mut candidates,
-                            hard_nat,
-                        }),
-                        Some(s),
-                    ) => {
-                        let cert = match &s.auth {
-                            Auth::User(c) => c.as_bytes().to_vec(),
-                            _ => Vec::new(),
-                        };
-                        let seen = s.link.remote_addr();
-                        if s.relay_only {
-                            candidates.retain(|c| *c != seen);
-                        } else if !candidates.contains(&seen) {
-                            candidates.insert(0, seen);
-                            candidates.truncate(MAX_CANDIDATES);
-                        }
-                        Response::ConnectAccepted {
-                            cert,
-                            candidates,
-                            hard_nat,
-                            call_only,
-                        }
-                    }
-                    (Some(Response::Error { .. }), _) => {
-                        err(ErrorCode::Declined, "the contact declined the connection")
-                    }
-                    _ => err(ErrorCode::Offline, "the contact did not answer"),
-                };
+                let answer = self.connect_answer(index, body, call_only);
                 self.reply(now, caller, req, answer);
+            }
+            Push::RemoteConnect {
+                node,
+                token,
+                call_only,
+            } => {
+                let answer = self.connect_answer(index, body, call_only);
+                self.send_node(node, NodeMsg::Answer { token, answer });
             }
             Push::Deliver { id: store_id } => {
                 let Some(s) = self.sessions.get_mut(&index) else {
@@ -1787,6 +1844,77 @@ impl Supernode {
                 }
             }
         }
+    }
+
+    /// The caller's answer from the callee's answer to `IncomingCall`.
+    fn ring_answer(&mut self, body: Option<Response>, key: &CallKey) -> Response {
+        match body {
+            Some(Response::Ok) => {
+                self.stats.calls_rung += 1;
+                Response::Ok
+            }
+            Some(Response::Error {
+                code: ErrorCode::Busy,
+                ..
+            }) => {
+                self.calls.end(key);
+                err(ErrorCode::Busy, format!("{} is in another call", key.0))
+            }
+            Some(_) => {
+                self.calls.end(key);
+                err(ErrorCode::Declined, "the call was refused")
+            }
+            None => {
+                self.calls.end(key);
+                err(ErrorCode::Offline, "the callee did not answer")
+            }
+        }
+    }
+
+    /// The caller's answer from the callee's (session `index`) answer to `IncomingConnect`.
+    fn connect_answer(&self, index: u32, body: Option<Response>, call_only: bool) -> Response {
+        match (body, self.sessions.get(&index)) {
+            (
+                Some(Response::ConnectAnswer {
+                    mut candidates,
+                    hard_nat,
+                }),
+                Some(s),
+            ) => {
+                let cert = match &s.auth {
+                    Auth::User(c) => c.as_bytes().to_vec(),
+                    _ => Vec::new(),
+                };
+                let seen = s.link.remote_addr();
+                if s.relay_only {
+                    candidates.retain(|c| *c != seen);
+                } else if !candidates.contains(&seen) {
+                    candidates.insert(0, seen);
+                    candidates.truncate(MAX_CANDIDATES);
+                }
+                Response::ConnectAccepted {
+                    cert,
+                    candidates,
+                    hard_nat,
+                    call_only,
+                }
+            }
+            (Some(Response::Error { .. }), _) => {
+                err(ErrorCode::Declined, "the contact declined the connection")
+            }
+            _ => err(ErrorCode::Offline, "the contact did not answer"),
+        }
+    }
+
+    /// Asks the store for the next batch of `user`'s offline messages for session `index`.
+    fn fetch_mail(&mut self, index: u32, user: Username) {
+        self.op(
+            Op::Pending {
+                to: user,
+                limit: self.cfg.delivery_batch,
+            },
+            Waiting::Pending { session: index },
+        );
     }
 
     fn resume_delivery(&mut self, index: u32) {
@@ -1846,6 +1974,15 @@ impl Supernode {
                 note: n.note.clone(),
             };
             self.push(now, i, body, Push::Info);
+        } else if self.cfg.fleet {
+            // Its supernode updates its index, tells it, and (once accepted) answers with
+            // its presence; ours follows on the same channel, after this.
+            self.forward(NodeMsg::Contact {
+                to: n.to.clone(),
+                about: n.about.clone(),
+                state: n.state,
+                note: n.note.clone(),
+            });
         }
         if accepted {
             let (a, b) = (self.seen_presence(&n.about), self.seen_presence(&n.to));
@@ -1981,6 +2118,16 @@ impl Supernode {
                 s.contacts = contacts.iter().cloned().collect();
                 let mine = s.presence.as_seen();
                 for c in contacts {
+                    if self.cfg.fleet && self.session_of(&c).is_none() {
+                        // Maybe online elsewhere: tell, and ask back, in one message.
+                        self.forward(NodeMsg::Presence {
+                            to: c,
+                            about: me.clone(),
+                            presence: mine,
+                            ask: true,
+                        });
+                        continue;
+                    }
                     if mine != Presence::Offline {
                         self.push_presence(now, &c, &me, mine);
                     }
@@ -2042,6 +2189,25 @@ impl Supernode {
                             },
                         );
                     }
+                    None if self.cfg.fleet && self.session_of(&to).is_none() => {
+                        let token = self.wait_remote(
+                            now,
+                            RemoteWait::Connect {
+                                caller: session,
+                                req,
+                                to: to.clone(),
+                            },
+                        );
+                        self.forward(NodeMsg::Connect {
+                            token,
+                            to,
+                            from: me,
+                            cert,
+                            candidates,
+                            hard_nat,
+                            call_only,
+                        });
+                    }
                     None => self.reply(
                         now,
                         session,
@@ -2074,6 +2240,39 @@ impl Supernode {
                     .and_then(|i| self.sessions.get(&i))
                     .is_some_and(|s| s.anyone_can_call);
                 let mutual = r.as_ref().ok().copied();
+                if let (Some(m), None, true) = (mutual, callee, self.cfg.fleet) {
+                    if self.session_of(&to).is_none() {
+                        // The callee's own supernode applies the rules that depend on the
+                        // callee (visible, takes calls from anyone).
+                        let key: CallKey = (me.clone(), call_id);
+                        if self.calls.ring(now, key.clone(), to.clone()).is_err() {
+                            return self.reply(
+                                now,
+                                session,
+                                req,
+                                err(ErrorCode::RateLimited, "too many calls at once"),
+                            );
+                        }
+                        let token = self.wait_remote(
+                            now,
+                            RemoteWait::Ring {
+                                caller: session,
+                                req,
+                                key,
+                                mutual: m,
+                                to: to.clone(),
+                            },
+                        );
+                        self.forward(NodeMsg::Ring {
+                            token,
+                            to,
+                            from: me,
+                            call_id,
+                            mutual: m,
+                        });
+                        return;
+                    }
+                }
                 match (mutual, callee) {
                     (Some(m), Some(i)) if m || anyone => {
                         let key: CallKey = (me.clone(), call_id);
@@ -2103,15 +2302,7 @@ impl Supernode {
                         req,
                         err(ErrorCode::Offline, format!("{to} is offline")),
                     ),
-                    _ => self.reply(
-                        now,
-                        session,
-                        req,
-                        err(
-                            ErrorCode::NotContact,
-                            format!("{to} is not your contact: you can only call your contacts"),
-                        ),
-                    ),
+                    _ => self.reply(now, session, req, fleet::not_contact(&to)),
                 }
             }
             (Waiting::Queue { session, req, msg }, OpResult::Queued(r)) => match r {
@@ -2122,6 +2313,8 @@ impl Supernode {
                     self.reply(now, session, req, Response::Ok);
                     if let Some(i) = self.session_of(&msg.to) {
                         self.deliver(now, i, StoredMessage { id, msg });
+                    } else if self.cfg.fleet {
+                        self.forward(NodeMsg::Mail { to: msg.to });
                     }
                 }
                 Ok(QueueOutcome::MailboxFull) => self.reply(

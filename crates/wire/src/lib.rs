@@ -16,6 +16,7 @@
 pub mod cert;
 pub mod msg;
 pub mod name;
+pub mod node;
 pub mod packet;
 
 pub use name::{NameError, Username};

@@ -516,7 +516,7 @@ fn check_len(s: &str, limit: usize, what: &'static str) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_count(n: usize, limit: usize) -> Result<(), Error> {
+pub(crate) fn check_count(n: usize, limit: usize) -> Result<(), Error> {
     if n > limit {
         return Err(Error::TooLarge { len: n, limit });
     }
@@ -594,7 +594,7 @@ impl Response {
     }
 }
 
-fn decode_exact<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Error> {
+pub(crate) fn decode_exact<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Error> {
     if b.len() > MAX_TRANSPORT_PLAINTEXT {
         return Err(Error::TooLarge {
             len: b.len(),
@@ -614,7 +614,7 @@ fn decode_exact<'a, T: Deserialize<'a>>(b: &'a [u8]) -> Result<T, Error> {
     Ok(v)
 }
 
-fn encode_bounded<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
+pub(crate) fn encode_bounded<T: Serialize>(v: &T) -> Result<Vec<u8>, Error> {
     let out = postcard::to_allocvec(v).map_err(|_| Error::Malformed("unencodable"))?;
     if out.len() > MAX_TRANSPORT_PLAINTEXT {
         return Err(Error::TooLarge {
