@@ -212,6 +212,8 @@ pub struct Stats {
     pub calls_rung: u64,
     /// Messages received from other supernodes of the fleet.
     pub node_msgs: u64,
+    /// Requests from clients by kind, indexed like [`peerline_wire::msg::REQUEST_KINDS`].
+    pub requests_by_kind: [u64; peerline_wire::msg::REQUEST_KINDS.len()],
     /// Drops by reason, indexed by [`DropReason::index`]; they add up to `dropped`.
     pub drops: [u64; DropReason::ALL.len()],
     /// Cookie replies sent (initiations answered without Diffie-Hellman work under load).
@@ -492,6 +494,8 @@ pub struct Supernode {
     remote_seen: HashMap<Username, RemoteSeen>,
     /// Other supernodes of the fleet, least loaded first (for clients' host caches).
     hosts: Vec<SocketAddr>,
+    /// Sessions still to be told about a changed host list.
+    hosts_queue: VecDeque<u32>,
     /// Shutting down: logins are refused and users are sent elsewhere.
     draining: bool,
 }
@@ -633,6 +637,7 @@ impl Supernode {
             remote_order: VecDeque::new(),
             remote_seen: HashMap::new(),
             hosts: Vec::new(),
+            hosts_queue: VecDeque::new(),
             draining: false,
         }
     }
@@ -1318,6 +1323,9 @@ impl Supernode {
         match e {
             LinkEvent::Request { id, body } => {
                 self.stats.requests += 1;
+                if let Some(n) = self.stats.requests_by_kind.get_mut(body.kind()) {
+                    *n += 1;
+                }
                 self.on_request(now, index, id, body);
             }
             LinkEvent::Response { id, body } => self.on_push_answer(now, index, id, Some(body)),

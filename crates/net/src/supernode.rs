@@ -15,7 +15,8 @@ use peerline_crypto::Authority;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
-use crate::admin::MetricsText;
+use crate::admin::{Histogram, MetricsText, LATENCY_BUCKETS, STORE_BUCKETS};
+use crate::fleet::{FleetHandle, FleetRuntime, FromFleet, ToFleet};
 
 /// Everything the supernode driver needs.
 pub struct SupernodeRuntime {
@@ -33,6 +34,10 @@ pub struct SupernodeRuntime {
     pub snapshot_path: Option<PathBuf>,
     /// Metrics text for the admin endpoint.
     pub metrics: MetricsText,
+    /// Membership of a fleet (None: a single supernode).
+    pub fleet: Option<FleetRuntime>,
+    /// At shutdown, how long a fleet member waits for its users to move elsewhere.
+    pub drain_timeout: Duration,
 }
 
 /// A driver failure.
@@ -50,6 +55,14 @@ pub enum NetError {
     /// The storage thread stopped.
     #[error("the storage thread stopped unexpectedly")]
     StoreGone,
+    /// Could not bind the node-to-node port.
+    #[error("cannot listen for other supernodes on {addr}: {source}")]
+    FleetBind {
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Aborts a background task when dropped (the TCP acceptor ends with the supernode).
@@ -106,9 +119,49 @@ fn guarded(panics: &mut u64, what: &'static str, f: impl FnOnce()) {
     }
 }
 
-fn render_metrics(sn: &Supernode, panics: u64) -> String {
+/// Latencies the driver measures.
+struct Timings {
+    /// Core time per datagram (decrypt, handle, encrypt the answers).
+    datagram: Histogram,
+    /// From handing a storage operation to the storage thread to its result.
+    store: Histogram,
+    /// Start times of storage operations in flight, by token.
+    in_flight: std::collections::HashMap<u64, Instant>,
+}
+
+fn render_metrics(
+    sn: &Supernode,
+    panics: u64,
+    fleet: Option<&FleetHandle>,
+    timings: &Timings,
+) -> String {
     let s = sn.stats();
     let mut out = String::new();
+    out.push_str(&timings.datagram.render(
+        "peerline_datagram_handling_seconds",
+        "Supernode core time per received datagram (decrypt, handle, encrypt the answers).",
+    ));
+    out.push_str(&timings.store.render(
+        "peerline_store_op_seconds",
+        "Time from queueing a storage operation to its result.",
+    ));
+    out.push_str(
+        "# HELP peerline_requests_by_kind_total Requests from clients, by kind.\n\
+         # TYPE peerline_requests_by_kind_total counter\n",
+    );
+    for (kind, n) in peerline_wire::msg::REQUEST_KINDS
+        .iter()
+        .zip(s.requests_by_kind.iter())
+    {
+        if *n > 0 {
+            out.push_str(&format!(
+                "peerline_requests_by_kind_total{{kind=\"{kind}\"}} {n}\n"
+            ));
+        }
+    }
+    if let Some(f) = fleet {
+        out.push_str(&crate::fleet::render_metrics(f, s.node_msgs));
+    }
     out.push_str(
         "# HELP peerline_dropped_by_reason_total Datagrams and handshakes dropped, by reason.\n\
          # TYPE peerline_dropped_by_reason_total counter\n",
@@ -266,9 +319,23 @@ pub async fn run_supernode(
         })
         .map_err(|_| NetError::StoreGone)?;
 
+    let mut config = rt.config;
+    let mut fleet = match rt.fleet {
+        Some(f) => {
+            let addr = f.listen;
+            config.fleet = true;
+            config.node_id = f.node_id;
+            Some(
+                FleetHandle::start(f)
+                    .await
+                    .map_err(|source| NetError::FleetBind { addr, source })?,
+            )
+        }
+        None => None,
+    };
     let start = Instant::now();
     let mut sn = Supernode::new(
-        rt.config,
+        config,
         rt.node_private,
         Authority::from_bytes(&rt.authority),
         crate::os_seed(),
@@ -289,8 +356,16 @@ pub async fn run_supernode(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut last_snapshot = Instant::now();
     let mut snapshot_dirty = true;
+    let mut last_write = Instant::now();
     let mut buf = vec![0u8; 2048];
     let mut panics = 0u64;
+    let mut timings = Timings {
+        datagram: Histogram::new(LATENCY_BUCKETS),
+        store: Histogram::new(STORE_BUCKETS),
+        in_flight: std::collections::HashMap::new(),
+    };
+    // Set once shutdown began: a fleet member drains its users until then.
+    let mut stopping: Option<Instant> = None;
     tokio::pin!(shutdown);
 
     loop {
@@ -304,14 +379,30 @@ pub async fn run_supernode(
             }
         }
         while let Some(op) = sn.poll_op() {
+            timings.in_flight.insert(op.0, Instant::now());
             if op_tx.send(op).is_err() {
                 return Err(NetError::StoreGone);
             }
         }
         while let Some(e) = sn.poll_event() {
             snapshot_dirty = true;
-            if let SupernodeEvent::Registered(u) = e {
-                tracing::info!(user = %u, "account registered");
+            match e {
+                SupernodeEvent::Registered(u) => tracing::info!(user = %u, "account registered"),
+                SupernodeEvent::Login(u) => {
+                    if let Some(f) = &fleet {
+                        f.send(ToFleet::Login(u));
+                    }
+                }
+                SupernodeEvent::Logout(u) => {
+                    if let Some(f) = &fleet {
+                        f.send(ToFleet::Logout(u));
+                    }
+                }
+            }
+        }
+        while let Some(t) = sn.poll_node_msg() {
+            if let Some(f) = &fleet {
+                f.send(ToFleet::Out(t));
             }
         }
         let deadline = sn
@@ -321,7 +412,9 @@ pub async fn run_supernode(
             r = socket.recv_from(&mut buf) => {
                 if let Ok((n, from)) = r {
                     let b = &buf[..n];
-                    guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, b));
+                    let t = Instant::now();
+                    guarded(&mut panics, "datagram", || sn.handle_datagram(t, from, b));
+                    timings.datagram.observe(t.elapsed().as_secs_f64());
                     // Under a flood, read what is already queued before going back to the
                     // select: one wakeup per datagram would cost more than the datagram.
                     for _ in 0..RECV_BATCH {
@@ -329,17 +422,36 @@ pub async fn run_supernode(
                             break;
                         };
                         let b = &buf[..n];
-                        guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, b));
+                        let t = Instant::now();
+                        guarded(&mut panics, "datagram", || sn.handle_datagram(t, from, b));
+                        timings.datagram.observe(t.elapsed().as_secs_f64());
                     }
                 }
             }
             r = res_rx.recv() => {
                 match r {
-                    Some((token, result)) => guarded(&mut panics, "storage result", || {
-                        sn.handle_op_result(Instant::now(), token, result)
-                    }),
+                    Some((token, result)) => {
+                        if let Some(t) = timings.in_flight.remove(&token) {
+                            timings.store.observe(t.elapsed().as_secs_f64());
+                        }
+                        guarded(&mut panics, "storage result", || {
+                            sn.handle_op_result(Instant::now(), token, result)
+                        })
+                    }
                     None => return Err(NetError::StoreGone),
                 }
+            }
+            Some(m) = recv_fleet(&mut fleet) => {
+                guarded(&mut panics, "fleet message", || {
+                    let now = Instant::now();
+                    match m {
+                        FromFleet::Msg { from, msg } => sn.handle_node_msg(now, from, msg),
+                        FromFleet::Unreachable(msg) => sn.node_unreachable(now, msg),
+                        FromFleet::NodeDown(n) => sn.node_down(now, n),
+                        FromFleet::Hosts(h) => sn.set_hosts(now, h),
+                        FromFleet::Kick(u) => sn.kick(now, &u),
+                    }
+                })
             }
             Some((from, b)) = tcp_rx.recv() => {
                 guarded(&mut panics, "datagram", || sn.handle_datagram(Instant::now(), from, &b))
@@ -352,21 +464,52 @@ pub async fn run_supernode(
                     let Some((i, a)) = hints.pop_front() else { break };
                     sn.send_reset_hint(i, a);
                 }
+                if let Some(since) = stopping {
+                    if sn.online_count() == 0 || since.elapsed() >= rt.drain_timeout {
+                        tracing::info!(left = sn.online_count(), "drained");
+                        break;
+                    }
+                }
                 if last_snapshot.elapsed() >= Duration::from_secs(1) {
                     last_snapshot = Instant::now();
-                    rt.metrics.set(render_metrics(&sn, panics));
-                    if snapshot_dirty && hints.is_empty() {
+                    if let Some(f) = &fleet {
+                        f.send(ToFleet::Load {
+                            online: sn.online_count() as u32,
+                            draining: sn.is_draining(),
+                        });
+                    }
+                    rt.metrics.set(render_metrics(&sn, panics, fleet.as_ref(), &timings));
+                    // Rewritten in full: less often the more sessions there are, and
+                    // formatted and written off the loop.
+                    let every = Duration::from_secs(1 + sn.session_count() as u64 / 100_000);
+                    if snapshot_dirty && hints.is_empty() && last_write.elapsed() >= every {
                         snapshot_dirty = false;
+                        last_write = Instant::now();
                         if let Some(p) = &rt.snapshot_path {
-                            write_snapshot(p, &sn.snapshot());
+                            let (p, entries) = (p.clone(), sn.snapshot());
+                            tokio::task::spawn_blocking(move || write_snapshot(&p, &entries));
                         }
                     }
                 }
             }
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if stopping.is_none() => {
+                if fleet.is_none() {
+                    break;
+                }
+                // A fleet member sends its users to the others before it goes.
+                let asked = sn.drain(Instant::now());
+                if let Some(f) = &fleet {
+                    f.send(ToFleet::Load { online: sn.online_count() as u32, draining: true });
+                }
+                tracing::info!(users = asked, "draining: users are asked to move to other supernodes");
+                stopping = Some(Instant::now());
+            }
         }
     }
     tracing::info!("supernode stopping");
+    if let Some(f) = fleet.take() {
+        f.leave().await;
+    }
     if let Some(p) = &rt.snapshot_path {
         write_snapshot(p, &sn.snapshot());
     }
@@ -374,6 +517,14 @@ pub async fn run_supernode(
     drop(res_rx);
     let _ = storage.join();
     Ok(())
+}
+
+/// The next message from the fleet task, or never without a fleet.
+async fn recv_fleet(fleet: &mut Option<FleetHandle>) -> Option<FromFleet> {
+    match fleet {
+        Some(f) => f.rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]

@@ -79,6 +79,75 @@ pub struct Config {
     /// Let the relay reach peers on private, shared (CGNAT), link-local and unique-local
     /// addresses (never loopback).
     pub relay_allow_private_peers: bool,
+    /// `[directory]`: where the online directory lives.
+    pub directory: DirectorySection,
+    /// `[fleet]`: this supernode's place in a fleet (used with a shared directory).
+    pub fleet: FleetSection,
+}
+
+/// The `[directory]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DirectorySection {
+    /// `"memory"` (a single supernode) or `"redis://h1:p1,h2:p2,..."` (a fleet on Redis
+    /// Cluster).
+    pub url: String,
+    /// Prefix of the fleet's Redis keys (several fleets may share one cluster).
+    pub prefix: String,
+}
+
+impl Default for DirectorySection {
+    fn default() -> Self {
+        DirectorySection {
+            url: "memory".into(),
+            prefix: "peerline".into(),
+        }
+    }
+}
+
+/// The `[fleet]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FleetSection {
+    /// This supernode's id, unique in the fleet (required with a shared directory).
+    pub node_id: Option<u32>,
+    /// TCP address for the node-to-node channel.
+    pub listen: SocketAddr,
+    /// The node-to-node address other supernodes use, when `listen` is a wildcard.
+    pub advertise: Option<SocketAddr>,
+    /// The UDP address clients are sent to (host caches, redirects): `listen` if unset.
+    pub public: Option<SocketAddr>,
+    /// At shutdown, seconds to wait for users to move to other supernodes.
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for FleetSection {
+    fn default() -> Self {
+        FleetSection {
+            node_id: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], 7100)),
+            advertise: None,
+            public: None,
+            drain_timeout_secs: 10,
+        }
+    }
+}
+
+/// A supernode's fleet settings, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    /// The shared directory's URL.
+    pub directory_url: String,
+    /// Prefix of its keys.
+    pub prefix: String,
+    /// This supernode's id.
+    pub node_id: u32,
+    /// Node-to-node listen address.
+    pub listen: SocketAddr,
+    /// Node-to-node address others use.
+    pub advertise: Option<SocketAddr>,
+    /// UDP address clients use.
+    pub public: SocketAddr,
 }
 
 impl Default for Config {
@@ -100,11 +169,39 @@ impl Default for Config {
             relay_public: None,
             relay_credential_hours: 24,
             relay_allow_private_peers: true,
+            directory: DirectorySection::default(),
+            fleet: FleetSection::default(),
         }
     }
 }
 
 impl Config {
+    /// The fleet settings: `None` with the in-memory directory (a single supernode).
+    pub fn fleet_settings(&self) -> Result<Option<FleetSettings>, DaemonError> {
+        let url = self.directory.url.trim();
+        if url == "memory" {
+            return Ok(None);
+        }
+        if !url.starts_with("redis://") {
+            return Err(DaemonError::Fleet(format!(
+                "[directory] url must be \"memory\" or \"redis://HOST:PORT,HOST:PORT,...\", not {url:?}"
+            )));
+        }
+        let Some(node_id) = self.fleet.node_id else {
+            return Err(DaemonError::Fleet(
+                "a shared [directory] needs [fleet] node_id = N, unique in the fleet".into(),
+            ));
+        };
+        Ok(Some(FleetSettings {
+            directory_url: url.to_string(),
+            prefix: self.directory.prefix.clone(),
+            node_id,
+            listen: self.fleet.listen,
+            advertise: self.fleet.advertise,
+            public: self.fleet.public.unwrap_or(self.listen),
+        }))
+    }
+
     /// The TCP fallback address, if enabled.
     pub fn tcp_addr(&self) -> Option<SocketAddr> {
         match self.tcp_listen {
@@ -389,6 +486,9 @@ pub enum DaemonError {
     /// `relay` on a data dir without the relay secret.
     #[error("{} has no {RELAY_SECRET_FILE}: copy it from the supernode's data dir (the relay and the supernode must share it)", .0.display())]
     NoRelaySecret(PathBuf),
+    /// The fleet settings are incomplete or wrong.
+    #[error("fleet configuration: {0}")]
+    Fleet(String),
     /// A key file is corrupt.
     #[error("{} is corrupt: restore it from a backup", .0.display())]
     BadKey(PathBuf),
@@ -457,6 +557,80 @@ pub fn init(
         bootstrap,
         data: data.to_path_buf(),
     })
+}
+
+/// How a new data dir joins an existing fleet.
+#[derive(Debug, Clone)]
+pub struct Join {
+    /// Data dir of a supernode of the fleet: its keys are copied (every supernode of a
+    /// fleet has the same Noise key, authority key and relay secret). None: the first
+    /// supernode of a new fleet, with fresh keys.
+    pub from: Option<PathBuf>,
+    /// This supernode's id, unique in the fleet.
+    pub node_id: u32,
+    /// The shared directory's URL.
+    pub directory_url: String,
+    /// Node-to-node TCP address.
+    pub fleet_listen: SocketAddr,
+}
+
+/// Makes `data` a supernode of the fleet `join.from` belongs to: `init`, then the fleet's
+/// keys and a `[directory]` and `[fleet]` table.
+pub fn init_member(
+    data: &Path,
+    listen: SocketAddr,
+    public: Option<&str>,
+    admin: Option<SocketAddr>,
+    join: &Join,
+) -> Result<InitReport, DaemonError> {
+    if let Some(from) = &join.from {
+        if !from.join(NODE_KEY_FILE).exists() {
+            return Err(DaemonError::NotInitialised(from.clone()));
+        }
+    }
+    let mut report = init(data, listen, public, admin)?;
+    if let Some(from) = &join.from {
+        for f in [NODE_KEY_FILE, AUTHORITY_KEY_FILE, RELAY_SECRET_FILE] {
+            let src = from.join(f);
+            let key = read_key(&src)?;
+            let dst = data.join(f);
+            write_private_file(&dst, STANDARD.encode(key).as_bytes()).map_err(io(&dst))?;
+        }
+        // The same keys as the fleet's, so the fleet's bootstrap key with this host.
+        let from_b = from.join(BOOTSTRAP_FILE);
+        let theirs = std::fs::read_to_string(&from_b).map_err(io(&from_b))?;
+        let theirs =
+            Bootstrap::parse(&theirs).map_err(|_| DaemonError::BadKey(from_b.clone()))?;
+        let host = public
+            .map(str::to_string)
+            .unwrap_or_else(|| listen.to_string());
+        report.bootstrap = Bootstrap { host, ..theirs }.encode();
+        let b_path = data.join(BOOTSTRAP_FILE);
+        std::fs::write(&b_path, format!("{}\n", report.bootstrap)).map_err(io(&b_path))?;
+    }
+    let cfg_path = data.join(CONFIG_FILE);
+    let mut text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    text.push_str(&format!(
+        r#"
+# The online directory shared by the fleet (Redis Cluster seed nodes).
+[directory]
+url = "{}"
+
+# This supernode's place in the fleet.
+[fleet]
+node_id = {}
+# Node-to-node channel (TCP, encrypted and authenticated with a key derived from the
+# authority key). Other supernodes must reach it; keep it off the public internet.
+listen = "{}"
+# UDP address clients are sent to when they move here (default: listen above).
+# public = "203.0.113.7:7000"
+# Seconds to wait at shutdown for users to move to other supernodes.
+drain_timeout_secs = 10
+"#,
+        join.directory_url, join.node_id, join.fleet_listen
+    ));
+    write_private_file(&cfg_path, text.as_bytes()).map_err(io(&cfg_path))?;
+    Ok(report)
 }
 
 fn read_key(path: &Path) -> Result<[u8; 32], DaemonError> {

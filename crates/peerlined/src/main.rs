@@ -42,6 +42,20 @@ enum Cmd {
         /// Admin HTTP address for metrics.
         #[arg(long, default_value = "127.0.0.1:7001")]
         admin: SocketAddr,
+        /// Join the fleet of the supernode whose data dir this is (its keys are copied;
+        /// needs --node-id and --directory).
+        #[arg(long, requires_all = ["node_id", "directory"])]
+        join: Option<PathBuf>,
+        /// This supernode's id in a fleet (with --directory; without --join it starts a
+        /// new fleet with fresh keys).
+        #[arg(long, requires = "directory")]
+        node_id: Option<u32>,
+        /// The fleet's directory, e.g. redis://10.0.0.1:6379,10.0.0.2:6379.
+        #[arg(long, requires = "node_id")]
+        directory: Option<String>,
+        /// Node-to-node TCP address (with --directory).
+        #[arg(long, default_value = "127.0.0.1:7100")]
+        fleet_listen: SocketAddr,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -134,9 +148,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             public,
             admin,
+            join,
+            node_id,
+            directory,
+            fleet_listen,
             json,
         } => {
-            let r = init(&data, listen, public.as_deref(), Some(admin))?;
+            let r = match (join, node_id, directory) {
+                (from, Some(node_id), Some(directory_url)) => {
+                    let j = peerlined::Join {
+                        from,
+                        node_id,
+                        directory_url,
+                        fleet_listen,
+                    };
+                    peerlined::init_member(&data, listen, public.as_deref(), Some(admin), &j)?
+                }
+                _ => init(&data, listen, public.as_deref(), Some(admin))?,
+            };
             if json {
                 println!(
                     "{{\"data\":{:?},\"bootstrap\":{:?}}}",
@@ -222,6 +251,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "created the TURN relay secret (this data dir predates the relay)"
                 );
             }
+            let fleet_settings = cfg.fleet_settings()?;
+            let drain_timeout = Duration::from_secs(cfg.fleet.drain_timeout_secs);
             let store_path = data.join(STORE_FILE);
             let store = peerline_store::SqliteStore::open(&store_path)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -229,6 +260,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("cannot start the async runtime")?;
+            let fleet = match &fleet_settings {
+                None => None,
+                Some(f) => {
+                    let directory = rt
+                        .block_on(peerline_fleet::RedisDirectory::connect_with(
+                            &f.directory_url,
+                            peerline_fleet::FleetConfig {
+                                prefix: f.prefix.clone(),
+                                ..Default::default()
+                            },
+                        ))
+                        .with_context(|| {
+                            format!(
+                                "cannot reach the fleet directory at {} (is Redis Cluster up?)",
+                                f.directory_url
+                            )
+                        })?;
+                    tracing::info!(node = f.node_id, "joining the fleet");
+                    Some(peerline_net::fleet::FleetRuntime {
+                        directory: Arc::new(directory),
+                        node_id: f.node_id,
+                        listen: f.listen,
+                        advertise: f.advertise,
+                        client_addr: f.public,
+                        psk: peerline_crypto::fleet_psk(&loaded.authority),
+                        capacity: u32::try_from(cfg.max_sessions).unwrap_or(u32::MAX),
+                    })
+                }
+            };
             let pid_path = data.join(PID_FILE);
             std::fs::write(&pid_path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write {}", pid_path.display()))?;
@@ -289,6 +349,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         config: cfg.supernode(offer),
                         snapshot_path: Some(data.join(SNAPSHOT_FILE)),
                         metrics,
+                        fleet,
+                        drain_timeout,
                     },
                     Box::new(store),
                     stopped(stop.clone()),

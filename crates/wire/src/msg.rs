@@ -523,7 +523,63 @@ pub(crate) fn check_count(n: usize, limit: usize) -> Result<(), Error> {
     Ok(())
 }
 
+/// The name of each [`Request`] variant, by [`Request::kind`] (for metrics and logs).
+pub const REQUEST_KINDS: [&str; 23] = [
+    "register",
+    "enroll",
+    "renew_cert",
+    "set_presence",
+    "contact_add",
+    "contact_reply",
+    "contact_remove",
+    "contact_list",
+    "search",
+    "connect",
+    "store_message",
+    "contact_event",
+    "presence_event",
+    "incoming_connect",
+    "deliver",
+    "chat",
+    "relay_credentials",
+    "call_invite",
+    "incoming_call",
+    "call_signal",
+    "set_call_policy",
+    "hosts",
+    "redirect",
+];
+
 impl Request {
+    /// The variant's index into [`REQUEST_KINDS`] (its wire index).
+    pub fn kind(&self) -> usize {
+        match self {
+            Request::Register { .. } => 0,
+            Request::Enroll { .. } => 1,
+            Request::RenewCert => 2,
+            Request::SetPresence(_) => 3,
+            Request::ContactAdd { .. } => 4,
+            Request::ContactReply { .. } => 5,
+            Request::ContactRemove { .. } => 6,
+            Request::ContactList { .. } => 7,
+            Request::Search { .. } => 8,
+            Request::Connect { .. } => 9,
+            Request::StoreMessage { .. } => 10,
+            Request::ContactEvent { .. } => 11,
+            Request::PresenceEvent { .. } => 12,
+            Request::IncomingConnect { .. } => 13,
+            Request::Deliver { .. } => 14,
+            Request::Chat { .. } => 15,
+            Request::RelayCredentials => 16,
+            Request::CallInvite { .. } => 17,
+            Request::IncomingCall { .. } => 18,
+            Request::CallSignal { .. } => 19,
+            Request::SetCallPolicy { .. } => 20,
+            Request::Hosts { .. } => 21,
+            Request::Redirect { .. } => 22,
+        }
+    }
+
     /// Checks every field limit.
     pub fn validate(&self) -> Result<(), Error> {
         match self {
@@ -677,6 +733,27 @@ impl Welcome {
     /// Encodes a welcome payload.
     pub fn encode(&self) -> Result<Vec<u8>, Error> {
         encode_bounded(self)
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn kind_is_the_wire_variant_index() {
+        let samples = [
+            Request::RenewCert,
+            Request::SetPresence(Presence::Away),
+            Request::RelayCredentials,
+            Request::SetCallPolicy { anyone: true },
+            Request::Hosts { hosts: Vec::new() },
+            Request::Redirect { hosts: Vec::new() },
+        ];
+        for r in samples {
+            let b = postcard::to_allocvec(&r).unwrap();
+            assert_eq!(usize::from(b[0]), r.kind(), "{}", REQUEST_KINDS[r.kind()]);
+        }
     }
 }
 

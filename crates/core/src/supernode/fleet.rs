@@ -69,6 +69,9 @@ pub(super) struct RemoteSeen {
     pub watchers: Vec<u32>,
 }
 
+/// Sessions told about a changed host list per [`Supernode::set_hosts`] call.
+pub const HOSTS_PER_CALL: usize = 20_000;
+
 /// Watchers remembered per remote user at most (each is a contact online here).
 const MAX_WATCHERS: usize = 4096;
 
@@ -92,10 +95,33 @@ impl Supernode {
 
     /// Tells clients about the other supernodes (least loaded first) at their next login,
     /// and makes a full supernode redirect instead of dropping.
-    pub fn set_hosts(&mut self, hosts: Vec<SocketAddr>) {
+    ///
+    /// Call it periodically: when the list changed, everyone online learns the new one,
+    /// paced at [`HOSTS_PER_CALL`] sessions a call so a change costs no burst.
+    pub fn set_hosts(&mut self, now: Instant, hosts: Vec<SocketAddr>) {
         let mut hosts = hosts;
         hosts.truncate(peerline_wire::msg::MAX_HOSTS);
-        self.hosts = hosts;
+        if hosts != self.hosts {
+            self.hosts = hosts;
+            self.hosts_queue = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.user().is_some())
+                .map(|(i, _)| *i)
+                .collect();
+        }
+        if self.hosts.is_empty() {
+            self.hosts_queue.clear();
+        }
+        for _ in 0..HOSTS_PER_CALL {
+            let Some(i) = self.hosts_queue.pop_front() else {
+                break;
+            };
+            let body = Request::Hosts {
+                hosts: self.hosts.clone(),
+            };
+            self.push(now, i, body, Push::Info);
+        }
     }
 
     /// Starts a graceful shutdown: new logins are refused with `Draining`, and every user
