@@ -17,6 +17,7 @@ pub mod cert;
 pub mod msg;
 pub mod name;
 pub mod packet;
+pub mod stream;
 
 pub use name::{NameError, Username};
 
