@@ -97,6 +97,11 @@ pub struct FleetLinkLimits {
     pub inbound_idle_timeout: Duration,
     /// A write the peer does not take within this long ends the connection.
     pub write_timeout: Duration,
+    /// Outbound connections: sent data unacknowledged by the peer's TCP for this long, or
+    /// keepalive probes unanswered for this long, abort the connection
+    /// (`TCP_USER_TIMEOUT`), so a peer host that vanished is noticed in seconds, not
+    /// after the kernel's retransmission limit (about 15 minutes).
+    pub unacked_timeout: Duration,
     /// A queued message older than this is dropped instead of sent (callers time out).
     pub max_queue_age: Duration,
     /// First wait before reconnecting after a failed connect; doubles per failure.
@@ -119,6 +124,7 @@ impl Default for FleetLinkLimits {
             idle_timeout: Duration::from_secs(60),
             inbound_idle_timeout: Duration::from_secs(180),
             write_timeout: Duration::from_secs(30),
+            unacked_timeout: Duration::from_secs(10),
             max_queue_age: Duration::from_secs(10),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
@@ -839,6 +845,9 @@ async fn connect(
 ) -> Result<(TcpStream, TransportState), LinkError> {
     let mut s = TcpStream::connect(addr).await.map_err(LinkError::Connect)?;
     let _ = s.set_nodelay(true);
+    if let Err(e) = detect_dead_peer(&s, sh.limits.unacked_timeout) {
+        tracing::debug!(error = %e, "fleet link: TCP timeouts not set");
+    }
     let (ts, peer, _epoch) = initiate(&mut s, &sh.psk, sh.node_id, sh.epoch).await?;
     // The address may now belong to another node (a stale membership entry).
     if peer != node {
@@ -848,6 +857,18 @@ async fn connect(
         });
     }
     Ok((s, ts))
+}
+
+/// Keepalive probes after `t` of silence, and an abort when data or probes stay
+/// unacknowledged for `t`.
+fn detect_dead_peer(s: &TcpStream, t: Duration) -> std::io::Result<()> {
+    use rustix::net::sockopt;
+    let ms = u32::try_from(t.as_millis()).unwrap_or(u32::MAX).max(1);
+    sockopt::set_tcp_user_timeout(s, ms)?;
+    sockopt::set_socket_keepalive(s, true)?;
+    sockopt::set_tcp_keepidle(s, t.max(Duration::from_secs(1)))?;
+    sockopt::set_tcp_keepintvl(s, (t / 3).max(Duration::from_secs(1)))?;
+    Ok(())
 }
 
 /// Sends queued messages on an established connection, several per write when they are

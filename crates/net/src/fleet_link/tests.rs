@@ -490,3 +490,19 @@ async fn dropping_the_link_closes_everything() {
     let end = tokio::time::timeout(WAIT, brx.recv()).await;
     assert_eq!(end.ok(), Some(None), "incoming channel ends with the link");
 }
+
+#[tokio::test]
+async fn outbound_sockets_abort_on_unacknowledged_data() {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let s = TcpStream::connect(l.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    detect_dead_peer(&s, Duration::from_secs(10)).expect("socket options");
+    use rustix::net::sockopt;
+    assert_eq!(sockopt::tcp_user_timeout(&s).expect("get"), 10_000);
+    assert!(sockopt::socket_keepalive(&s).expect("get"));
+    assert_eq!(
+        sockopt::tcp_keepidle(&s).expect("get"),
+        Duration::from_secs(10)
+    );
+}
