@@ -116,7 +116,7 @@ impl Default for FleetLinkLimits {
             queue_len: 1024,
             incoming_len: 1024,
             max_peers: 16_384,
-            max_inbound: 256,
+            max_inbound: 1024,
             max_handshakes: 64,
             max_handshakes_per_ip: 8,
             handshake_timeout: Duration::from_secs(5),
@@ -273,20 +273,23 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Seals `msg` as one frame appended to `out`.
-fn seal_frame(
-    ts: &mut TransportState,
-    msg: &[u8],
-    scratch: &mut [u8; MAX_FRAME],
-    out: &mut Vec<u8>,
-) -> Result<(), LinkError> {
-    let n = ts.write_message(msg, scratch)?;
-    write_frame(
-        out,
-        scratch.get(..n).ok_or(LinkError::Malformed)?,
-        MAX_FRAME,
-    )?;
-    Ok(())
+/// Seals `msg` (at most [`MAX_MSG`] bytes) as one frame appended to `out`, in place.
+fn seal_frame(ts: &mut TransportState, msg: &[u8], out: &mut Vec<u8>) -> Result<(), LinkError> {
+    let at = out.len();
+    let n = msg.len() + TAG;
+    let len = u16::try_from(n)
+        .ok()
+        .filter(|_| n <= MAX_FRAME)
+        .ok_or(LinkError::Malformed)?;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.resize(at + 2 + n, 0);
+    match ts.write_message(msg, &mut out[at + 2..]) {
+        Ok(w) if w == n => Ok(()),
+        other => {
+            out.truncate(at);
+            Err(other.err().map_or(LinkError::Malformed, LinkError::from))
+        }
+    }
 }
 
 /// The initiator's side of the handshake on a connected stream: message 1 (our hello),
@@ -404,10 +407,18 @@ impl Shared {
     /// Registers an inbound connection in handshake, or None over a cap.
     fn admit(&self, ip: IpAddr) -> Option<u64> {
         let mut t = lock(&self.inbound);
-        let pending = t.conns.values().filter(|c| c.node.is_none());
-        let (total, from_ip) =
-            pending.fold((0, 0), |(a, b), c| (a + 1, b + usize::from(c.ip == ip)));
-        if total >= self.limits.max_handshakes || from_ip >= self.limits.max_handshakes_per_ip {
+        let (mut pending, mut from_ip) = (0, 0);
+        for c in t.conns.values().filter(|c| c.node.is_none()) {
+            pending += 1;
+            from_ip += usize::from(c.ip == ip);
+        }
+        let established = t.conns.len() - pending;
+        // Refusing before the handshake when full makes the sender back off, rather than
+        // handshake again for every message.
+        if pending >= self.limits.max_handshakes
+            || from_ip >= self.limits.max_handshakes_per_ip
+            || established >= self.limits.max_inbound
+        {
             return None;
         }
         let id = t.next_id;
@@ -729,11 +740,13 @@ async fn receive(
     epoch: u64,
 ) -> Result<(), LinkError> {
     let lim = &sh.limits;
-    let mut pt = vec![0u8; MAX_FRAME];
     loop {
         while let Some(f) = r.next_frame()? {
-            let n = ts.read_message(f, &mut pt)?;
-            let msg = pt.get(..n).ok_or(LinkError::Malformed)?.to_vec();
+            // Decrypt straight into the message handed on (the plaintext is 16 bytes
+            // shorter than the frame).
+            let mut msg = vec![0u8; f.len()];
+            let n = ts.read_message(f, &mut msg)?;
+            msg.truncate(n);
             // Waiting here is the backpressure: no more reads until the caller keeps up.
             if sh
                 .incoming
@@ -884,8 +897,9 @@ async fn drive(
 ) -> End {
     let lim = &sh.limits;
     let (mut rd, mut wr) = s.into_split();
-    let mut scratch = Box::new([0u8; MAX_FRAME]);
-    let mut out = Vec::with_capacity(BATCH_BYTES + MAX_FRAME + 2);
+    // Grows to what the traffic needs (at most a batch plus one frame); most peers of a
+    // large fleet send little, and their connections close when idle.
+    let mut out = Vec::new();
     let mut probe = [0u8; 1];
     let mut next = Some(first);
     loop {
@@ -910,7 +924,7 @@ async fn drive(
         while let Some(q) = item.take() {
             if q.at.elapsed() > lim.max_queue_age {
                 bump(&sh.counters.expired, 1);
-            } else if seal_frame(&mut ts, &q.msg, &mut scratch, &mut out).is_ok() {
+            } else if seal_frame(&mut ts, &q.msg, &mut out).is_ok() {
                 count += 1;
             } else {
                 // Only nonce exhaustion gets here: a new connection brings new keys.

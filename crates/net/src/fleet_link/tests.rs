@@ -201,9 +201,8 @@ async fn authenticated_messages_from_a_raw_member_are_delivered() {
     let (b, mut brx) = link(2, 1, 5).await;
     let (mut m, mut ts) = authenticated_client(b.local_addr(), 5, 3).await;
     let mut out = Vec::new();
-    let mut scratch = [0u8; MAX_FRAME];
-    seal_frame(&mut ts, b"one", &mut scratch, &mut out).expect("seal");
-    seal_frame(&mut ts, &[7; MAX_MSG], &mut scratch, &mut out).expect("seal");
+    seal_frame(&mut ts, b"one", &mut out).expect("seal");
+    seal_frame(&mut ts, &[7; MAX_MSG], &mut out).expect("seal");
     m.write_all(&out).await.expect("write");
     let got = recv(&mut brx).await;
     assert_eq!(
@@ -505,4 +504,28 @@ async fn outbound_sockets_abort_on_unacknowledged_data() {
         sockopt::tcp_keepidle(&s).expect("get"),
         Duration::from_secs(10)
     );
+}
+
+#[tokio::test]
+async fn established_inbound_connections_are_capped_before_the_handshake() {
+    let limits = FleetLinkLimits {
+        max_inbound: 1,
+        ..FleetLinkLimits::default()
+    };
+    let (b, mut brx) = FleetLink::bind_with(cfg(2, 1, 5), limits)
+        .await
+        .expect("bind");
+    let (a, _arx) = link(1, 1, 5).await;
+    let (c, _crx) = link(3, 1, 5).await;
+    a.send(2, b.local_addr(), b"a".to_vec()).expect("queued");
+    assert_eq!(recv(&mut brx).await.node, 1);
+    c.send(2, b.local_addr(), b"c".to_vec()).expect("queued");
+    wait_for("c refused", || b.stats().rejected >= 1).await;
+    wait_for("c backing off", || c.stats().handshake_failures >= 1).await;
+    assert_eq!(c.stats().connects, 0);
+    assert_eq!(b.inbound_counts(), (1, 0));
+    // When a leaves, c's retry gets in with the message it kept.
+    b.forget(1);
+    let m = recv(&mut brx).await;
+    assert_eq!((m.node, m.msg.as_slice()), (3, &b"c"[..]));
 }
