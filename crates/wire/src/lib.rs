@@ -18,6 +18,7 @@ pub mod msg;
 pub mod name;
 pub mod node;
 pub mod packet;
+pub mod stream;
 
 pub use name::{NameError, Username};
 
