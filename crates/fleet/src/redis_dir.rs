@@ -102,6 +102,9 @@ pub struct RedisDirectory {
     members: Script,
     slots: Mutex<SlotMap>,
     live: Mutex<Option<(Instant, LiveMembers)>>,
+    /// Held while one task re-reads the member list, so concurrent lookups that find the
+    /// copy stale wait for that read instead of each reading the whole hash.
+    live_reading: tokio::sync::Mutex<()>,
     member_reads: AtomicU32,
     retried: AtomicU64,
 }
@@ -194,6 +197,7 @@ impl RedisDirectory {
                 stale: true,
             }),
             live: Mutex::new(None),
+            live_reading: tokio::sync::Mutex::new(()),
             member_reads: AtomicU32::new(0),
             retried: AtomicU64::new(0),
         };
@@ -211,6 +215,11 @@ impl RedisDirectory {
     /// a master failed or lost its scripts). Stays at zero on a stable cluster.
     pub fn batch_retries(&self) -> u64 {
         self.retried.load(Ordering::Relaxed)
+    }
+
+    /// How many times this handle has read the member list from Redis.
+    pub fn member_reads(&self) -> u32 {
+        self.member_reads.load(Ordering::Relaxed)
     }
 
     fn loc_key(&self, user: &Username) -> String {
@@ -347,19 +356,28 @@ impl RedisDirectory {
     }
 
     /// Live members (id → epoch), from a copy at most `member_cache` old.
-    async fn live(&self) -> Result<Arc<HashMap<u32, u64>>, FleetError> {
-        if let Some((at, live)) = lock(&self.live).as_ref() {
-            if at.elapsed() < self.config.member_cache {
-                return Ok(Arc::clone(live));
-            }
+    async fn live(&self) -> Result<LiveMembers, FleetError> {
+        if let Some(live) = self.cached_live() {
+            return Ok(live);
+        }
+        let _reading = self.live_reading.lock().await;
+        // Another task may have read it while this one waited.
+        if let Some(live) = self.cached_live() {
+            return Ok(live);
         }
         let members = self.read_members().await?;
         Ok(self.cache_members(&members))
     }
 
-    fn cache_members(&self, members: &[Member]) -> Arc<HashMap<u32, u64>> {
-        let live: Arc<HashMap<u32, u64>> =
-            Arc::new(members.iter().map(|m| (m.id, m.epoch)).collect());
+    fn cached_live(&self) -> Option<LiveMembers> {
+        lock(&self.live)
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.config.member_cache)
+            .map(|(_, live)| Arc::clone(live))
+    }
+
+    fn cache_members(&self, members: &[Member]) -> LiveMembers {
+        let live: LiveMembers = Arc::new(members.iter().map(|m| (m.id, m.epoch)).collect());
         *lock(&self.live) = Some((Instant::now(), Arc::clone(&live)));
         live
     }

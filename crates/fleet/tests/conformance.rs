@@ -191,3 +191,28 @@ async fn redis_batches_go_out_as_pipelines_without_retries() {
         "batched commands fell back to single requests"
     );
 }
+
+#[tokio::test]
+async fn redis_concurrent_lookups_share_one_member_list_read() {
+    use peerline_fleet::{FleetDirectory, FleetLocation, Username};
+    let h = Arc::new(Redis::new("single_flight").await);
+    h.a.announce(&conformance::member(1, 10))
+        .await
+        .expect("announce");
+    let u = Username::parse("flighty").expect("valid name");
+    let loc = FleetLocation { node: 1, epoch: 10 };
+    h.a.claim(&u, loc).await.expect("claim");
+    let before = h.b.member_reads();
+    let lookups = (0..64).map(|_| {
+        let (h, u) = (Arc::clone(&h), u.clone());
+        tokio::spawn(async move { h.b.lookup(&u).await })
+    });
+    for l in lookups {
+        assert_eq!(l.await.expect("task").expect("lookup"), Some(loc));
+    }
+    assert_eq!(
+        h.b.member_reads() - before,
+        1,
+        "each stale lookup re-read the member list"
+    );
+}
