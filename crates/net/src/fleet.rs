@@ -381,6 +381,7 @@ pub(crate) fn render_metrics(f: &FleetHandle, node_msgs: u64) -> String {
         ));
     };
     m("node_id", "gauge", "This supernode's id in the fleet.", u64::from(f.node_id));
+    m("epoch", "gauge", "This process's epoch in the fleet (its start, unix ms).", f.epoch);
     m("members", "gauge", "Live supernodes in the fleet, this one included.", c.members.load(Relaxed));
     m("routed_total", "counter", "Messages sent to other supernodes.", c.routed.load(Relaxed));
     m(

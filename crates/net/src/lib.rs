@@ -11,6 +11,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod client;
 pub mod files;
+pub mod fleet;
 pub mod fleet_link;
 pub mod relay;
 pub mod supernode;
