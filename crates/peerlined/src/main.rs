@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use peerline_core::store::Store;
 use peerline_net::admin::MetricsText;
 use peerline_net::relay::RelayServer;
 use peerline_net::supernode::{run_supernode, SupernodeRuntime};
 use peerlined::{
-    ensure_relay_secret, init, load, load_config, read_relay_secret, BOOTSTRAP_FILE, CONFIG_FILE,
-    PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE, STORE_FILE,
+    ensure_relay_secret, init_with_store, load, load_config, read_relay_secret, StoreUrl,
+    BOOTSTRAP_FILE, CONFIG_FILE, PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE,
 };
 use tokio::sync::watch;
 
@@ -42,6 +43,10 @@ enum Cmd {
         /// Admin HTTP address for metrics.
         #[arg(long, default_value = "127.0.0.1:7001")]
         admin: SocketAddr,
+        /// Store URL written into the config: sqlite://PATH (default sqlite://store.sqlite,
+        /// relative to the data dir) or postgres://USER@HOST:PORT/DATABASE.
+        #[arg(long, value_name = "URL")]
+        store_url: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -134,9 +139,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             public,
             admin,
+            store_url,
             json,
         } => {
-            let r = init(&data, listen, public.as_deref(), Some(admin))?;
+            let r = init_with_store(
+                &data,
+                listen,
+                public.as_deref(),
+                Some(admin),
+                store_url.as_deref(),
+            )?;
             if json {
                 println!(
                     "{{\"data\":{:?},\"bootstrap\":{:?}}}",
@@ -222,8 +234,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "created the TURN relay secret (this data dir predates the relay)"
                 );
             }
-            let store_path = data.join(STORE_FILE);
-            let store = peerline_store::SqliteStore::open(&store_path)?;
+            // Opened before the async runtime starts: the PostgreSQL client blocks.
+            let store: Box<dyn Store> = match &cfg.store.url {
+                // `join` keeps an absolute path as it is.
+                StoreUrl::Sqlite(path) => {
+                    Box::new(peerline_store::SqliteStore::open(&data.join(path))?)
+                }
+                StoreUrl::Postgres(url) => {
+                    let store = peerline_store_pg::PgStore::open(url)?;
+                    tracing::info!(
+                        store = %peerline_store_pg::redact(url),
+                        "store on PostgreSQL"
+                    );
+                    Box::new(store)
+                }
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -290,7 +315,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         snapshot_path: Some(data.join(SNAPSHOT_FILE)),
                         metrics,
                     },
-                    Box::new(store),
+                    store,
                     stopped(stop.clone()),
                 )
                 .await;

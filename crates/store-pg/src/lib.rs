@@ -86,14 +86,14 @@ pub enum OpenError {
     },
     /// Connecting (or configuring the connection) failed.
     #[error(
-        "cannot connect to PostgreSQL at {target}: {source}; check that the server runs \
+        "cannot connect to PostgreSQL at {target}: {reason}; check that the server runs \
          and that the URL's role may log in"
     )]
     Connect {
         /// Host, port and database.
         target: String,
-        /// The client's error.
-        source: postgres::Error,
+        /// The client's error, with its cause.
+        reason: String,
     },
     /// The database holds migrations newer than this build knows.
     #[error(
@@ -109,14 +109,14 @@ pub enum OpenError {
         supported: i32,
     },
     /// A migration failed; it was rolled back, the earlier ones stay.
-    #[error("cannot apply schema migration {name} to PostgreSQL database {target}: {source}")]
+    #[error("cannot apply schema migration {name} to PostgreSQL database {target}: {reason}")]
     Migrate {
         /// Host, port and database.
         target: String,
         /// The migration's file name.
         name: &'static str,
         /// The server's error.
-        source: postgres::Error,
+        reason: String,
     },
 }
 
@@ -264,14 +264,18 @@ fn conflict(e: &postgres::Error) -> bool {
 }
 
 fn backend(e: &postgres::Error) -> StoreError {
-    // `Display` of a server error is only "db error"; the detail is in the source.
-    match e.as_db_error() {
-        Some(db) => StoreError::Backend(format!(
-            "postgresql: {}: {}",
-            db.code().code(),
-            db.message()
-        )),
-        None => StoreError::Backend(format!("postgresql: {e}")),
+    StoreError::Backend(format!("postgresql: {}", describe(e)))
+}
+
+/// One line: `Display` of a server error is only "db error" and of a connection error
+/// only "error connecting to server"; the detail is in the source.
+fn describe(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
     }
 }
 
@@ -402,9 +406,9 @@ fn tokio_context() -> bool {
 }
 
 fn connect(config: &postgres::Config) -> Result<Conn, OpenError> {
-    let client = config.connect(NoTls).map_err(|source| OpenError::Connect {
+    let client = config.connect(NoTls).map_err(|e| OpenError::Connect {
         target: target(config),
-        source,
+        reason: describe(&e),
     })?;
     Ok(Conn {
         client,
@@ -418,9 +422,9 @@ fn migrate(
     config: &postgres::Config,
     migrations: &[Migration],
 ) -> Result<(), OpenError> {
-    let connect_err = |source| OpenError::Connect {
+    let connect_err = |e| OpenError::Connect {
         target: target(config),
-        source,
+        reason: describe(&e),
     };
     // Session lock: a second supernode starting now waits here until the first one has
     // finished, then finds every migration recorded. Released below, or by the server
@@ -440,9 +444,9 @@ fn apply(
     config: &postgres::Config,
     migrations: &[Migration],
 ) -> Result<(), OpenError> {
-    let connect_err = |source| OpenError::Connect {
+    let connect_err = |e| OpenError::Connect {
         target: target(config),
-        source,
+        reason: describe(&e),
     };
     client
         .batch_execute(
@@ -478,10 +482,10 @@ fn apply(
             )?;
             tx.commit()
         };
-        step(client).map_err(|source| OpenError::Migrate {
+        step(client).map_err(|e| OpenError::Migrate {
             target: target(config),
             name: m.name,
-            source,
+            reason: describe(&e),
         })?;
     }
     Ok(())
