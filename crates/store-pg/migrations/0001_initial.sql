@@ -1,5 +1,9 @@
 -- 0001: initial schema, the same rows as the SQLite store's schema version 1.
 --
+-- Migrations that follow should only add (tables, columns with defaults, indexes), so
+-- that supernodes of the previous version keep running during a rolling upgrade; one that
+-- renames or drops must say at its top that every supernode has to stop first.
+--
 -- Usernames are canonical (lower-case ASCII) and compared in the "C" collation: byte
 -- order, the same as SQLite's BINARY, so sorting matches the embedded store and the
 -- primary key's b-tree serves prefix ranges (`username >= $1 AND username < $2`).

@@ -179,6 +179,29 @@ fn later_migrations_apply_in_order_and_only_once() {
 }
 
 #[test]
+fn a_schema_of_its_own_via_url_options() {
+    let db = TestDb::create();
+    db.client().batch_execute("CREATE SCHEMA fleet").unwrap();
+    let url = format!("{}?options=-c%20search_path%3Dfleet", db.url());
+    let mut s = PgStore::open(&url).unwrap();
+    s.create_account(&account("ann"), &device("ann", 1))
+        .unwrap();
+    assert!(s.next_serial().unwrap() > 0);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM fleet.accounts"),
+        1,
+        "the tables are in the schema the URL names"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        0
+    );
+}
+
+#[test]
 fn migration_files_are_all_registered_in_order() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
     let mut files: Vec<String> = std::fs::read_dir(&dir)
