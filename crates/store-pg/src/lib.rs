@@ -843,10 +843,17 @@ impl Store for PgStore {
         b: &Username,
         b_row: Option<(ContactState, &str)>,
     ) -> Result<(), StoreError> {
+        // Rows in owner order: two supernodes changing the same pair from either side
+        // lock the rows in the same order and so cannot deadlock.
+        let (first, second) = if a.as_str() <= b.as_str() {
+            ((a, b, a_row), (b, a, b_row))
+        } else {
+            ((b, a, b_row), (a, b, a_row))
+        };
         self.run(|c| {
             let (mut tx, sts) = c.begin([UPSERT_CONTACT, DELETE_CONTACT])?;
-            put_contact(&mut tx, &sts, a, b, a_row)?;
-            put_contact(&mut tx, &sts, b, a, b_row)?;
+            put_contact(&mut tx, &sts, first.0, first.1, first.2)?;
+            put_contact(&mut tx, &sts, second.0, second.1, second.2)?;
             commit(tx)
         })
     }

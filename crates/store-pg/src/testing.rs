@@ -16,12 +16,17 @@ pub const URL_VAR: &str = "PEERLINE_TEST_PG_URL";
 
 /// The test server's URL; panics with what to run when it is not set.
 pub fn server_url() -> String {
-    match std::env::var(URL_VAR) {
-        Ok(url) if !url.is_empty() => url,
-        _ => panic!(
+    url_from(std::env::var(URL_VAR).ok()).unwrap_or_else(|why| panic!("{why}"))
+}
+
+/// The URL in the variable's value, or the one line to print without it.
+fn url_from(value: Option<String>) -> Result<String, String> {
+    match value {
+        Some(url) if !url.is_empty() => Ok(url),
+        _ => Err(format!(
             "{URL_VAR} is not set: start PostgreSQL for the tests with \
              `eval \"$(bash scripts/fleet-services.sh start)\"` and run them again"
-        ),
+        )),
     }
 }
 
@@ -106,7 +111,54 @@ impl Drop for TestDb {
 
 #[cfg(test)]
 mod tests {
-    use super::with_database;
+    use super::{url_from, with_database, URL_VAR};
+
+    #[test]
+    fn an_unset_or_empty_variable_says_what_to_run() {
+        for v in [None, Some(String::new())] {
+            let why = url_from(v).unwrap_err();
+            assert!(why.starts_with("PEERLINE_TEST_PG_URL is not set"), "{why}");
+            assert!(
+                why.contains("eval \"$(bash scripts/fleet-services.sh start)\""),
+                "{why}"
+            );
+            assert!(!why.contains('\n'));
+        }
+        assert_eq!(
+            url_from(Some("postgres://u@h/d".into())).unwrap(),
+            "postgres://u@h/d"
+        );
+    }
+
+    /// Runs a database test in a child without the variable: it fails (not skips), and
+    /// its output names the command to run.
+    #[test]
+    fn tests_fail_without_the_server_variable() {
+        if std::env::var_os("PEERLINE_PG_CHILD").is_some() {
+            super::TestDb::create();
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "testing::tests::tests_fail_without_the_server_variable",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("PEERLINE_PG_CHILD", "1")
+            .env_remove(URL_VAR)
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "the child test passed without a server"
+        );
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains("PEERLINE_TEST_PG_URL is not set: start PostgreSQL for the tests with `eval \"$(bash scripts/fleet-services.sh start)\"`"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn database_is_replaced_and_options_kept() {

@@ -596,3 +596,23 @@ fn usernames_round_trip_and_search_agrees_with_a_model() {
         Ok(())
     });
 }
+
+proptest! {
+    /// URL checking and redaction never panic, and a password never comes back in an
+    /// error or a redacted URL.
+    #[test]
+    fn url_parsing_never_panics_or_leaks_the_password(
+        user in "[a-z]{1,8}",
+        pw in "[A-Za-z0-9]{6,12}",
+        rest in ".{0,40}",
+    ) {
+        let url = format!("postgres://{user}:{pw}@{rest}");
+        let shown = redact(&url);
+        prop_assert!(!shown.contains(&format!(":{pw}@")), "{}", shown);
+        if let Err(e) = parse_url(&url) {
+            prop_assert!(!e.to_string().contains(&format!(":{pw}@")), "{}", e);
+        }
+        let _ = parse_url(&rest);
+        let _ = redact(&rest);
+    }
+}
