@@ -48,36 +48,47 @@ fn drop_database(base: &str, name: &str) {
         .output();
 }
 
-/// Puts the fleet's store and key prefix into a data dir's config.
-fn configure(data: &Path, store_url: &str, prefix: &str) {
+/// Gives the fleet its own key prefix in the shared Redis Cluster.
+fn set_prefix(data: &Path, prefix: &str) {
     let path = data.join("peerlined.toml");
     let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("[directory]\n"), "{text}");
     let text = text.replacen(
         "[directory]\n",
         &format!("[directory]\nprefix = \"{prefix}\"\n"),
         1,
     );
-    let text = format!("{text}\n[store]\nurl = \"{store_url}\"\n");
     std::fs::write(&path, text).unwrap();
 }
 
-fn member(root: &Path, name: &str, id: u32, redis: &str, join: Option<&Path>) -> Supernode {
+struct Fleet<'a> {
+    root: &'a Path,
+    redis: &'a str,
+    store_url: &'a str,
+    prefix: &'a str,
+}
+
+fn member(f: &Fleet, name: &str, id: u32, join: Option<&Path>) -> Supernode {
     let fleet_listen = format!("127.0.0.1:{}", free_tcp_port());
     let id = id.to_string();
     let mut args = vec![
         "--node-id",
         &id,
         "--directory",
-        redis,
+        f.redis,
         "--fleet-listen",
         &fleet_listen,
+        "--store-url",
+        f.store_url,
     ];
     let join_s;
     if let Some(j) = join {
         join_s = j.display().to_string();
         args.extend(["--join", &join_s]);
     }
-    Supernode::init_only(root, name, &args)
+    let sn = Supernode::init_only(f.root, name, &args);
+    set_prefix(&sn.data, f.prefix);
+    sn
 }
 
 fn status(u: &User) -> serde_json::Value {
@@ -163,13 +174,16 @@ fn a_fleet_survives_losing_a_supernode() {
     let _db = DropDb(pg.clone(), unique.clone());
 
     let root = tempfile::tempdir().unwrap();
-    let mut n1 = member(root.path(), "n1", 1, &redis, None);
+    let f = Fleet {
+        root: root.path(),
+        redis: &redis,
+        store_url: &store_url,
+        prefix: &unique,
+    };
+    let mut n1 = member(&f, "n1", 1, None);
     let n1_data = n1.data.clone();
-    let mut n2 = member(root.path(), "n2", 2, &redis, Some(&n1_data));
-    let mut n3 = member(root.path(), "n3", 3, &redis, Some(&n1_data));
-    for n in [&n1, &n2, &n3] {
-        configure(&n.data, &store_url, &unique);
-    }
+    let mut n2 = member(&f, "n2", 2, Some(&n1_data));
+    let mut n3 = member(&f, "n3", 3, Some(&n1_data));
     n1.start();
     n2.start();
     n3.start();

@@ -79,6 +79,8 @@ pub struct Config {
     /// Let the relay reach peers on private, shared (CGNAT), link-local and unique-local
     /// addresses (never loopback).
     pub relay_allow_private_peers: bool,
+    /// `[store]`: where accounts, contacts and offline messages live.
+    pub store: StoreConfig,
     /// `[directory]`: where the online directory lives.
     pub directory: DirectorySection,
     /// `[fleet]`: this supernode's place in a fleet (used with a shared directory).
@@ -171,6 +173,7 @@ impl Default for Config {
             relay_allow_private_peers: true,
             directory: DirectorySection::default(),
             fleet: FleetSection::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -341,6 +344,71 @@ pub enum TcpListen {
     At(SocketAddr),
 }
 
+/// The `[store]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (relative paths are inside the data dir) or
+    /// `postgres://USER@HOST:PORT/DATABASE`.
+    #[serde(deserialize_with = "store_url")]
+    pub url: StoreUrl,
+}
+
+/// Which [`peerline_core::store::Store`] backend holds the data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// An SQLite file; a relative path is inside the data dir.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, possibly shared by several supernodes (the URL as written).
+    Postgres(String),
+}
+
+impl Default for StoreUrl {
+    fn default() -> Self {
+        StoreUrl::Sqlite(PathBuf::from(STORE_FILE))
+    }
+}
+
+/// Why a `[store] url` is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreUrlError {
+    /// Neither `sqlite://` nor `postgres://`.
+    #[error("store url {0:?} is neither sqlite://PATH nor postgres://USER@HOST:PORT/DATABASE")]
+    Scheme(String),
+    /// `sqlite://` without a path.
+    #[error(
+        "store url {0:?} names no file: write sqlite://store.sqlite or sqlite:///absolute/path"
+    )]
+    NoPath(String),
+    /// A `postgres://` URL that does not parse.
+    #[error("{0}")]
+    Postgres(String),
+}
+
+impl StoreUrl {
+    /// Parses a `[store] url` value (see [`StoreConfig::url`]).
+    pub fn parse(url: &str) -> Result<StoreUrl, StoreUrlError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(StoreUrlError::NoPath(url.to_string()));
+            }
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            peerline_store_pg::parse_url(url)
+                .map_err(|e| StoreUrlError::Postgres(e.to_string()))?;
+            return Ok(StoreUrl::Postgres(url.to_string()));
+        }
+        Err(StoreUrlError::Scheme(peerline_store_pg::redact(url)))
+    }
+}
+
+fn store_url<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StoreUrl, D::Error> {
+    let s = String::deserialize(d)?;
+    StoreUrl::parse(&s).map_err(serde::de::Error::custom)
+}
+
 fn tcp_listen<'de, D: serde::Deserializer<'de>>(d: D) -> Result<TcpListen, D::Error> {
     Ok(opt_addr(d)?.map_or(TcpListen::Off, TcpListen::At))
 }
@@ -363,7 +431,31 @@ fn opt_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>
         .map_err(|_| serde::de::Error::custom(format!("{s:?} is not HOST:PORT or \"off\"")))
 }
 
-fn template(listen: SocketAddr, public: Option<&str>, admin: Option<SocketAddr>) -> String {
+/// The `[store]` table of a new config: the default SQLite file unless `store_url` is given.
+fn store_section(store_url: Option<&str>) -> String {
+    let url_line = match store_url {
+        // Quoted by the TOML writer, so any character survives.
+        Some(u) => format!("url = {}", toml::Value::String(u.to_string())),
+        None => format!("url = \"sqlite://{STORE_FILE}\""),
+    };
+    format!(
+        r#"
+# Where accounts, devices, contacts and offline messages live.
+#   sqlite://PATH: an SQLite file (a relative PATH is inside this data dir); one supernode.
+#   postgres://USER@HOST:PORT/DATABASE: PostgreSQL, which several supernodes can share.
+#     The schema is created and upgraded at start; no TLS: keep it on a private network.
+[store]
+{url_line}
+"#
+    )
+}
+
+fn template(
+    listen: SocketAddr,
+    public: Option<&str>,
+    admin: Option<SocketAddr>,
+    store_url: Option<&str>,
+) -> String {
     let admin_line = match admin {
         Some(a) => format!("admin = \"{a}\""),
         None => "admin = \"off\"".to_string(),
@@ -461,7 +553,8 @@ relay_credential_hours = 24
 # link-local, fc00::/7), as LANs and labs need. Set false on a relay facing the public
 # internet, so it cannot be used to reach into your network. Loopback is always refused.
 relay_allow_private_peers = true
-"#
+{store}"#,
+        store = store_section(store_url)
     )
 }
 
@@ -492,6 +585,9 @@ pub enum DaemonError {
     /// A key file is corrupt.
     #[error("{} is corrupt: restore it from a backup", .0.display())]
     BadKey(PathBuf),
+    /// A `[store] url` given to `init` is not usable.
+    #[error(transparent)]
+    StoreUrl(#[from] StoreUrlError),
     /// The config file does not parse.
     #[error("{}: {msg}", path.display())]
     Config {
@@ -518,13 +614,27 @@ pub struct InitReport {
     pub data: PathBuf,
 }
 
-/// Creates keys, config and bootstrap entry in `data`.
+/// Creates keys, config and bootstrap entry in `data`, with the default SQLite store.
 pub fn init(
     data: &Path,
     listen: SocketAddr,
     public: Option<&str>,
     admin: Option<SocketAddr>,
 ) -> Result<InitReport, DaemonError> {
+    init_with_store(data, listen, public, admin, None)
+}
+
+/// Like [`init`], writing `store_url` (checked first) as the config's `[store] url`.
+pub fn init_with_store(
+    data: &Path,
+    listen: SocketAddr,
+    public: Option<&str>,
+    admin: Option<SocketAddr>,
+    store_url: Option<&str>,
+) -> Result<InitReport, DaemonError> {
+    if let Some(u) = store_url {
+        StoreUrl::parse(u)?;
+    }
     if data.join(NODE_KEY_FILE).exists() {
         return Err(DaemonError::AlreadyInitialised(data.to_path_buf()));
     }
@@ -539,8 +649,11 @@ pub fn init(
     write_private_file(&auth_path, STANDARD.encode(authority.to_bytes()).as_bytes())
         .map_err(io(&auth_path))?;
     let cfg_path = data.join(CONFIG_FILE);
-    write_private_file(&cfg_path, template(listen, public, admin).as_bytes())
-        .map_err(io(&cfg_path))?;
+    write_private_file(
+        &cfg_path,
+        template(listen, public, admin, store_url).as_bytes(),
+    )
+    .map_err(io(&cfg_path))?;
     create_relay_secret(data, &mut rng)?;
     let host = public
         .map(str::to_string)
@@ -581,6 +694,7 @@ pub fn init_member(
     listen: SocketAddr,
     public: Option<&str>,
     admin: Option<SocketAddr>,
+    store_url: Option<&str>,
     join: &Join,
 ) -> Result<InitReport, DaemonError> {
     if let Some(from) = &join.from {
@@ -588,7 +702,7 @@ pub fn init_member(
             return Err(DaemonError::NotInitialised(from.clone()));
         }
     }
-    let mut report = init(data, listen, public, admin)?;
+    let mut report = init_with_store(data, listen, public, admin, store_url)?;
     if let Some(from) = &join.from {
         for f in [NODE_KEY_FILE, AUTHORITY_KEY_FILE, RELAY_SECRET_FILE] {
             let src = from.join(f);
@@ -874,5 +988,87 @@ mod tests {
         let err = toml::from_str::<Config>("relay_listen = \"nope\"\n").unwrap_err();
         assert!(err.message().contains("nope"), "{}", err.message());
         assert!(toml::from_str::<Config>("relay_public = \"off\"\n").is_err());
+    }
+
+    #[test]
+    fn store_url_defaults_to_sqlite_in_the_data_dir() {
+        let cfg = parse("");
+        assert_eq!(cfg.store.url, StoreUrl::Sqlite(PathBuf::from(STORE_FILE)));
+        let cfg = parse("[store]\nurl = \"sqlite://db/peerline.sqlite\"\n");
+        assert_eq!(
+            cfg.store.url,
+            StoreUrl::Sqlite(PathBuf::from("db/peerline.sqlite"))
+        );
+        let cfg = parse("[store]\nurl = \"sqlite:///var/lib/peerline/store.sqlite\"\n");
+        assert_eq!(
+            cfg.store.url,
+            StoreUrl::Sqlite(PathBuf::from("/var/lib/peerline/store.sqlite"))
+        );
+        let cfg = parse("[store]\nurl = \"postgres://peerline@10.0.0.5:5432/peerline\"\n");
+        assert_eq!(
+            cfg.store.url,
+            StoreUrl::Postgres("postgres://peerline@10.0.0.5:5432/peerline".into())
+        );
+    }
+
+    #[test]
+    fn a_bad_store_url_is_one_clear_line() {
+        for (text, want) in [
+            ("[store]\nurl = \"mysql://x@h/db\"\n", "neither sqlite://"),
+            ("[store]\nurl = \"sqlite://\"\n", "names no file"),
+            (
+                "[store]\nurl = \"postgres://u@h:port/db\"\n",
+                "invalid PostgreSQL URL",
+            ),
+            ("[store]\nurl = \"postgres://u@h:5432\"\n", "no database"),
+            ("[store]\nlocation = \"x\"\n", "unknown field"),
+        ] {
+            let d = temp("store-bad");
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join(CONFIG_FILE), text).unwrap();
+            let err = load_config(&d).unwrap_err().to_string();
+            assert!(err.contains(want), "{text}: {err}");
+            assert!(err.contains(CONFIG_FILE), "{err}");
+            assert!(!err.trim().contains('\n'), "one line: {err}");
+            std::fs::remove_dir_all(&d).unwrap();
+        }
+        // A password is not repeated back.
+        let err = StoreUrl::parse("mysql://u:hunter2@h/db")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn init_writes_the_store_url_into_the_config() {
+        let d = temp("store-init");
+        let url = "postgres://peerline@127.0.0.1:55432/fleet";
+        init_with_store(&d, "127.0.0.1:7000".parse().unwrap(), None, None, Some(url)).unwrap();
+        assert_eq!(
+            load(&d).unwrap().config.store.url,
+            StoreUrl::Postgres(url.into())
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+
+        // The default template names the SQLite file explicitly.
+        let d = temp("store-init-default");
+        init(&d, "127.0.0.1:7000".parse().unwrap(), None, None).unwrap();
+        let text = std::fs::read_to_string(d.join(CONFIG_FILE)).unwrap();
+        assert!(text.contains("url = \"sqlite://store.sqlite\""), "{text}");
+        assert_eq!(load(&d).unwrap().config.store.url, StoreUrl::default());
+        std::fs::remove_dir_all(&d).unwrap();
+
+        // A bad URL is refused before anything is created.
+        let d = temp("store-init-bad");
+        let err = init_with_store(
+            &d,
+            "127.0.0.1:7000".parse().unwrap(),
+            None,
+            None,
+            Some("postgres://nohost"),
+        )
+        .unwrap_err();
+        assert!(matches!(err, DaemonError::StoreUrl(_)), "{err:?}");
+        assert!(!d.exists());
     }
 }

@@ -9,12 +9,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use peerline_core::store::Store;
 use peerline_net::admin::MetricsText;
 use peerline_net::relay::RelayServer;
 use peerline_net::supernode::{run_supernode, SupernodeRuntime};
 use peerlined::{
-    ensure_relay_secret, init, load, load_config, read_relay_secret, BOOTSTRAP_FILE, CONFIG_FILE,
-    PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE, STORE_FILE,
+    ensure_relay_secret, init_with_store, load, load_config, read_relay_secret, StoreUrl,
+    BOOTSTRAP_FILE, CONFIG_FILE, PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE,
 };
 use tokio::sync::watch;
 
@@ -56,6 +57,10 @@ enum Cmd {
         /// Node-to-node TCP address (with --directory).
         #[arg(long, default_value = "127.0.0.1:7100")]
         fleet_listen: SocketAddr,
+        /// Store URL written into the config: sqlite://PATH (default sqlite://store.sqlite,
+        /// relative to the data dir) or postgres://USER@HOST:PORT/DATABASE.
+        #[arg(long, value_name = "URL")]
+        store_url: Option<String>,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -152,6 +157,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             node_id,
             directory,
             fleet_listen,
+            store_url,
             json,
         } => {
             let r = match (join, node_id, directory) {
@@ -162,9 +168,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         directory_url,
                         fleet_listen,
                     };
-                    peerlined::init_member(&data, listen, public.as_deref(), Some(admin), &j)?
+                    peerlined::init_member(
+                        &data,
+                        listen,
+                        public.as_deref(),
+                        Some(admin),
+                        store_url.as_deref(),
+                        &j,
+                    )?
                 }
-                _ => init(&data, listen, public.as_deref(), Some(admin))?,
+                _ => init_with_store(
+                    &data,
+                    listen,
+                    public.as_deref(),
+                    Some(admin),
+                    store_url.as_deref(),
+                )?,
             };
             if json {
                 println!(
@@ -253,8 +272,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let fleet_settings = cfg.fleet_settings()?;
             let drain_timeout = Duration::from_secs(cfg.fleet.drain_timeout_secs);
-            let store_path = data.join(STORE_FILE);
-            let store = peerline_store::SqliteStore::open(&store_path)?;
+            // Opened before the async runtime starts: the PostgreSQL client blocks.
+            let store: Box<dyn Store> = match &cfg.store.url {
+                // `join` keeps an absolute path as it is.
+                StoreUrl::Sqlite(path) => {
+                    Box::new(peerline_store::SqliteStore::open(&data.join(path))?)
+                }
+                StoreUrl::Postgres(url) => {
+                    let store = peerline_store_pg::PgStore::open(url)?;
+                    tracing::info!(
+                        store = %peerline_store_pg::redact(url),
+                        "store on PostgreSQL"
+                    );
+                    Box::new(store)
+                }
+            };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -352,7 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         fleet,
                         drain_timeout,
                     },
-                    Box::new(store),
+                    store,
                     stopped(stop.clone()),
                 )
                 .await;
