@@ -481,6 +481,9 @@ enum Ack {
     Peer(u32, u64),
 }
 
+/// How long a supernode whose session died is skipped when choosing where to log in.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
 /// Whether an address from the fleet can be a supernode's (not a wildcard, not port 0).
 fn usable_host(h: &SocketAddr) -> bool {
     !h.ip().is_unspecified() && h.port() != 0
@@ -506,8 +509,10 @@ pub struct Client {
     hosts: Vec<SocketAddr>,
     /// The supernode the session is with, or the next login goes to.
     current: SocketAddr,
-    /// Hosts moved to at once (Full/Draining) since the last login: after one round of
-    /// the cache, refusals wait out the normal backoff.
+    /// Hosts whose session died lately, and until when they are skipped.
+    suspects: Vec<(SocketAddr, Instant)>,
+    /// Hosts moved to at once (Full/Draining, Redirect) since the last login: once every
+    /// other host was tried, refusals wait out the normal backoff.
     hops: usize,
     presence: Presence,
     local_candidates: Vec<SocketAddr>,
@@ -623,6 +628,7 @@ impl Client {
             },
             hosts: vec![bootstrap],
             current: bootstrap,
+            suspects: Vec::new(),
             hops: 0,
             presence: Presence::Online,
             local_candidates: Vec::new(),
@@ -744,13 +750,37 @@ impl Client {
         }
     }
 
+    /// The current supernode's session died: leave it out of the rotation for a while, so
+    /// that a lost handshake with its successor does not send the client back to it.
+    fn suspect(&mut self, now: Instant) {
+        self.suspects
+            .retain(|(h, until)| *until > now && *h != self.current);
+        if self.suspects.len() <= MAX_HOSTS {
+            self.suspects.push((self.current, now + SUSPECT_FOR));
+        }
+    }
+
     /// Points the next login at the host after the current one in the cache (the first
-    /// learnt one, least loaded, when the current one is no longer listed).
-    fn next_host(&mut self) {
-        let next = match self.hosts.iter().position(|h| *h == self.current) {
-            Some(p) => self.hosts[(p + 1) % self.hosts.len()],
-            None => self.hosts.get(1).copied().unwrap_or(self.hosts[0]),
+    /// learnt one, least loaded, when the current one is no longer listed), skipping
+    /// hosts whose session died lately unless no other is left.
+    fn next_host(&mut self, now: Instant) {
+        let n = self.hosts.len();
+        let start = match self.hosts.iter().position(|h| *h == self.current) {
+            Some(p) => p + 1,
+            None => 1,
         };
+        let order: Vec<SocketAddr> = (0..n).map(|k| self.hosts[(start + k) % n]).collect();
+        let suspected = |h: &SocketAddr| {
+            self.suspects
+                .iter()
+                .any(|(s, until)| s == h && *until > now)
+        };
+        let next = order
+            .iter()
+            .find(|h| !suspected(h))
+            .or(order.first())
+            .copied()
+            .unwrap_or(self.current);
         self.move_to(next);
     }
 
@@ -1636,12 +1666,12 @@ impl Client {
         let was_online = self.is_online();
         let elsewhere = matches!(reason, RejectReason::Full | RejectReason::Draining);
         if elsewhere {
-            self.next_host();
+            self.next_host(now);
         }
         self.go_offline(now, &why, attempt);
-        if elsewhere && self.hops < self.hosts.len() {
-            // Another supernode may take us: go there at once, but only once per host
-            // in a row (a fleet that is full everywhere gets the normal backoff).
+        if elsewhere && self.hops + 1 < self.hosts.len() {
+            // Another supernode may take us: go there at once, but only to each other host
+            // once in a row (a fleet that is full everywhere gets the normal backoff).
             self.hops += 1;
             self.start_handshake(now, attempt);
         }
@@ -1689,7 +1719,7 @@ impl Client {
                         self.process(now);
                     }
                     Err(_) => {
-                        self.next_host();
+                        self.next_host(now);
                         self.go_offline(
                             now,
                             "supernode handshake failed (wrong supernode key?)",
@@ -1937,13 +1967,15 @@ impl Client {
             LinkEvent::RequestFailed { .. } => {
                 // Keep what the request was for: `go_offline` requeues it (with every other
                 // request in flight) to run again on the next session.
-                self.next_host();
+                self.suspect(now);
+                self.next_host(now);
                 self.go_offline(now, "the supernode stopped answering", 0);
                 self.start_handshake(now, 0);
             }
             LinkEvent::Dead => {
                 // In a fleet the next host takes over; peer sessions are not touched.
-                self.next_host();
+                self.suspect(now);
+                self.next_host(now);
                 self.go_offline(now, "no answer from the supernode", 0);
             }
             // Nothing but media uses datagrams, and never with the supernode.
@@ -2857,7 +2889,7 @@ impl Client {
             } => {
                 if now >= *deadline {
                     let a = *attempt;
-                    self.next_host();
+                    self.next_host(now);
                     self.go_offline(now, "supernode unreachable", a);
                 }
             }

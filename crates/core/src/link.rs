@@ -689,6 +689,118 @@ mod tests {
         assert_eq!(drain(&mut b), vec![LinkEvent::Dead]);
     }
 
+    /// Delivers everything `from` queued to `to` (no loss); returns how many datagrams.
+    fn deliver_all(now: Instant, from: &mut Link, from_addr: SocketAddr, to: &mut Link) -> usize {
+        let mut n = 0;
+        while let Some(t) = from.poll_transmit() {
+            n += 1;
+            if let Ok(Packet::Transport {
+                counter,
+                ciphertext,
+                ..
+            }) = Packet::decode(&t.payload)
+            {
+                let _ = to.handle_transport(now, from_addr, counter, ciphertext);
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn fleet_link_declares_a_silent_supernode_dead_3s_after_an_unanswered_keepalive() {
+        let t0 = Instant::now();
+        let (mut a, _b) = link_pair_cfg(
+            t0,
+            a_addr(),
+            b_addr(),
+            LinkConfig::fleet_client(),
+            LinkConfig::server(),
+        );
+        assert_eq!(a.poll_timeout(), Some(t0 + FLEET_KEEPALIVE));
+        let mut t = t0;
+        let mut keepalives = Vec::new();
+        while !a.is_dead() && t < t0 + Duration::from_secs(60) {
+            t = a.poll_timeout().expect("a live link has a timer");
+            a.handle_timeout(t);
+            while a.poll_transmit().is_some() {
+                keepalives.push(t - t0);
+            }
+        }
+        assert_eq!(drain(&mut a), vec![LinkEvent::Dead]);
+        // Dead 3 s after the first unanswered keepalive, long before the 80 s idle timeout.
+        assert_eq!(t - t0, FLEET_KEEPALIVE + FLEET_KEEPALIVE_TIMEOUT);
+        // The first keepalive at 10 s, then one per second while unanswered.
+        let secs: Vec<u64> = keepalives.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn fleet_link_with_an_echoing_supernode_stays_up_on_10s_keepalives() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair_cfg(
+            t0,
+            a_addr(),
+            b_addr(),
+            LinkConfig::fleet_client(),
+            LinkConfig::server(),
+        );
+        let mut t = t0;
+        let mut sent = 0;
+        while t < t0 + Duration::from_secs(100) {
+            t += Duration::from_millis(100);
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            sent += deliver_all(t, &mut a, a_addr(), &mut b);
+            deliver_all(t, &mut b, b_addr(), &mut a);
+        }
+        assert!(!a.is_dead());
+        assert!(drain(&mut a).is_empty());
+        // One keepalive per 10 s, no retries when echoes come back.
+        assert_eq!(sent, 10);
+    }
+
+    #[test]
+    fn a_lost_echo_is_retried_not_taken_for_a_dead_supernode() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair_cfg(
+            t0,
+            a_addr(),
+            b_addr(),
+            LinkConfig::fleet_client(),
+            LinkConfig::server(),
+        );
+        // The first keepalive is lost; the retry a second later is echoed.
+        let t1 = t0 + FLEET_KEEPALIVE;
+        a.handle_timeout(t1);
+        assert!(a.poll_transmit().is_some());
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(a.poll_timeout(), Some(t2));
+        a.handle_timeout(t2);
+        assert_eq!(deliver_all(t2, &mut a, a_addr(), &mut b), 1);
+        deliver_all(t2, &mut b, b_addr(), &mut a);
+        a.handle_timeout(t2 + Duration::from_secs(5));
+        assert!(!a.is_dead());
+        // Back to the normal interval once answered.
+        assert_eq!(a.poll_timeout(), Some(t2 + FLEET_KEEPALIVE));
+    }
+
+    #[test]
+    fn set_config_switches_a_live_link_to_fleet_timing() {
+        let t0 = Instant::now();
+        let (mut a, _b) = link_pair(t0, a_addr(), b_addr());
+        assert_eq!(a.poll_timeout(), Some(t0 + KEEPALIVE));
+        a.set_config(LinkConfig::fleet_client());
+        assert_eq!(a.config().keepalive, Some(FLEET_KEEPALIVE));
+        assert_eq!(a.poll_timeout(), Some(t0 + FLEET_KEEPALIVE));
+        // And back: a lone supernode again waits for the 80 s idle timeout.
+        a.handle_timeout(t0 + FLEET_KEEPALIVE);
+        a.set_config(LinkConfig::client());
+        a.handle_timeout(t0 + Duration::from_secs(20));
+        assert!(!a.is_dead());
+        a.handle_timeout(t0 + LinkConfig::client().idle_timeout);
+        assert!(a.is_dead());
+    }
+
     #[test]
     fn replayed_packet_is_dropped() {
         let t0 = Instant::now();
