@@ -10,6 +10,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use peerline_core::call::CallState;
 use peerline_core::client::{
     Client, ClientConfig, ClientEvent, Command, CommandId, CommandResult, Via,
 };
@@ -670,11 +671,14 @@ struct Outcome {
     /// Longest time from a send to its delivery, over every message of the run.
     worst_delivery: Duration,
     messages: usize,
+    /// Longest gap between two media packets received, over both sides of the call.
+    worst_media_gap: Option<Duration>,
 }
 
-/// Alice and bob on A with a direct session and messages both ways every 250 ms; A is
-/// killed `kill_after` into the stream; the stream goes on for 30 s more.
-fn failover_run(seed: u64, net: Net, kill_after: Duration) -> Outcome {
+/// Alice and bob on A with a direct session and messages both ways every 250 ms (and,
+/// `with_call`, a call with media both ways every 20 ms); A is killed `kill_after` into
+/// the stream; the stream goes on for 30 s more.
+fn failover_run(seed: u64, net: Net, kill_after: Duration, with_call: bool) -> Outcome {
     let mut w = Fleet::new(seed, net);
     let (a, b) = (w.add_client(), w.add_client());
     for (i, name) in [(a, "alice"), (b, "bob")] {
@@ -734,8 +738,29 @@ fn failover_run(seed: u64, net: Net, kill_after: Duration) -> Outcome {
         w.clients[i].1.add_hosts(&[addr(SN_B)]);
         assert!(w.clients[i].1.in_fleet());
     }
+    let call = with_call.then(|| {
+        let call_id = match w.command(a, Command::CallStart { user: user("bob") }) {
+            CommandResult::Call { call_id } => call_id,
+            other => panic!("seed {seed}: not ringing: {other:?}"),
+        };
+        let r = w.command(
+            b,
+            Command::CallAnswer {
+                call_id,
+                accept: true,
+            },
+        );
+        assert_eq!(r, CommandResult::Ok);
+        let end = w.now + Duration::from_secs(5);
+        while w.now < end && !active_on_both(&w, [a, b], call_id) {
+            w.step();
+        }
+        assert!(active_on_both(&w, [a, b], call_id), "seed {seed}: no call");
+        call_id
+    });
     // Settle into idle keepalives so the kill lands anywhere in their cycle.
     w.run_for(Duration::from_secs(12));
+    let media_from = w.now;
 
     let stream_start = w.now;
     let kill_at = stream_start + kill_after;
@@ -764,6 +789,23 @@ fn failover_run(seed: u64, net: Net, kill_after: Duration) -> Outcome {
             n += 1;
             next_send += Duration::from_millis(250);
         }
+        if let Some(call_id) = call {
+            if w.now
+                .duration_since(media_from)
+                .as_millis()
+                .is_multiple_of(20)
+            {
+                let now = w.now;
+                for i in [a, b] {
+                    assert!(
+                        w.clients[i]
+                            .1
+                            .send_call_media(now, call_id, vec![i as u8; 160]),
+                        "seed {seed}: the call of client {i} ended"
+                    );
+                }
+            }
+        }
         w.step();
     }
     w.run_for(Duration::from_secs(2));
@@ -788,6 +830,22 @@ fn failover_run(seed: u64, net: Net, kill_after: Duration) -> Outcome {
         assert_eq!(c.direct_peers().len(), 1, "the direct session survived");
     }
     assert_eq!(w.sn(SN_B).online_count(), 2);
+    let worst_media_gap = call.map(|call_id| {
+        assert!(active_on_both(&w, [a, b], call_id), "seed {seed}: call ended");
+        let mut worst = Duration::ZERO;
+        for i in [a, b] {
+            let got: Vec<Instant> = w.events[i]
+                .iter()
+                .filter(|(_, e)| matches!(e, ClientEvent::CallMedia { call_id: c, .. } if *c == call_id))
+                .map(|(t, _)| *t)
+                .collect();
+            assert!(got.len() > 1000, "seed {seed}: client {i} got {} packets", got.len());
+            for g in got.windows(2) {
+                worst = worst.max(g[1].duration_since(g[0]));
+            }
+        }
+        worst
+    });
     let back = w.online_since(a).unwrap().max(w.online_since(b).unwrap());
     if std::env::var("FAILOVER_TRACE").is_ok() {
         for i in [a, b] {
@@ -802,19 +860,32 @@ fn failover_run(seed: u64, net: Net, kill_after: Duration) -> Outcome {
         failover: back.duration_since(kill_at),
         worst_delivery: worst,
         messages: sent.len(),
+        worst_media_gap,
     }
 }
 
+fn active_on_both(w: &Fleet, who: [usize; 2], call_id: u64) -> bool {
+    who.iter().all(|i| {
+        w.clients[*i]
+            .1
+            .calls()
+            .iter()
+            .any(|c| c.call_id == call_id && c.state == CallState::Active)
+    })
+}
+
 #[test]
-fn users_of_a_killed_supernode_move_to_another_while_their_direct_session_carries_on() {
+fn users_of_a_killed_supernode_move_to_another_while_their_direct_session_and_call_carry_on() {
     let mut worst_failover = Duration::ZERO;
     let mut worst_delivery = Duration::ZERO;
+    let mut worst_gap = Duration::ZERO;
     // Kill moments spread over a whole 10 s keepalive cycle.
     for k in 0..10u64 {
         let o = failover_run(
             20 + k,
             Net::perfect(20 + k),
             Duration::from_millis(1000 * k + 370),
+            true,
         );
         assert!(o.messages >= 240);
         assert!(
@@ -827,10 +898,20 @@ fn users_of_a_killed_supernode_move_to_another_while_their_direct_session_carrie
             "kill at {k}: a message took {:?}",
             o.worst_delivery
         );
+        // The call's media never paused: one packet every 20 ms throughout.
+        let gap = o.worst_media_gap.unwrap();
+        assert!(
+            gap <= Duration::from_millis(25),
+            "kill at {k}: media paused {gap:?}"
+        );
         worst_failover = worst_failover.max(o.failover);
         worst_delivery = worst_delivery.max(o.worst_delivery);
+        worst_gap = worst_gap.max(gap);
     }
-    println!("worst failover {worst_failover:?}, worst direct delivery {worst_delivery:?}");
+    println!(
+        "worst failover {worst_failover:?}, worst direct delivery {worst_delivery:?}, \
+         worst media gap {worst_gap:?}"
+    );
 }
 
 #[test]
@@ -840,6 +921,7 @@ fn failover_under_loss_duplication_and_reordering_loses_no_direct_message() {
             40 + seed,
             Net::lossy(40 + seed, 0.05, 0.05, Duration::from_millis(30)),
             Duration::from_millis(4000 + 2100 * seed),
+            false,
         );
         assert!(
             o.failover <= Duration::from_secs(15),
