@@ -1201,10 +1201,13 @@ impl Client {
         });
     }
 
-    /// Starts connecting (or reconnects at once if offline).
+    /// Starts connecting (or reconnects at once if offline; a login in progress starts
+    /// again, as when the driver just opened another path to the supernode).
     pub fn connect(&mut self, now: Instant) {
         match self.server {
-            Server::Offline { attempt, .. } => self.start_handshake(now, attempt),
+            Server::Offline { attempt, .. } | Server::Handshaking { attempt, .. } => {
+                self.start_handshake(now, attempt)
+            }
             // The user acts on this device again: take the account back.
             Server::Stopped => self.start_handshake(now, 0),
             _ => {}
