@@ -462,6 +462,42 @@ fn a_lone_supernode_keeps_the_slow_keepalive_and_its_address() {
     assert_eq!(b.client.supernode(), addr("203.0.113.1:7000"));
 }
 
+#[test]
+fn hosts_and_redirect_encode_as_the_protocol_document_says() {
+    use peerline_wire::msg::Frame;
+    let hosts = Frame::Request {
+        id: 5,
+        body: Request::Hosts {
+            hosts: vec![addr("192.0.2.2:7000")],
+        },
+    };
+    assert_eq!(
+        hosts.encode().unwrap(),
+        [0x01, 0x05, 0x15, 0x01, 0x00, 0xc0, 0x00, 0x02, 0x02, 0xd8, 0x36]
+    );
+    let redirect = Frame::Request {
+        id: 6,
+        body: Request::Redirect {
+            hosts: vec![addr("192.0.2.2:7000"), addr("192.0.2.3:7000")],
+        },
+    };
+    assert_eq!(
+        redirect.encode().unwrap(),
+        [
+            0x01, 0x06, 0x16, 0x02, 0x00, 0xc0, 0x00, 0x02, 0x02, 0xd8, 0x36, 0x00, 0xc0, 0x00,
+            0x02, 0x03, 0xd8, 0x36
+        ]
+    );
+    // Over the limit: neither sent nor accepted.
+    let many = Frame::Request {
+        id: 7,
+        body: Request::Hosts {
+            hosts: vec![addr("192.0.2.2:7000"); peerline_wire::msg::MAX_HOSTS + 1],
+        },
+    };
+    assert!(many.encode().is_err());
+}
+
 // ----- two real supernodes -----
 
 const SN_A: &str = "203.0.113.1:7000";
@@ -916,7 +952,7 @@ fn users_of_a_killed_supernode_move_to_another_while_their_direct_session_and_ca
 
 #[test]
 fn failover_under_loss_duplication_and_reordering_loses_no_direct_message() {
-    for seed in 0..6 {
+    for seed in 0..12 {
         let o = failover_run(
             40 + seed,
             Net::lossy(40 + seed, 0.05, 0.05, Duration::from_millis(30)),
