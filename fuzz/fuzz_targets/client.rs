@@ -1,6 +1,7 @@
 //! The client's packet handler fed arbitrary datagrams from its supernode's address, from
 //! strangers, and on the birthday technique's extra sockets, with time advancing: it must
-//! never panic.
+//! never panic. It knows a second supernode of a fleet, so refusals and timeouts move it
+//! between the two; "its supernode" is whichever it tries at the moment.
 //!
 //! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]`; a source with
 //! bit 6 set delivers on extra socket `source % 8` (one past the range included).
@@ -29,6 +30,9 @@ fuzz_target!(|data: &[u8]| {
         WallClock::new(t0, 1_790_000_000_000),
         t0,
     );
+    c.add_hosts(&["203.0.113.2:7000"
+        .parse()
+        .unwrap_or_else(|_| unreachable!())]);
     c.connect(now);
     let _ = c.command(now, Command::ContactList);
     let mut rest = data;
@@ -41,7 +45,7 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         now += Duration::from_millis(delay as u64 * 50);
         let from = if src % 2 == 0 {
-            server
+            c.supernode()
         } else {
             std::net::SocketAddr::from(([198, 51, 100, src], 5000))
         };

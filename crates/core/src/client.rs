@@ -9,6 +9,13 @@
 //!
 //! The client reconnects by itself when its supernode goes away (exponential backoff
 //! with jitter) and renews its certificate while online.
+//!
+//! A fleet of supernodes shares one Noise key and authority, so the client keeps a host
+//! cache: the bootstrap address first, then the supernodes the fleet told it about
+//! (`Hosts`, `Redirect`). A lost link, an unreachable supernode or a `Full`/`Draining`
+//! refusal moves the next login to the next host of the cache; a `Redirect` moves it at
+//! once. Direct peer sessions never depend on the supernode link: they live on while the
+//! client is offline or logs in elsewhere.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -19,7 +26,7 @@ use peerline_crypto::noise::{Handshake, Responder};
 use peerline_crypto::{Certificate, DeviceKeys};
 use peerline_wire::msg::{
     CallSignal, ContactAction, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request,
-    Response, Welcome, MAX_CANDIDATES,
+    Response, Welcome, MAX_CANDIDATES, MAX_HOSTS,
 };
 use peerline_wire::packet::{Packet, RejectReason};
 use peerline_wire::{Username, PROTOCOL_VERSION};
@@ -70,7 +77,7 @@ struct RelayClient {
 /// How the client reaches its supernode and what it trusts.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Supernode address.
+    /// Bootstrap supernode address (the first entry of the host cache).
     pub server: SocketAddr,
     /// Supernode Noise static key (from the bootstrap entry).
     pub server_key: [u8; 32],
@@ -89,6 +96,13 @@ pub struct ClientConfig {
     pub relay_only: bool,
     /// The birthday technique for pairs where one NAT has endpoint-dependent mapping.
     pub birthday: BirthdayConfig,
+    /// The supernode link while only one supernode is known (default
+    /// [`LinkConfig::client`]: keepalive every 25 s, dead after 80 s of silence).
+    pub link: LinkConfig,
+    /// The supernode link once other supernodes of a fleet are known (default
+    /// [`LinkConfig::fleet_client`]: keepalive every 10 s, dead when one gets no echo
+    /// within 3 s), so that users of a vanished supernode move within 15 s.
+    pub fleet_link: LinkConfig,
 }
 
 impl ClientConfig {
@@ -104,6 +118,8 @@ impl ClientConfig {
             dial_timeout: Duration::from_secs(3),
             relay_only: false,
             birthday: BirthdayConfig::default(),
+            link: LinkConfig::client(),
+            fleet_link: LinkConfig::fleet_client(),
         }
     }
 }
@@ -262,6 +278,9 @@ pub enum ClientEvent {
     },
     /// A new certificate: save it.
     Certificate(Vec<u8>),
+    /// The supernodes learnt from the fleet changed: save them and give them back with
+    /// [`Client::add_hosts`] at the next start. The bootstrap address is not among them.
+    Hosts(Vec<SocketAddr>),
     /// A command finished.
     CommandDone {
         /// Which.
@@ -462,6 +481,14 @@ enum Ack {
     Peer(u32, u64),
 }
 
+/// How long a supernode whose session died is skipped when choosing where to log in.
+const SUSPECT_FOR: Duration = Duration::from_secs(30);
+
+/// Whether an address from the fleet can be a supernode's (not a wildcard, not port 0).
+fn usable_host(h: &SocketAddr) -> bool {
+    !h.ip().is_unspecified() && h.port() != 0
+}
+
 /// A hole-punching probe datagram (it carries nothing but its type).
 fn probe_packet() -> Vec<u8> {
     let mut b = Vec::with_capacity(8);
@@ -477,6 +504,16 @@ pub struct Client {
     clock: WallClock,
     rng: ChaCha20Rng,
     server: Server,
+    /// The host cache: the bootstrap address first, then the supernodes learnt from the
+    /// fleet (deduplicated, at most `MAX_HOSTS + 1`).
+    hosts: Vec<SocketAddr>,
+    /// The supernode the session is with, or the next login goes to.
+    current: SocketAddr,
+    /// Hosts whose session died lately, and until when they are skipped.
+    suspects: Vec<(SocketAddr, Instant)>,
+    /// Hosts moved to at once (Full/Draining, Redirect) since the last login: once every
+    /// other host was tried, refusals wait out the normal backoff.
+    hops: usize,
     presence: Presence,
     local_candidates: Vec<SocketAddr>,
     next_command: CommandId,
@@ -576,6 +613,7 @@ impl Client {
         let cert = cert.and_then(|b| Certificate::verify(b, &cfg.authority).ok());
         let server_cookie = ServerCookie::new(&cfg.server_key);
         let own_macs = MacKeys::new(&keys.noise_public());
+        let bootstrap = cfg.server;
         Client {
             server_cookie,
             own_macs,
@@ -588,6 +626,10 @@ impl Client {
                 retry_at: now,
                 attempt: 0,
             },
+            hosts: vec![bootstrap],
+            current: bootstrap,
+            suspects: Vec::new(),
+            hops: 0,
             presence: Presence::Online,
             local_candidates: Vec::new(),
             next_command: 1,
@@ -633,6 +675,125 @@ impl Client {
     /// Whether the session to the supernode is up and authenticated.
     pub fn is_online(&self) -> bool {
         matches!(self.server, Server::Up { authed: true, .. })
+    }
+
+    /// The supernode the session is with (or the next login goes to).
+    pub fn supernode(&self) -> SocketAddr {
+        self.current
+    }
+
+    /// The host cache: the bootstrap address first, then the supernodes learnt from the
+    /// fleet.
+    pub fn hosts(&self) -> &[SocketAddr] {
+        &self.hosts
+    }
+
+    /// Whether other supernodes of a fleet are known (the supernode link then uses
+    /// [`ClientConfig::fleet_link`]).
+    pub fn in_fleet(&self) -> bool {
+        self.hosts.len() > 1
+    }
+
+    /// Adds supernodes saved from an earlier run (see [`ClientEvent::Hosts`]) to the host
+    /// cache, after the ones already known.
+    pub fn add_hosts(&mut self, hosts: &[SocketAddr]) {
+        for h in hosts {
+            if self.hosts.len() > MAX_HOSTS {
+                break;
+            }
+            if usable_host(h) && !self.hosts.contains(h) {
+                self.hosts.push(*h);
+            }
+        }
+        self.apply_link_config();
+    }
+
+    /// The supernodes learnt from the fleet (the cache without the bootstrap address).
+    fn learnt_hosts(&self) -> Vec<SocketAddr> {
+        self.hosts.iter().skip(1).copied().collect()
+    }
+
+    /// The fleet's list replaces what was learnt before (a supernode that left the fleet
+    /// leaves the cache); the bootstrap address stays first.
+    fn learn_hosts(&mut self, hosts: &[SocketAddr]) {
+        let before = self.learnt_hosts();
+        self.hosts.truncate(1);
+        for h in hosts {
+            if self.hosts.len() > MAX_HOSTS {
+                break;
+            }
+            if usable_host(h) && !self.hosts.contains(h) {
+                self.hosts.push(*h);
+            }
+        }
+        let after = self.learnt_hosts();
+        if after != before {
+            tracing::info!(hosts = after.len(), "fleet hosts learnt");
+            self.events.push_back(ClientEvent::Hosts(after));
+        }
+        self.apply_link_config();
+    }
+
+    /// Gives the supernode link the timing for a fleet or for a lone supernode.
+    fn apply_link_config(&mut self) {
+        let want = self.link_config();
+        if let Server::Up { link, .. } = &mut self.server {
+            link.set_config(want);
+        }
+    }
+
+    fn link_config(&self) -> LinkConfig {
+        if self.in_fleet() {
+            self.cfg.fleet_link.clone()
+        } else {
+            self.cfg.link.clone()
+        }
+    }
+
+    /// The current supernode's session died: leave it out of the rotation for a while, so
+    /// that a lost handshake with its successor does not send the client back to it.
+    fn suspect(&mut self, now: Instant) {
+        self.suspects
+            .retain(|(h, until)| *until > now && *h != self.current);
+        if self.suspects.len() <= MAX_HOSTS {
+            self.suspects.push((self.current, now + SUSPECT_FOR));
+        }
+    }
+
+    /// Points the next login at the host after the current one in the cache (the first
+    /// learnt one, least loaded, when the current one is no longer listed), skipping
+    /// hosts whose session died lately unless no other is left.
+    fn next_host(&mut self, now: Instant) {
+        let n = self.hosts.len();
+        let start = match self.hosts.iter().position(|h| *h == self.current) {
+            Some(p) => p + 1,
+            None => 1,
+        };
+        let order: Vec<SocketAddr> = (0..n).map(|k| self.hosts[(start + k) % n]).collect();
+        let suspected = |h: &SocketAddr| {
+            self.suspects
+                .iter()
+                .any(|(s, until)| s == h && *until > now)
+        };
+        let next = order
+            .iter()
+            .find(|h| !suspected(h))
+            .or(order.first())
+            .copied()
+            .unwrap_or(self.current);
+        self.move_to(next);
+    }
+
+    /// Points the next login at `host`.
+    fn move_to(&mut self, host: SocketAddr) {
+        if host == self.current {
+            return;
+        }
+        tracing::info!(from = %self.current, to = %host, "changing supernode");
+        // Its reflexive-address answer and cookie belong to the old supernode.
+        self.mapping.forget(self.current);
+        self.server_cookie.cookie = None;
+        self.current = host;
     }
 
     /// The certified username, once enrolled.
@@ -901,7 +1062,7 @@ impl Client {
         self.server_cookie.sent_mac1 = cookie::mac1_of(&out);
         self.server_cookie.sent_with_cookie = c.is_some();
         self.transmits.push_back(Transmit {
-            dst: self.cfg.server,
+            dst: self.current,
             payload: out,
         });
         self.server = Server::Handshaking {
@@ -982,7 +1143,8 @@ impl Client {
 
     fn on_server_up(&mut self, now: Instant) {
         let tid = self.random_tid();
-        self.mapping.ask(now, self.cfg.server, tid);
+        self.hops = 0;
+        self.mapping.ask(now, self.current, tid);
         let Server::Up { link, authed } = &mut self.server else {
             return;
         };
@@ -1039,10 +1201,13 @@ impl Client {
         });
     }
 
-    /// Starts connecting (or reconnects at once if offline).
+    /// Starts connecting (or reconnects at once if offline; a login in progress starts
+    /// again, as when the driver just opened another path to the supernode).
     pub fn connect(&mut self, now: Instant) {
         match self.server {
-            Server::Offline { attempt, .. } => self.start_handshake(now, attempt),
+            Server::Offline { attempt, .. } | Server::Handshaking { attempt, .. } => {
+                self.start_handshake(now, attempt)
+            }
             // The user acts on this device again: take the account back.
             Server::Stopped => self.start_handshake(now, 0),
             _ => {}
@@ -1065,6 +1230,15 @@ impl Client {
                 return id;
             }
             self.presence = p;
+        }
+        if let Command::SendMessage { to, .. } = &cmd {
+            if !self.is_online() && self.peer_by_user.contains_key(to) {
+                // A direct session needs no supernode: chat goes on while the client is
+                // offline or logging in elsewhere.
+                self.run(now, id, cmd);
+                self.flush_links();
+                return id;
+            }
         }
         self.queued
             .push_back((id, cmd, now + self.cfg.command_timeout));
@@ -1215,6 +1389,12 @@ impl Client {
                 }
             }
         }
+        if !self.is_online() {
+            // No direct session and no supernode to set one up: once logged in again.
+            let deadline = now + self.cfg.command_timeout;
+            self.resend.push((out, deadline));
+            return;
+        }
         if self.cfg.relay_only && self.relayed_address().is_none() {
             // Without a relay allocation a connection setup would hand out our addresses.
             return self.store_one(now, out);
@@ -1254,6 +1434,13 @@ impl Client {
     }
 
     fn store_one(&mut self, now: Instant, o: Outgoing) {
+        if !self.is_online() {
+            // The mailbox is on the supernode: submit once logged in again (the message
+            // keeps its id, so the recipient drops a copy that did arrive directly).
+            let deadline = now + self.cfg.command_timeout;
+            self.resend.push((o, deadline));
+            return;
+        }
         let body = Request::StoreMessage {
             to: o.to.clone(),
             msg_id: o.msg_id,
@@ -1342,7 +1529,7 @@ impl Client {
 
     /// Handles a Peerline datagram from `from`; `relayed` when it came through our relay.
     fn handle_packet(&mut self, now: Instant, from: SocketAddr, bytes: &[u8], relayed: bool) {
-        if self.cfg.relay_only && !relayed && from != self.cfg.server {
+        if self.cfg.relay_only && !relayed && from != self.current {
             // Relay-only: peers reach us through the relay or not at all.
             return;
         }
@@ -1406,7 +1593,7 @@ impl Client {
                 // The supernode lost our session (it restarted): log in again now.
                 let ours = match &self.server {
                     Server::Up { link, .. } => {
-                        link.remote_index() == receiver && from == self.cfg.server
+                        link.remote_index() == receiver && from == self.current
                     }
                     _ => false,
                 };
@@ -1432,7 +1619,7 @@ impl Client {
         let Server::Handshaking { index, attempt, .. } = &self.server else {
             return;
         };
-        if *index != receiver || from != self.cfg.server {
+        if *index != receiver || from != self.current {
             return;
         }
         let attempt = *attempt;
@@ -1457,7 +1644,7 @@ impl Client {
         reason: RejectReason,
         version: u8,
     ) {
-        if from != self.cfg.server {
+        if from != self.current {
             return;
         }
         // Unauthenticated, so it only ever ends a handshake or session early, like a Reset.
@@ -1480,7 +1667,17 @@ impl Client {
             RejectReason::Other(b) => format!("the supernode refused the login (reason {b})"),
         };
         let was_online = self.is_online();
+        let elsewhere = matches!(reason, RejectReason::Full | RejectReason::Draining);
+        if elsewhere {
+            self.next_host(now);
+        }
         self.go_offline(now, &why, attempt);
+        if elsewhere && self.hops + 1 < self.hosts.len() {
+            // Another supernode may take us: go there at once, but only to each other host
+            // once in a row (a fleet that is full everywhere gets the normal backoff).
+            self.hops += 1;
+            self.start_handshake(now, attempt);
+        }
         if !was_online {
             tracing::warn!(reason = %why, "login refused");
             self.events.push_back(ClientEvent::Offline { reason: why });
@@ -1497,7 +1694,7 @@ impl Client {
         socket: Option<usize>,
     ) {
         if let Server::Handshaking { index, .. } = &self.server {
-            if *index == receiver && from == self.cfg.server {
+            if *index == receiver && from == self.current {
                 let Server::Handshaking {
                     hs, index, attempt, ..
                 } = std::mem::replace(
@@ -1516,7 +1713,7 @@ impl Client {
                             return self.go_offline(now, "bad welcome from supernode", attempt);
                         }
                         let link =
-                            Link::new(LinkConfig::client(), transport, index, sender, from, now);
+                            Link::new(self.link_config(), transport, index, sender, from, now);
                         self.server = Server::Up {
                             link: Box::new(link),
                             authed: false,
@@ -1524,11 +1721,14 @@ impl Client {
                         self.on_server_up(now);
                         self.process(now);
                     }
-                    Err(_) => self.go_offline(
-                        now,
-                        "supernode handshake failed (wrong supernode key?)",
-                        attempt,
-                    ),
+                    Err(_) => {
+                        self.next_host(now);
+                        self.go_offline(
+                            now,
+                            "supernode handshake failed (wrong supernode key?)",
+                            attempt,
+                        )
+                    }
                 }
                 return;
             }
@@ -1770,10 +1970,15 @@ impl Client {
             LinkEvent::RequestFailed { .. } => {
                 // Keep what the request was for: `go_offline` requeues it (with every other
                 // request in flight) to run again on the next session.
+                self.suspect(now);
+                self.next_host(now);
                 self.go_offline(now, "the supernode stopped answering", 0);
                 self.start_handshake(now, 0);
             }
             LinkEvent::Dead => {
+                // In a fleet the next host takes over; peer sessions are not touched.
+                self.suspect(now);
+                self.next_host(now);
                 self.go_offline(now, "no answer from the supernode", 0);
             }
             // Nothing but media uses datagrams, and never with the supernode.
@@ -2482,6 +2687,31 @@ impl Client {
                 sent_at,
                 text,
             } => self.received(Ack::Server(id), from, msg_id, sent_at, text, Via::Offline),
+            Request::Hosts { hosts } => {
+                let _ = link.respond(now, id, Response::Ok);
+                self.learn_hosts(&hosts);
+            }
+            Request::Redirect { hosts } => {
+                let _ = link.respond(now, id, Response::Ok);
+                // The answer must leave before the link is dropped: the draining
+                // supernode closes the session once it has it.
+                while let Some(t) = link.poll_transmit() {
+                    self.transmits.push_back(t);
+                }
+                self.learn_hosts(&hosts);
+                let Some(to) = hosts
+                    .iter()
+                    .copied()
+                    .find(|h| usable_host(h) && *h != self.current)
+                else {
+                    // Nowhere to go: stay until the session ends, then fail over as usual.
+                    return;
+                };
+                self.move_to(to);
+                self.go_offline(now, "the supernode is shutting down; moving to another", 0);
+                self.hops = 1;
+                self.start_handshake(now, 0);
+            }
             _ => {
                 let _ = link.respond(
                     now,
@@ -2662,6 +2892,7 @@ impl Client {
             } => {
                 if now >= *deadline {
                     let a = *attempt;
+                    self.next_host(now);
                     self.go_offline(now, "supernode unreachable", a);
                 }
             }

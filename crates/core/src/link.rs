@@ -41,6 +41,12 @@ pub struct LinkConfig {
     pub answer_cache: usize,
     /// Answer each keepalive with one (lets a client notice a vanished supernode).
     pub echo_keepalive: bool,
+    /// Declare the link dead when nothing comes back this long after a keepalive (the
+    /// other side must echo keepalives). None: only `idle_timeout` applies.
+    pub keepalive_timeout: Option<Duration>,
+    /// While a keepalive awaits its echo, send another one this often (a lost datagram
+    /// is not taken for a dead supernode).
+    pub keepalive_retry: Duration,
 }
 
 impl LinkConfig {
@@ -55,6 +61,21 @@ impl LinkConfig {
             max_in_flight: 64,
             answer_cache: 64,
             echo_keepalive: false,
+            keepalive_timeout: None,
+            keepalive_retry: Duration::from_secs(1),
+        }
+    }
+
+    /// A client's session to a supernode of a fleet, where another supernode can take it
+    /// at once: keepalive every 10 s ([`FLEET_KEEPALIVE`]), resent every second while
+    /// unanswered, and the link is dead when none is echoed within 3 s
+    /// ([`FLEET_KEEPALIVE_TIMEOUT`]). A vanished supernode is noticed within 13 s.
+    pub fn fleet_client() -> Self {
+        LinkConfig {
+            keepalive: Some(FLEET_KEEPALIVE),
+            keepalive_timeout: Some(FLEET_KEEPALIVE_TIMEOUT),
+            keepalive_retry: Duration::from_secs(1),
+            ..Self::client()
         }
     }
 
@@ -79,6 +100,11 @@ impl LinkConfig {
 
 /// Keepalive interval of a client session (keeps typical NAT UDP mappings open).
 pub const KEEPALIVE: Duration = Duration::from_secs(25);
+/// Keepalive interval of a client session in a fleet ([`LinkConfig::fleet_client`]).
+pub const FLEET_KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long a fleet client waits for a keepalive's echo before it declares its supernode
+/// gone ([`LinkConfig::fleet_client`]).
+pub const FLEET_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why a link operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +193,8 @@ pub struct Link {
     /// An authenticated transport packet came in: the other side completed the handshake
     /// and can receive at its address.
     confirmed: bool,
+    /// When the first keepalive still awaiting an answer went out (nothing came in since).
+    probing_since: Option<Instant>,
 }
 
 impl Link {
@@ -196,7 +224,22 @@ impl Link {
             events: VecDeque::new(),
             dead: false,
             confirmed: false,
+            probing_since: None,
         }
+    }
+
+    /// Changes timing and bounds of a live link (a client that learnt it is in a fleet).
+    /// Requests in flight keep their current retransmission schedule.
+    pub fn set_config(&mut self, config: LinkConfig) {
+        if config.keepalive_timeout.is_none() {
+            self.probing_since = None;
+        }
+        self.config = config;
+    }
+
+    /// The link's timing and bounds.
+    pub fn config(&self) -> &LinkConfig {
+        &self.config
     }
 
     /// Our receiver index for this session.
@@ -343,6 +386,7 @@ impl Link {
         self.remote_addr = from;
         self.last_recv = now;
         self.confirmed = true;
+        self.probing_since = None;
         let frame = Frame::decode(&plaintext)?;
         match frame {
             Frame::Keepalive => {
@@ -411,10 +455,25 @@ impl Link {
             let plaintext = p.plaintext.clone();
             let _ = self.seal(now, &plaintext);
         }
+        if let (Some(since), Some(limit)) = (self.probing_since, self.config.keepalive_timeout) {
+            if now >= since + limit {
+                self.dead = true;
+                self.events.push_back(LinkEvent::Dead);
+                return;
+            }
+        }
         if let Some(k) = self.config.keepalive {
-            if now >= self.last_send + k {
+            let due = match self.probing_since {
+                // Unanswered so far: try again sooner, a datagram may have been lost.
+                Some(_) => self.last_send + self.config.keepalive_retry.min(k),
+                None => self.last_send + k,
+            };
+            if now >= due {
                 if let Ok(p) = Frame::Keepalive.encode() {
                     let _ = self.seal(now, &p);
+                }
+                if self.config.keepalive_timeout.is_some() && self.probing_since.is_none() {
+                    self.probing_since = Some(now);
                 }
             }
         }
@@ -427,7 +486,14 @@ impl Link {
         }
         let mut t = self.last_recv + self.config.idle_timeout;
         if let Some(k) = self.config.keepalive {
-            t = t.min(self.last_send + k);
+            let next = match self.probing_since {
+                Some(_) => self.last_send + self.config.keepalive_retry.min(k),
+                None => self.last_send + k,
+            };
+            t = t.min(next);
+        }
+        if let (Some(since), Some(limit)) = (self.probing_since, self.config.keepalive_timeout) {
+            t = t.min(since + limit);
         }
         if let Some(p) = self.pending.values().map(|p| p.deadline).min() {
             t = t.min(p);
@@ -621,6 +687,118 @@ mod tests {
         assert!(!b.is_dead());
         b.handle_timeout(idle);
         assert_eq!(drain(&mut b), vec![LinkEvent::Dead]);
+    }
+
+    /// Delivers everything `from` queued to `to` (no loss); returns how many datagrams.
+    fn deliver_all(now: Instant, from: &mut Link, from_addr: SocketAddr, to: &mut Link) -> usize {
+        let mut n = 0;
+        while let Some(t) = from.poll_transmit() {
+            n += 1;
+            if let Ok(Packet::Transport {
+                counter,
+                ciphertext,
+                ..
+            }) = Packet::decode(&t.payload)
+            {
+                let _ = to.handle_transport(now, from_addr, counter, ciphertext);
+            }
+        }
+        n
+    }
+
+    #[test]
+    fn fleet_link_declares_a_silent_supernode_dead_3s_after_an_unanswered_keepalive() {
+        let t0 = Instant::now();
+        let (mut a, _b) = link_pair_cfg(
+            t0,
+            a_addr(),
+            b_addr(),
+            LinkConfig::fleet_client(),
+            LinkConfig::server(),
+        );
+        assert_eq!(a.poll_timeout(), Some(t0 + FLEET_KEEPALIVE));
+        let mut t = t0;
+        let mut keepalives = Vec::new();
+        while !a.is_dead() && t < t0 + Duration::from_secs(60) {
+            t = a.poll_timeout().expect("a live link has a timer");
+            a.handle_timeout(t);
+            while a.poll_transmit().is_some() {
+                keepalives.push(t - t0);
+            }
+        }
+        assert_eq!(drain(&mut a), vec![LinkEvent::Dead]);
+        // Dead 3 s after the first unanswered keepalive, long before the 80 s idle timeout.
+        assert_eq!(t - t0, FLEET_KEEPALIVE + FLEET_KEEPALIVE_TIMEOUT);
+        // The first keepalive at 10 s, then one per second while unanswered.
+        let secs: Vec<u64> = keepalives.iter().map(|d| d.as_secs()).collect();
+        assert_eq!(secs, vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn fleet_link_with_an_echoing_supernode_stays_up_on_10s_keepalives() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair_cfg(
+            t0,
+            a_addr(),
+            b_addr(),
+            LinkConfig::fleet_client(),
+            LinkConfig::server(),
+        );
+        let mut t = t0;
+        let mut sent = 0;
+        while t < t0 + Duration::from_secs(100) {
+            t += Duration::from_millis(100);
+            a.handle_timeout(t);
+            b.handle_timeout(t);
+            sent += deliver_all(t, &mut a, a_addr(), &mut b);
+            deliver_all(t, &mut b, b_addr(), &mut a);
+        }
+        assert!(!a.is_dead());
+        assert!(drain(&mut a).is_empty());
+        // One keepalive per 10 s, no retries when echoes come back.
+        assert_eq!(sent, 10);
+    }
+
+    #[test]
+    fn a_lost_echo_is_retried_not_taken_for_a_dead_supernode() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair_cfg(
+            t0,
+            a_addr(),
+            b_addr(),
+            LinkConfig::fleet_client(),
+            LinkConfig::server(),
+        );
+        // The first keepalive is lost; the retry a second later is echoed.
+        let t1 = t0 + FLEET_KEEPALIVE;
+        a.handle_timeout(t1);
+        assert!(a.poll_transmit().is_some());
+        let t2 = t1 + Duration::from_secs(1);
+        assert_eq!(a.poll_timeout(), Some(t2));
+        a.handle_timeout(t2);
+        assert_eq!(deliver_all(t2, &mut a, a_addr(), &mut b), 1);
+        deliver_all(t2, &mut b, b_addr(), &mut a);
+        a.handle_timeout(t2 + Duration::from_secs(5));
+        assert!(!a.is_dead());
+        // Back to the normal interval once answered.
+        assert_eq!(a.poll_timeout(), Some(t2 + FLEET_KEEPALIVE));
+    }
+
+    #[test]
+    fn set_config_switches_a_live_link_to_fleet_timing() {
+        let t0 = Instant::now();
+        let (mut a, _b) = link_pair(t0, a_addr(), b_addr());
+        assert_eq!(a.poll_timeout(), Some(t0 + KEEPALIVE));
+        a.set_config(LinkConfig::fleet_client());
+        assert_eq!(a.config().keepalive, Some(FLEET_KEEPALIVE));
+        assert_eq!(a.poll_timeout(), Some(t0 + FLEET_KEEPALIVE));
+        // And back: a lone supernode again waits for the 80 s idle timeout.
+        a.handle_timeout(t0 + FLEET_KEEPALIVE);
+        a.set_config(LinkConfig::client());
+        a.handle_timeout(t0 + Duration::from_secs(20));
+        assert!(!a.is_dead());
+        a.handle_timeout(t0 + LinkConfig::client().idle_timeout);
+        assert!(a.is_dead());
     }
 
     #[test]

@@ -119,6 +119,12 @@ impl MappingProbe {
         }
     }
 
+    /// Stops asking `server` and forgets its answer (the client left that supernode).
+    pub fn forget(&mut self, server: SocketAddr) {
+        self.queries.remove(&server);
+        self.answers.remove(&server);
+    }
+
     /// The reflexive address `server` reported.
     pub fn mapped(&self, server: SocketAddr) -> Option<SocketAddr> {
         self.answers.get(&server).copied()

@@ -43,6 +43,11 @@ pub struct Status {
     pub transport: &'static str,
     /// The relay allocation: `ready`, `allocating` or `none`.
     pub relay: &'static str,
+    /// The supernode the session is with (or the next login goes to): in a fleet, not
+    /// necessarily the bootstrap one.
+    pub supernode: SocketAddr,
+    /// The host cache: the bootstrap address first, then the fleet's supernodes.
+    pub hosts: Vec<SocketAddr>,
 }
 
 /// The wildcard address of the same family as `server`, port chosen by the OS.
@@ -129,10 +134,12 @@ pub const TCP_FALLBACK_AFTER: Duration = Duration::from_secs(3);
 /// Runs the client until `Input::Shutdown` or the input channel closes. Events other than
 /// command completions go to `events`.
 ///
-/// `server` is the supernode's address: if no session is up over UDP within
-/// [`TCP_FALLBACK_AFTER`], the driver opens a TCP connection to the same address and
-/// carries the supernode's datagrams over it (networks that block UDP); peer traffic
-/// stays on UDP.
+/// `server` is the bootstrap supernode's address (it picks the socket family). If no
+/// session is up over UDP within [`TCP_FALLBACK_AFTER`], the driver opens a TCP
+/// connection to the supernode the client currently tries (in a fleet it moves from host
+/// to host) and carries that supernode's datagrams over it (networks that block UDP);
+/// peer traffic stays on UDP. When the client moves to another supernode, the TCP
+/// connection follows it.
 pub async fn run_client(
     mut client: Client,
     socket: UdpSocket,
@@ -142,7 +149,8 @@ pub async fn run_client(
 ) {
     let mut waiting: HashMap<CommandId, oneshot::Sender<CommandResult>> = HashMap::new();
     let mut buf = vec![0u8; 2048];
-    let mut tcp: Option<crate::tcp::TcpLink> = None;
+    // The TCP fallback and the supernode it goes to.
+    let mut tcp: Option<(SocketAddr, crate::tcp::TcpLink)> = None;
     // TURN over TCP to the relay, once UDP proved blocked.
     let mut relay_tcp: Option<crate::tcp::TcpLink> = None;
     let mut fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER);
@@ -150,6 +158,14 @@ pub async fn run_client(
     let bind_like = socket.local_addr().unwrap_or_else(|_| bind_addr(server));
     client.connect(Instant::now());
     loop {
+        if tcp.as_ref().is_some_and(|(a, _)| *a != client.supernode()) {
+            // The client moved to another supernode of the fleet: the old connection
+            // leads nowhere.
+            // UDP was found blocked here: go straight to TCP at the new one.
+            tracing::info!(to = %client.supernode(), "supernode changed; moving the TCP fallback");
+            tcp = None;
+            fallback_at = Some(Instant::now());
+        }
         let want = client.extra_sockets();
         if want != extra.sockets.len() {
             extra.resize(want, bind_like);
@@ -161,7 +177,7 @@ pub async fn run_client(
             }
         }
         while let Some(t) = client.poll_transmit() {
-            if let (Some(link), true) = (&tcp, t.dst == server) {
+            if let Some((_, link)) = tcp.as_ref().filter(|(a, _)| *a == t.dst) {
                 let _ = link.tx.try_send(t.payload);
                 continue;
             }
@@ -231,10 +247,10 @@ pub async fn run_client(
                     }
                 }
             }
-            b = async { match tcp.as_mut() { Some(l) => l.rx.recv().await, None => std::future::pending().await } } => {
-                match b {
-                    Some(b) => client.handle_datagram(Instant::now(), server, &b),
-                    None => {
+            b = async { match tcp.as_mut() { Some((_, l)) => l.rx.recv().await, None => std::future::pending().await } } => {
+                match (b, tcp.as_ref().map(|(a, _)| *a)) {
+                    (Some(b), Some(from)) => client.handle_datagram(Instant::now(), from, &b),
+                    _ => {
                         tracing::warn!("TCP connection to the supernode closed");
                         tcp = None;
                         fallback_at = Some(Instant::now() + TCP_FALLBACK_AFTER);
@@ -245,10 +261,11 @@ pub async fn run_client(
                 let now = Instant::now();
                 if fallback_at.is_some_and(|f| now >= f) && tcp.is_none() {
                     fallback_at = None;
-                    match tokio::time::timeout(Duration::from_secs(3), crate::tcp::connect(server)).await {
+                    let to = client.supernode();
+                    match tokio::time::timeout(Duration::from_secs(3), crate::tcp::connect(to)).await {
                         Ok(Ok(link)) => {
-                            tracing::info!("UDP to the supernode gets no answer; using TCP");
-                            tcp = Some(link);
+                            tracing::info!(supernode = %to, "UDP to the supernode gets no answer; using TCP");
+                            tcp = Some((to, link));
                             // UDP is blocked here: the relay must be reached over TCP too.
                             client.set_relay_over_tcp(now);
                             client.connect(now);
@@ -277,12 +294,14 @@ pub async fn run_client(
                         local: socket.local_addr().ok(),
                         transport: if tcp.is_some() { "tcp" } else { "udp" },
                         relay: client.relay_state(),
+                        supernode: client.supernode(),
+                        hosts: client.hosts().to_vec(),
                     });
                 }
                 Some(Input::Shutdown) | None => {
                     client.shutdown(Instant::now());
                     while let Some(t) = client.poll_transmit() {
-                        if let (Some(link), true) = (&tcp, t.dst == server) {
+                        if let Some((_, link)) = tcp.as_ref().filter(|(a, _)| *a == t.dst) {
                             let _ = link.tx.send(t.payload).await;
                             continue;
                         }

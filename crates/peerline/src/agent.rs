@@ -42,7 +42,9 @@ struct Shared {
     input: mpsc::Sender<Input>,
     history: Mutex<History>,
     me: Username,
+    /// The bootstrap entry's host (as the user wrote it) and its address.
     server: String,
+    server_addr: std::net::SocketAddr,
     stop: Notify,
     /// Why the agent last went offline (shown by `status` and `up`).
     reason: Mutex<Option<String>>,
@@ -84,7 +86,7 @@ pub fn client_for(
     let mut cfg = ClientConfig::new(addr, b.node_key, b.authority);
     cfg.relay_only = profile.relay_only();
     let now = Instant::now();
-    let client = Client::new(
+    let mut client = Client::new(
         cfg.clone(),
         profile.keys()?,
         cert.as_deref(),
@@ -92,6 +94,8 @@ pub fn client_for(
         WallClock::new(now, peerline_net::unix_ms_now()),
         now,
     );
+    // The fleet's supernodes from last time: where to go if the bootstrap one is gone.
+    client.add_hosts(&profile.hosts());
     Ok((client, cfg))
 }
 
@@ -159,6 +163,7 @@ pub async fn run_agent(profile: Profile) -> Result<(), AgentError> {
         history: Mutex::new(History::open(&profile.history_path())?),
         me: me.clone(),
         server: profile.server()?.host,
+        server_addr: cfg.server,
         stop: Notify::new(),
         reason: Mutex::new(None),
         events: tokio::sync::broadcast::channel(EVENT_BACKLOG).0,
@@ -228,6 +233,16 @@ async fn on_event(profile: &Profile, shared: &Shared, ev: ClientEvent) {
             if let Err(e) = profile.save_cert(&bytes) {
                 tracing::error!(error = %e, "could not save the renewed certificate");
             }
+        }
+        ClientEvent::Hosts(hosts) => {
+            tracing::info!(hosts = hosts.len(), "fleet host cache updated");
+            if let Err(e) = profile.save_hosts(&hosts) {
+                tracing::warn!(error = %e, "could not save the host cache");
+            }
+            shared.emit(
+                "hosts",
+                json!({"hosts": hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()}),
+            );
         }
         ClientEvent::Online => {
             tracing::info!("online");
@@ -354,7 +369,9 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
                 Ok(s) => ControlResponse::ok(json!({
                     "online": s.online,
                     "user": s.user,
-                    "supernode": shared.server,
+                    "supernode": supernode_name(&shared.server, shared.server_addr, s.supernode),
+                    "bootstrap": shared.server,
+                    "hosts": s.hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
                     "presence": s.presence,
                     "transport": s.transport,
                     "relay": s.relay,
@@ -550,6 +567,20 @@ async fn handle(shared: &Shared, req: ControlRequest) -> ControlResponse {
     to_response(command(shared, cmd).await)
 }
 
+/// How `status` names the supernode in use: the bootstrap entry's host as the user wrote
+/// it while that is the one, else the address of the fleet's supernode.
+fn supernode_name(
+    bootstrap: &str,
+    bootstrap_addr: std::net::SocketAddr,
+    current: std::net::SocketAddr,
+) -> String {
+    if current == bootstrap_addr {
+        bootstrap.to_string()
+    } else {
+        current.to_string()
+    }
+}
+
 /// What a call placed or answered from an app plays: the sound card where the build has
 /// one, silence otherwise; nothing recorded.
 fn app_plan() -> MediaPlan {
@@ -649,5 +680,24 @@ async fn wait_for_call(
     match report.await {
         Ok(r) => ControlResponse::ok(serde_json::to_value(&r).unwrap_or_default()),
         Err(_) => ControlResponse::err("the agent stopped during the call"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_the_bootstrap_host_or_the_fleet_supernode_in_use() {
+        let boot: std::net::SocketAddr = "192.0.2.1:7000".parse().unwrap();
+        let other: std::net::SocketAddr = "192.0.2.2:7000".parse().unwrap();
+        assert_eq!(
+            supernode_name("chat.example.org:7000", boot, boot),
+            "chat.example.org:7000"
+        );
+        assert_eq!(
+            supernode_name("chat.example.org:7000", boot, other),
+            "192.0.2.2:7000"
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! A profile directory: device keys, certificate, supernode entry, history, agent files.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD;
@@ -185,9 +186,116 @@ impl Profile {
         write_private_file(&path, v).map_err(io(&path))
     }
 
+    /// Host cache file: the fleet's supernodes, one `IP:PORT` a line.
+    pub fn hosts_path(&self) -> PathBuf {
+        self.path("hosts")
+    }
+
+    /// The fleet's supernodes saved last time (empty if none). Lines that are not an
+    /// address are skipped: the cache is a hint, the bootstrap entry always works.
+    pub fn hosts(&self) -> Vec<SocketAddr> {
+        std::fs::read_to_string(self.hosts_path())
+            .map(|t| parse_hosts(&t))
+            .unwrap_or_default()
+    }
+
+    /// Saves the fleet's supernodes (atomically: a crash leaves the old list or the new).
+    pub fn save_hosts(&self, hosts: &[SocketAddr]) -> Result<(), ProfileError> {
+        let p = self.hosts_path();
+        let text: String = hosts
+            .iter()
+            .take(peerline_wire::msg::MAX_HOSTS)
+            .map(|h| format!("{h}\n"))
+            .collect();
+        write_private_file(&p, text.as_bytes()).map_err(io(&p))
+    }
+
     /// Saves the supernode's bootstrap entry.
     pub fn save_server(&self, b: &Bootstrap) -> Result<(), ProfileError> {
         let p = self.path("server");
         write_private_file(&p, format!("{}\n", b.encode()).as_bytes()).map_err(io(&p))
+    }
+}
+
+/// Addresses in a host cache file, at most `MAX_HOSTS`, in order, without duplicates.
+fn parse_hosts(text: &str) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for line in text.lines() {
+        if out.len() >= peerline_wire::msg::MAX_HOSTS {
+            break;
+        }
+        if let Ok(a) = line.trim().parse::<SocketAddr>() {
+            if !out.contains(&a) {
+                out.push(a);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn temp_profile(name: &str) -> Profile {
+        let d = std::env::temp_dir().join(format!("peerline-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        Profile::open(&d).unwrap()
+    }
+
+    #[test]
+    fn the_host_cache_survives_a_restart_and_starts_empty() {
+        let p = temp_profile("hosts");
+        assert!(p.hosts().is_empty());
+        let hosts: Vec<SocketAddr> = vec![
+            "203.0.113.2:7000".parse().unwrap(),
+            "[2001:db8::3]:7000".parse().unwrap(),
+        ];
+        p.save_hosts(&hosts).unwrap();
+        assert_eq!(p.hosts(), hosts);
+        assert_eq!(
+            std::fs::read_to_string(p.hosts_path()).unwrap(),
+            "203.0.113.2:7000\n[2001:db8::3]:7000\n"
+        );
+        // An empty list (a lone supernode again) empties the file.
+        p.save_hosts(&[]).unwrap();
+        assert!(p.hosts().is_empty());
+        std::fs::remove_dir_all(p.dir()).unwrap();
+    }
+
+    #[test]
+    fn a_damaged_host_cache_yields_only_its_valid_addresses() {
+        let text = "203.0.113.2:7000\ngarbage\n\n 203.0.113.3:7000 \n203.0.113.2:7000\n";
+        assert_eq!(
+            parse_hosts(text),
+            vec![
+                "203.0.113.2:7000".parse::<SocketAddr>().unwrap(),
+                "203.0.113.3:7000".parse().unwrap()
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn any_host_cache_text_parses_to_a_bounded_list(text in ".{0,4000}") {
+            let hosts = parse_hosts(&text);
+            prop_assert!(hosts.len() <= peerline_wire::msg::MAX_HOSTS);
+        }
+
+        #[test]
+        fn saved_hosts_read_back_the_same(ports in proptest::collection::vec(1u16.., 0..20)) {
+            let mut hosts: Vec<SocketAddr> = Vec::new();
+            for p in ports {
+                let a = SocketAddr::from(([203, 0, 113, (p % 250) as u8], p));
+                if !hosts.contains(&a) {
+                    hosts.push(a);
+                }
+            }
+            let text: String = hosts.iter().map(|h| format!("{h}\n")).collect();
+            let back = parse_hosts(&text);
+            hosts.truncate(peerline_wire::msg::MAX_HOSTS);
+            prop_assert_eq!(back, hosts);
+        }
     }
 }
