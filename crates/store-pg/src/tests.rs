@@ -46,13 +46,21 @@ fn count(db: &TestDb, sql: &str) -> i64 {
 
 #[test]
 fn pg_store_conforms() {
-    let mut dbs = Vec::new();
+    // A fresh schema per check, each with its own migrations.
+    let db = TestDb::create();
+    let mut n = 0;
     run_all(&mut || {
-        let db = TestDb::create();
-        let store = PgStore::open(db.url()).unwrap();
-        dbs.push(db);
-        Box::new(store)
+        n += 1;
+        Box::new(PgStore::open(&db.schema_url(&format!("conformance{n}"))).unwrap())
     });
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'schema_migrations'"
+        ),
+        n,
+        "every check had a schema of its own"
+    );
 }
 
 #[test]
@@ -181,9 +189,7 @@ fn later_migrations_apply_in_order_and_only_once() {
 #[test]
 fn a_schema_of_its_own_via_url_options() {
     let db = TestDb::create();
-    db.client().batch_execute("CREATE SCHEMA fleet").unwrap();
-    let url = format!("{}?options=-c%20search_path%3Dfleet", db.url());
-    let mut s = PgStore::open(&url).unwrap();
+    let mut s = PgStore::open(&db.schema_url("fleet")).unwrap();
     s.create_account(&account("ann"), &device("ann", 1))
         .unwrap();
     assert!(s.next_serial().unwrap() > 0);
