@@ -127,6 +127,42 @@ fn main() {
         })
         .collect();
 
+    // Several writers (supernodes), one connection each, queueing to 1,000 mailboxes at
+    // once: commits per second, where concurrent commits can share a WAL flush.
+    let mut throughput = Vec::new();
+    for writers in [1u64, 4, 16] {
+        let per = (n / 4).max(1);
+        let url = db.url().to_string();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(writers as usize + 1));
+        let threads: Vec<_> = (0..writers)
+            .map(|w| {
+                let (url, barrier) = (url.clone(), std::sync::Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    let mut s = PgStore::open(&url).unwrap();
+                    barrier.wait();
+                    for i in 0..per {
+                        let m = NewMessage {
+                            from: user(1000 + w),
+                            to: user((i * 31 + w * 7) % 1000),
+                            msg_id: 1_000_000 * writers + i,
+                            sent_at: i,
+                            text: "a typical short offline message, about sixty bytes long.".into(),
+                        };
+                        let r = s.queue_message(&m, 100_000).unwrap();
+                        assert!(matches!(r, QueueOutcome::Queued(_)), "{r:?}");
+                    }
+                })
+            })
+            .collect();
+        barrier.wait();
+        let t0 = Instant::now();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        throughput.push((writers, writers * per, (writers * per) as f64 / secs));
+    }
+
     let all = [
         stats("queue_message", queue),
         stats("pending_messages(50)", pending),
@@ -148,7 +184,15 @@ fn main() {
                 )
             })
             .collect();
-        println!("[{}]", items.join(","));
+        let tp: Vec<String> = throughput
+            .iter()
+            .map(|(w, m, r)| format!("{{\"writers\":{w},\"messages\":{m},\"per_second\":{r:.0}}}"))
+            .collect();
+        println!(
+            "{{\"ops\":[{}],\"queue_throughput\":[{}]}}",
+            items.join(","),
+            tp.join(",")
+        );
     } else {
         println!("{USERS} accounts; {n} messages over {RECIPIENTS} mailboxes");
         println!(
@@ -164,6 +208,10 @@ fn main() {
                 us(x.p90),
                 us(x.p99)
             );
+        }
+        println!("queue_message throughput, one connection per writer:");
+        for (w, m, r) in &throughput {
+            println!("  {w:>2} writers: {m:>5} messages, {r:>6.0} per second");
         }
     }
 }

@@ -70,6 +70,15 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serialization failures and deadlocks retried before giving up.
 const CONFLICT_RETRIES: u32 = 5;
 
+/// Session settings after the migrations. A row lock held longer than `lock_timeout`
+/// (by a supernode cut off from the database mid-transaction) fails the waiting call
+/// instead of stalling its storage thread; the server ends a session idle inside a
+/// transaction after `idle_in_transaction_session_timeout`, releasing such locks (our
+/// transactions take milliseconds); `statement_timeout` bounds any one statement.
+const SESSION_SETTINGS: &str = "SET lock_timeout = '5s';
+     SET idle_in_transaction_session_timeout = '10s';
+     SET statement_timeout = '30s'";
+
 /// Why a store could not be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -322,7 +331,10 @@ impl PgStore {
         config.keepalives(true);
         config.keepalives_idle(Duration::from_secs(30));
         let mut conn = connect(&config)?;
+        // Before the session settings: waiting for another supernode's migrations may
+        // take longer than the lock timeout.
         migrate(&mut conn.client, &config, migrations)?;
+        configure(&mut conn.client, &config)?;
         Ok(PgStore {
             config,
             conn: Some(conn),
@@ -349,7 +361,11 @@ impl PgStore {
                     // Open at `open`, so any connect here replaces a lost connection.
                     self.reconnects += 1;
                     reconnected = true;
-                    connect(&self.config).map_err(|e| StoreError::Backend(e.to_string()))?
+                    let mut c =
+                        connect(&self.config).map_err(|e| StoreError::Backend(e.to_string()))?;
+                    configure(&mut c.client, &self.config)
+                        .map_err(|e| StoreError::Backend(e.to_string()))?;
+                    c
                 }
             };
             let conn = self.conn.insert(conn);
@@ -414,6 +430,16 @@ fn connect(config: &postgres::Config) -> Result<Conn, OpenError> {
         client,
         statements: HashMap::new(),
     })
+}
+
+/// Applies [`SESSION_SETTINGS`] to a new connection.
+fn configure(client: &mut Client, config: &postgres::Config) -> Result<(), OpenError> {
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .map_err(|e| OpenError::Connect {
+            target: target(config),
+            reason: describe(&e),
+        })
 }
 
 /// Applies the missing `migrations` under the advisory lock.

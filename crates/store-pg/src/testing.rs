@@ -43,6 +43,30 @@ fn with_database(url: &str, db: &str) -> String {
     format!("{}/{db}{query}", &base[..host_end])
 }
 
+/// Drops test databases left by test processes of this host that no longer run (killed
+/// before their `TestDb` was dropped). The server is on loopback, so pids are local.
+fn drop_orphans(admin: &mut Client) {
+    let Ok(rows) = admin.query(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'peerline\\_test\\_%'",
+        &[],
+    ) else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let pid = name
+            .strip_prefix("peerline_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"));
+            }
+        }
+    }
+}
+
 /// A fresh database, dropped with the value.
 #[derive(Debug)]
 pub struct TestDb {
@@ -71,6 +95,7 @@ impl TestDb {
                 crate::redact(&server)
             )
         });
+        drop_orphans(&mut admin);
         admin
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
             .unwrap_or_else(|e| panic!("cannot create test database {name}: {e:?}"));
@@ -86,6 +111,21 @@ impl TestDb {
     /// The database's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Creates the empty schema `name` in the database and returns a URL whose sessions
+    /// use it (`search_path`): a fresh store for much less than a database costs.
+    pub fn schema_url(&self, name: &str) -> String {
+        assert!(
+            name.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "schema name {name:?}"
+        );
+        self.client()
+            .batch_execute(&format!("CREATE SCHEMA {name}"))
+            .unwrap_or_else(|e| panic!("cannot create schema {name}: {e:?}"));
+        let sep = if self.url.contains('?') { '&' } else { '?' };
+        format!("{}{sep}options=-c%20search_path%3D{name}", self.url)
     }
 
     /// A separate connection to the database, for assertions on its rows.
@@ -128,6 +168,31 @@ mod tests {
             url_from(Some("postgres://u@h/d".into())).unwrap(),
             "postgres://u@h/d"
         );
+    }
+
+    #[test]
+    fn databases_of_dead_test_processes_are_dropped() {
+        // No process has this pid (above the kernel's pid_max).
+        let orphan = "peerline_test_4999999_0_1";
+        let mut admin = postgres::Client::connect(&super::server_url(), postgres::NoTls).unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{orphan}\""))
+            .unwrap();
+        let db = super::TestDb::create();
+        let exists = |admin: &mut postgres::Client, name: &str| -> bool {
+            admin
+                .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+                .unwrap()
+                .is_some()
+        };
+        assert!(!exists(&mut admin, orphan), "the orphan was dropped");
+        assert!(
+            exists(&mut admin, db.name()),
+            "a live process's database stays"
+        );
+        let name = db.name().to_string();
+        drop(db);
+        assert!(!exists(&mut admin, &name), "dropped with the value");
     }
 
     /// Runs a database test in a child without the variable: it fails (not skips), and

@@ -46,13 +46,21 @@ fn count(db: &TestDb, sql: &str) -> i64 {
 
 #[test]
 fn pg_store_conforms() {
-    let mut dbs = Vec::new();
+    // A fresh schema per check, each with its own migrations.
+    let db = TestDb::create();
+    let mut n = 0;
     run_all(&mut || {
-        let db = TestDb::create();
-        let store = PgStore::open(db.url()).unwrap();
-        dbs.push(db);
-        Box::new(store)
+        n += 1;
+        Box::new(PgStore::open(&db.schema_url(&format!("conformance{n}"))).unwrap())
     });
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'schema_migrations'"
+        ),
+        n,
+        "every check had a schema of its own"
+    );
 }
 
 #[test]
@@ -181,9 +189,7 @@ fn later_migrations_apply_in_order_and_only_once() {
 #[test]
 fn a_schema_of_its_own_via_url_options() {
     let db = TestDb::create();
-    db.client().batch_execute("CREATE SCHEMA fleet").unwrap();
-    let url = format!("{}?options=-c%20search_path%3Dfleet", db.url());
-    let mut s = PgStore::open(&url).unwrap();
+    let mut s = PgStore::open(&db.schema_url("fleet")).unwrap();
     s.create_account(&account("ann"), &device("ann", 1))
         .unwrap();
     assert!(s.next_serial().unwrap() > 0);
@@ -380,6 +386,45 @@ fn lost_connection_is_reopened_once() {
     };
     assert_eq!(s.reconnects(), 2);
     assert_eq!(s.pending_messages(&user("bob"), 10).unwrap().len(), 1);
+    // The new connection has the session settings too.
+    let show = |s: &mut PgStore, what: &str| -> String {
+        let c = &mut s.conn.as_mut().unwrap().client;
+        c.query_one(&format!("SHOW {what}"), &[]).unwrap().get(0)
+    };
+    assert_eq!(show(&mut s, "lock_timeout"), "5s");
+    assert_eq!(show(&mut s, "idle_in_transaction_session_timeout"), "10s");
+}
+
+#[test]
+fn a_lock_held_by_a_stuck_supernode_fails_the_call_instead_of_hanging() {
+    let db = TestDb::create();
+    let mut s = PgStore::open(db.url()).unwrap();
+    s.queue_message(&msg("ann", "bob", 1), 10).unwrap();
+    // Another "supernode" locks bob's mailbox and stalls mid-transaction.
+    let mut other = db.client();
+    let mut tx = other.transaction().unwrap();
+    tx.execute(
+        "SELECT 1 FROM mailboxes WHERE recipient = 'bob' FOR UPDATE",
+        &[],
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let err = s.queue_message(&msg("ann", "bob", 2), 10).unwrap_err();
+    let waited = t0.elapsed();
+    assert!(
+        matches!(&err, StoreError::Backend(m) if m.contains("lock timeout")),
+        "{err:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    tx.rollback().unwrap();
+    // Nothing was written by the failed call, and the store works on.
+    assert_eq!(s.pending_messages(&user("bob"), 10).unwrap().len(), 1);
+    let QueueOutcome::Queued(_) = s.queue_message(&msg("ann", "bob", 2), 10).unwrap() else {
+        panic!("not queued")
+    };
 }
 
 #[test]
