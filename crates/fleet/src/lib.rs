@@ -10,6 +10,8 @@
 //!   supernodes, its clock injected so expiry runs on virtual time in tests;
 //! - `RedisDirectory` (feature `redis`, on by default): Redis Cluster, for a real fleet.
 //!
+//! [`open`] picks one from a `[directory] url` (`"memory"` or `"redis://h1:p1,h2:p2"`).
+//!
 //! Driving it: a supernode [`announce`](FleetDirectory::announce)s its [`Member`] record
 //! about once a second, [`claim`](FleetDirectory::claim)s a user on login (telling the
 //! previous home, if any, to drop its stale session), [`refresh`](FleetDirectory::refresh)es
@@ -22,6 +24,7 @@
 #![deny(missing_docs)]
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -164,4 +167,64 @@ pub trait FleetDirectory: Send + Sync {
 
     /// The live members, ordered by id.
     async fn members(&self) -> Result<Vec<Member>, FleetError>;
+}
+
+/// Opens the directory a `[directory] url` names: `"memory"` gives a fresh in-process
+/// directory on the system clock (for one supernode), `redis://...` connects to the
+/// cluster. A bad URL fails with one line saying what to write.
+pub async fn open(url: &str, config: FleetConfig) -> Result<Arc<dyn FleetDirectory>, FleetError> {
+    if config.prefix.contains(['{', '}']) {
+        return Err(FleetError::BadPrefix(config.prefix));
+    }
+    match DirectoryUrl::parse(url)? {
+        DirectoryUrl::Memory => Ok(Arc::new(MemoryFleetDirectory::new(
+            Arc::new(SystemClock::new()),
+            config,
+        ))),
+        #[cfg(feature = "redis")]
+        DirectoryUrl::Redis { .. } => {
+            Ok(Arc::new(RedisDirectory::connect_with(url, config).await?))
+        }
+        #[cfg(not(feature = "redis"))]
+        DirectoryUrl::Redis { .. } => Err(UrlError {
+            shown: "redis://...".to_string(),
+            reason: "this build has no Redis support (feature `redis`)".to_string(),
+        }
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn open_memory_gives_a_working_directory() {
+        let dir = open("memory", FleetConfig::default())
+            .await
+            .expect("memory opens");
+        let u = Username::parse("opener").expect("valid name");
+        let loc = FleetLocation { node: 1, epoch: 1 };
+        dir.announce(&conformance::member(1, 1))
+            .await
+            .expect("announce");
+        dir.claim(&u, loc).await.expect("claim");
+        assert_eq!(dir.lookup(&u).await.expect("lookup"), Some(loc));
+    }
+
+    #[tokio::test]
+    async fn open_rejects_bad_urls_and_prefixes_in_one_line() {
+        let e = open("redis:/oops", FleetConfig::default())
+            .await
+            .err()
+            .expect("bad url");
+        assert!(e.to_string().starts_with("bad directory url"), "{e}");
+        let cfg = FleetConfig {
+            prefix: "{tag}".to_string(),
+            ..FleetConfig::default()
+        };
+        let e = open("memory", cfg).await.err().expect("bad prefix");
+        assert!(matches!(e, FleetError::BadPrefix(_)), "{e}");
+        assert!(!e.to_string().contains('\n'));
+    }
 }

@@ -9,10 +9,11 @@
 //!   records and now and then prune them.
 //!
 //! Batches (lookup_many, refresh) are split by the master that owns each key, following
-//! a copy of the cluster's slot map, and sent as one pipeline per master. A command that
-//! a master refuses (the slot moved, a script not loaded yet) or a pipeline that fails is
-//! retried on its own through the cluster client, which follows redirections and
-//! reconnects; the slot map is then re-read.
+//! a copy of the cluster's slot map, and sent as one pipeline per master (at most 1,000
+//! commands each). A command that a master refuses (the slot moved, a script not loaded
+//! yet) is retried on its own through the cluster client, which follows redirections; a
+//! pipeline that fails outright (master unreachable, timeout) fails the batch. Either way
+//! the slot map is re-read before the next batch.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -36,6 +37,9 @@ use crate::{
 };
 
 const SLOTS: usize = 16384;
+/// Commands per pipeline at most: a larger batch goes out as several pipelines, so
+/// neither side buffers an unbounded reply.
+const MAX_PIPELINE: usize = 1000;
 /// Expired member records are pruned on one members read in this many.
 const PRUNE_EVERY: u32 = 16;
 /// The slot map is re-read at most this often after a redirection.
@@ -301,7 +305,11 @@ impl RedisDirectory {
                 groups.entry(group).or_default().push(i);
             }
         }
-        let sends = groups.values().map(|idx| {
+        let chunks: Vec<&[usize]> = groups
+            .values()
+            .flat_map(|idx| idx.chunks(MAX_PIPELINE))
+            .collect();
+        let sends = chunks.into_iter().map(|idx| {
             let mut pipe = redis::pipe();
             for &i in idx {
                 pipe.add_command(cmds[i].1.clone());
@@ -334,7 +342,16 @@ impl RedisDirectory {
                         }
                     }
                 }
-                _ => retry.extend(idx.iter().copied()),
+                // A short reply is a protocol fault; retry those commands one by one.
+                Ok(_) => retry.extend(idx.iter().copied()),
+                // The master could not be reached or timed out: retrying each command
+                // would only multiply the waiting. Fail the batch; the caller's next batch
+                // is regrouped on a fresh slot map (the cluster client meanwhile follows
+                // any failover).
+                Err(e) => {
+                    lock(&self.slots).stale = true;
+                    return Err(e.into());
+                }
             }
         }
         if !retry.is_empty() {

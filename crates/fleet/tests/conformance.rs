@@ -180,6 +180,27 @@ async fn redis_batches_go_out_as_pipelines_without_retries() {
     let h = Redis::new("pipelines").await;
     conformance::batch_lookup(&h).await;
     conformance::refresh_keeps_entries_alive(&h).await;
+    // Larger than one pipeline (1,000 commands): split, answered in order.
+    use peerline_fleet::{FleetDirectory, FleetLocation, Username};
+    h.a.announce(&conformance::member(1, 10))
+        .await
+        .expect("announce");
+    let loc = FleetLocation { node: 1, epoch: 10 };
+    let users: Vec<Username> = (0..2500)
+        .map(|i| Username::parse(&format!("big{i}")).expect("valid name"))
+        .collect();
+    let claimed: Vec<(Username, FleetLocation)> =
+        users.iter().step_by(2).map(|u| (u.clone(), loc)).collect();
+    assert!(h
+        .a
+        .refresh(&claimed)
+        .await
+        .expect("refresh")
+        .iter()
+        .all(|ours| *ours));
+    let found = h.b.lookup_many(&users).await.expect("lookup_many");
+    let want: Vec<Option<FleetLocation>> = (0..2500).map(|i| (i % 2 == 0).then_some(loc)).collect();
+    assert_eq!(found, want);
     assert_eq!(
         h.a.batch_retries(),
         0,
