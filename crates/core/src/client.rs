@@ -2698,7 +2698,6 @@ impl Client {
                 while let Some(t) = link.poll_transmit() {
                     self.transmits.push_back(t);
                 }
-                self.learn_hosts(&hosts);
                 let Some(to) = hosts
                     .iter()
                     .copied()
@@ -2707,6 +2706,7 @@ impl Client {
                     // Nowhere to go: stay until the session ends, then fail over as usual.
                     return;
                 };
+                self.learn_hosts(&hosts);
                 self.move_to(to);
                 self.go_offline(now, "the supernode is shutting down; moving to another", 0);
                 self.hops = 1;

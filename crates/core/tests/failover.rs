@@ -375,6 +375,41 @@ fn a_redirect_is_answered_then_the_client_logs_in_at_the_new_host_at_once() {
 }
 
 #[test]
+fn the_host_cache_is_bounded_and_a_redirect_to_nowhere_keeps_the_session() {
+    let mut b = Bench::new(&["203.0.113.1:7000"]);
+    b.client.connect(b.now);
+    assert!(b.run_until(Duration::from_secs(2), |b| b.client.is_online()));
+    let many: Vec<SocketAddr> = (0..40u16)
+        .map(|i| SocketAddr::from(([198, 18, 0, 1], 7000 + i)))
+        .collect();
+    b.push(
+        "203.0.113.1:7000",
+        Request::Hosts {
+            hosts: many[..peerline_wire::msg::MAX_HOSTS].to_vec(),
+        },
+    );
+    b.run_for(Duration::from_millis(20));
+    assert_eq!(b.client.hosts().len(), peerline_wire::msg::MAX_HOSTS + 1);
+    assert_eq!(b.client.hosts()[0], addr("203.0.113.1:7000"));
+    // A saved cache cannot grow it beyond the bound either.
+    b.client.add_hosts(&many);
+    assert_eq!(b.client.hosts().len(), peerline_wire::msg::MAX_HOSTS + 1);
+    // A redirect that names only this supernode (or nothing usable) moves nowhere.
+    b.push(
+        "203.0.113.1:7000",
+        Request::Redirect {
+            hosts: vec![addr("203.0.113.1:7000"), addr("0.0.0.0:7000")],
+        },
+    );
+    b.run_for(Duration::from_millis(20));
+    assert!(b.client.is_online());
+    assert_eq!(b.client.supernode(), addr("203.0.113.1:7000"));
+    assert_eq!(b.sn("203.0.113.1:7000").inits.len(), 1);
+    // ... and leaves the cache as it was.
+    assert_eq!(b.client.hosts().len(), peerline_wire::msg::MAX_HOSTS + 1);
+}
+
+#[test]
 fn full_and_draining_refusals_try_every_host_once_at_once_then_back_off() {
     let hosts = ["203.0.113.1:7000", "203.0.113.2:7000", "203.0.113.3:7000"];
     let mut b = Bench::new(&hosts);
