@@ -343,3 +343,26 @@ pub async fn withdraw_removes_member<H: Harness>(h: &H) {
     // Withdrawing an unknown node is not an error.
     a.withdraw(999).await.expect("withdraw unknown");
 }
+
+/// A supernode that joined after another handle read the member list is routable through
+/// that handle at once, not only once its cached list expires (users log in on a new
+/// supernode within a second of its start).
+pub async fn a_new_member_is_routable_at_once<H: Harness>(h: &H) {
+    let (a, b) = (h.a(), h.b());
+    a.announce(&member(1, 10)).await.expect("announce");
+    // b reads (and caches) the list while only supernode 1 is in it.
+    assert_eq!(b.members().await.expect("members").len(), 1);
+    a.announce(&member(2, 20)).await.expect("announce");
+    let carol = user("carol");
+    let dave = user("dave");
+    a.claim(&carol, at(2, 20)).await.expect("claim");
+    a.claim(&dave, at(2, 20)).await.expect("claim");
+    h.wait(Duration::from_millis(150)).await;
+    assert_eq!(b.lookup(&carol).await.expect("lookup"), Some(at(2, 20)));
+    assert_eq!(
+        b.lookup_many(&[dave.clone(), user("nobody")])
+            .await
+            .expect("lookup_many"),
+        vec![Some(at(2, 20)), None]
+    );
+}

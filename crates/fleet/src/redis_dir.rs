@@ -121,6 +121,9 @@ impl std::fmt::Debug for RedisDirectory {
     }
 }
 
+/// How old the member list may be when a location names a supernode it does not know.
+const REREAD_UNKNOWN: Duration = Duration::from_millis(100);
+
 /// Live member ids and their epochs.
 type LiveMembers = Arc<HashMap<u32, u64>>;
 
@@ -374,22 +377,44 @@ impl RedisDirectory {
 
     /// Live members (id → epoch), from a copy at most `member_cache` old.
     async fn live(&self) -> Result<LiveMembers, FleetError> {
-        if let Some(live) = self.cached_live() {
+        self.live_within(self.config.member_cache).await
+    }
+
+    /// Live members from a copy at most `age` old.
+    async fn live_within(&self, age: Duration) -> Result<LiveMembers, FleetError> {
+        if let Some(live) = self.cached_live(age) {
             return Ok(live);
         }
         let _reading = self.live_reading.lock().await;
         // Another task may have read it while this one waited.
-        if let Some(live) = self.cached_live() {
+        if let Some(live) = self.cached_live(age) {
             return Ok(live);
         }
         let members = self.read_members().await?;
         Ok(self.cache_members(&members))
     }
 
-    fn cached_live(&self) -> Option<LiveMembers> {
+    /// Live members for resolving `values`: a location naming a supernode the cached copy
+    /// does not know (in that epoch) may be a supernode that joined since the copy was
+    /// read, so the list is then read again, at most every [`REREAD_UNKNOWN`].
+    async fn live_for(&self, values: &[Value]) -> Result<LiveMembers, FleetError> {
+        let live = self.live().await?;
+        let unknown = values.iter().any(|v| {
+            let Value::BulkString(b) = v else {
+                return false;
+            };
+            decode_location(b).is_ok_and(|l| live.get(&l.node) != Some(&l.epoch))
+        });
+        if unknown {
+            return self.live_within(REREAD_UNKNOWN).await;
+        }
+        Ok(live)
+    }
+
+    fn cached_live(&self, age: Duration) -> Option<LiveMembers> {
         lock(&self.live)
             .as_ref()
-            .filter(|(at, _)| at.elapsed() < self.config.member_cache)
+            .filter(|(at, _)| at.elapsed() < age)
             .map(|(_, live)| Arc::clone(live))
     }
 
@@ -562,7 +587,7 @@ impl FleetDirectory for RedisDirectory {
         if matches!(value, Value::Nil) {
             return Ok(None);
         }
-        let live = self.live().await?;
+        let live = self.live_for(std::slice::from_ref(&value)).await?;
         Ok(Self::resolve(&live, &value))
     }
 
@@ -581,7 +606,7 @@ impl FleetDirectory for RedisDirectory {
             })
             .collect();
         let values = self.batch(cmds).await?;
-        let live = self.live().await?;
+        let live = self.live_for(&values).await?;
         Ok(values.iter().map(|v| Self::resolve(&live, v)).collect())
     }
 

@@ -147,6 +147,7 @@ suite!(
     epoch_change_hides_old_users,
     draining_flag,
     withdraw_removes_member,
+    a_new_member_is_routable_at_once,
 );
 
 #[tokio::test]

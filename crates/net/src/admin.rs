@@ -140,7 +140,10 @@ mod tests {
         h.observe(0.005);
         h.observe(2.0);
         let text = h.render("x_seconds", "test");
-        assert!(text.contains("x_seconds_bucket{le=\"0.001\"} 2\n"), "{text}");
+        assert!(
+            text.contains("x_seconds_bucket{le=\"0.001\"} 2\n"),
+            "{text}"
+        );
         assert!(text.contains("x_seconds_bucket{le=\"0.01\"} 3\n"), "{text}");
         assert!(text.contains("x_seconds_bucket{le=\"+Inf\"} 4\n"), "{text}");
         assert!(text.contains("x_seconds_count 4\n"), "{text}");

@@ -76,6 +76,7 @@ pub(crate) struct FleetHandle {
     pub epoch: u64,
     directory: Arc<dyn FleetDirectory>,
     task: tokio::task::JoinHandle<()>,
+    link: FleetLink,
 }
 
 /// Messages queued from the loop to the fleet task at most (beyond: dropped and counted;
@@ -105,7 +106,7 @@ impl FleetHandle {
         let counters = Arc::new(FleetCounters::default());
         let agent = Agent {
             dir: rt.directory.clone(),
-            link,
+            link: link.clone(),
             me: FleetLocation {
                 node: rt.node_id,
                 epoch,
@@ -133,6 +134,7 @@ impl FleetHandle {
             epoch,
             directory: rt.directory,
             task,
+            link,
         })
     }
 
@@ -201,6 +203,7 @@ impl Agent {
         match m {
             ToFleet::Login(u) => {
                 self.users.insert(u.clone());
+                tracing::debug!(user = %u, "fleet claim");
                 match self.dir.claim(&u, self.me).await {
                     Ok(Some(prev)) if prev.node != self.me.node => {
                         // An older session elsewhere: its supernode drops it quietly.
@@ -236,7 +239,10 @@ impl Agent {
         let node = match &t.to {
             NodeDest::Node(n) => Some(*n),
             NodeDest::HomeOf(user) => match self.dir.lookup(user).await {
-                Ok(loc) => loc.map(|l| l.node).filter(|n| *n != self.me.node),
+                Ok(loc) => {
+                    tracing::debug!(user = %user, ?loc, "fleet lookup");
+                    loc.map(|l| l.node).filter(|n| *n != self.me.node)
+                }
                 Err(e) => {
                     self.count(&self.counters.directory_errors);
                     tracing::warn!(error = %e, "fleet directory: lookup failed");
@@ -380,19 +386,97 @@ pub(crate) fn render_metrics(f: &FleetHandle, node_msgs: u64) -> String {
             "# HELP peerline_fleet_{name} {help}\n# TYPE peerline_fleet_{name} {kind}\npeerline_fleet_{name} {v}\n"
         ));
     };
-    m("node_id", "gauge", "This supernode's id in the fleet.", u64::from(f.node_id));
-    m("epoch", "gauge", "This process's epoch in the fleet (its start, unix ms).", f.epoch);
-    m("members", "gauge", "Live supernodes in the fleet, this one included.", c.members.load(Relaxed));
-    m("routed_total", "counter", "Messages sent to other supernodes.", c.routed.load(Relaxed));
+    m(
+        "node_id",
+        "gauge",
+        "This supernode's id in the fleet.",
+        u64::from(f.node_id),
+    );
+    m(
+        "epoch",
+        "gauge",
+        "This process's epoch in the fleet (its start, unix ms).",
+        f.epoch,
+    );
+    m(
+        "members",
+        "gauge",
+        "Live supernodes in the fleet, this one included.",
+        c.members.load(Relaxed),
+    );
+    m(
+        "routed_total",
+        "counter",
+        "Messages sent to other supernodes.",
+        c.routed.load(Relaxed),
+    );
     m(
         "unreachable_total",
         "counter",
         "Messages for users online nowhere (or dropped: queue full, node unknown).",
         c.unreachable.load(Relaxed),
     );
-    m("received_total", "counter", "Messages received from other supernodes.", c.received.load(Relaxed));
-    m("handled_total", "counter", "Messages from other supernodes the core handled.", node_msgs);
-    m("bad_messages_total", "counter", "Undecodable messages from other supernodes.", c.bad_msgs.load(Relaxed));
+    m(
+        "received_total",
+        "counter",
+        "Messages received from other supernodes.",
+        c.received.load(Relaxed),
+    );
+    let l = f.link.stats();
+    m(
+        "link_sent_total",
+        "counter",
+        "Messages written to node-to-node connections.",
+        l.sent,
+    );
+    m(
+        "link_dropped_total",
+        "counter",
+        "Messages dropped: a peer's queue was full.",
+        l.dropped + l.expired + l.lost,
+    );
+    m(
+        "link_connects_total",
+        "counter",
+        "Outbound node-to-node connections established.",
+        l.connects,
+    );
+    m(
+        "link_connect_failures_total",
+        "counter",
+        "Outbound node-to-node connects that failed.",
+        l.connect_failures,
+    );
+    m(
+        "link_accepts_total",
+        "counter",
+        "Inbound node-to-node connections established.",
+        l.accepts,
+    );
+    m(
+        "link_handshake_failures_total",
+        "counter",
+        "Node-to-node handshakes that failed (wrong key, garbage, timeout, wrong node).",
+        l.handshake_failures,
+    );
+    m(
+        "link_protocol_errors_total",
+        "counter",
+        "Node-to-node connections closed for a bad frame, a failed decryption or a stall.",
+        l.protocol_errors,
+    );
+    m(
+        "handled_total",
+        "counter",
+        "Messages from other supernodes the core handled.",
+        node_msgs,
+    );
+    m(
+        "bad_messages_total",
+        "counter",
+        "Undecodable messages from other supernodes.",
+        c.bad_msgs.load(Relaxed),
+    );
     m(
         "directory_errors_total",
         "counter",

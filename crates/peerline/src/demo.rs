@@ -139,6 +139,8 @@ async fn demo(t: &mut Transcript, root: &Path) -> anyhow::Result<()> {
             config: SupernodeConfig::default(),
             snapshot_path: None,
             metrics: MetricsText::default(),
+            fleet: None,
+            drain_timeout: std::time::Duration::ZERO,
         },
         Box::new(store),
         async {

@@ -174,6 +174,37 @@ fn a_fleet_survives_losing_a_supernode() {
     let _db = DropDb(pg.clone(), unique.clone());
 
     let root = tempfile::tempdir().unwrap();
+    // On failure, show what the supernodes logged.
+    struct Logs(std::path::PathBuf, Vec<u16>);
+    impl Drop for Logs {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                for admin in &self.1 {
+                    use std::io::{Read, Write};
+                    if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", *admin)) {
+                        let _ = s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
+                        let mut body = String::new();
+                        let _ = s.read_to_string(&mut body);
+                        eprintln!("---- metrics of :{admin} ----");
+                        for l in body.lines().filter(|l| l.starts_with("peerline_fleet")) {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
+                for n in ["n1", "n2", "n3", "alice", "bob", "carol"] {
+                    let dir = self.0.join(n);
+                    let log = std::fs::read_to_string(dir.join("test.log"))
+                        .or_else(|_| std::fs::read_to_string(dir.join("agent.log")))
+                        .unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                    eprintln!("---- {n} log (last lines) ----");
+                    for l in tail.iter().rev() {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
     let f = Fleet {
         root: root.path(),
         redis: &redis,
@@ -184,6 +215,10 @@ fn a_fleet_survives_losing_a_supernode() {
     let n1_data = n1.data.clone();
     let mut n2 = member(&f, "n2", 2, Some(&n1_data));
     let mut n3 = member(&f, "n3", 3, Some(&n1_data));
+    let _logs = Logs(
+        root.path().to_path_buf(),
+        vec![n1.admin, n2.admin, n3.admin],
+    );
     n1.start();
     n2.start();
     n3.start();
@@ -228,16 +263,20 @@ fn a_fleet_survives_losing_a_supernode() {
     let stop = Arc::new(AtomicBool::new(false));
     let chatter = {
         let stop = stop.clone();
-        let alice = User {
-            name: "alice",
-            profile: alice.profile.clone(),
-        };
+        // Not a `User`: dropping one stops its agent.
+        let profile = alice.profile.clone();
         std::thread::spawn(move || {
             let mut sent = Vec::new();
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let text = format!("during failover {n}");
-                let out = alice.run(&["msg", "send", "bob", &text, "--json"]);
+                let out = Command::new(common::peerline_bin())
+                    .arg("--profile")
+                    .arg(&profile)
+                    .args(["msg", "send", "bob", &text, "--json"])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .unwrap();
                 let via = serde_json::from_slice::<serde_json::Value>(&out.stdout)
                     .map(|v| v["via"].as_str().unwrap_or("?").to_string())
                     .unwrap_or_else(|_| {
@@ -263,7 +302,10 @@ fn a_fleet_survives_losing_a_supernode() {
     std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::Relaxed);
     let sent = chatter.join().unwrap();
-    assert!(sent.len() >= 5, "too few messages during the failover: {sent:?}");
+    assert!(
+        sent.len() >= 5,
+        "too few messages during the failover: {sent:?}"
+    );
     for (text, via) in &sent {
         assert_eq!(via, "direct", "{text} went {via}: {sent:?}");
     }

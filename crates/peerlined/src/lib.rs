@@ -713,8 +713,7 @@ pub fn init_member(
         // The same keys as the fleet's, so the fleet's bootstrap key with this host.
         let from_b = from.join(BOOTSTRAP_FILE);
         let theirs = std::fs::read_to_string(&from_b).map_err(io(&from_b))?;
-        let theirs =
-            Bootstrap::parse(&theirs).map_err(|_| DaemonError::BadKey(from_b.clone()))?;
+        let theirs = Bootstrap::parse(&theirs).map_err(|_| DaemonError::BadKey(from_b.clone()))?;
         let host = public
             .map(str::to_string)
             .unwrap_or_else(|| listen.to_string());

@@ -241,7 +241,6 @@ impl Drop for User {
     }
 }
 
-
 /// A free loopback TCP port.
 pub fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
