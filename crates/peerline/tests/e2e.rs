@@ -245,6 +245,7 @@ fn a_client_without_udp_to_the_supernode_falls_back_to_tcp() {
         data: data.clone(),
         child: None,
         admin: 0,
+        port: udp,
     };
     sn.start();
     let udp_entry = sn.bootstrap();
@@ -319,6 +320,7 @@ fn peerlined_runs_the_turn_relay() {
         data: data.clone(),
         child: None,
         admin: 0,
+        port: 0,
     };
     sn.start();
     let ivan = User {
