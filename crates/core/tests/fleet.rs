@@ -630,3 +630,93 @@ fn a_login_elsewhere_kicks_the_old_session_quietly() {
         .count();
     assert_eq!(blips, 0, "contacts saw no offline blip");
 }
+
+/// Supernodes hand their users the others' addresses (paced, on a change), so a user
+/// logged in before the fleet grew still learns where to go.
+#[test]
+fn users_learn_the_other_supernodes() {
+    let mut f = Fleet::new(8, 2, perfect());
+    let a = f.add_client(0);
+    f.register(a, "alice");
+    assert_eq!(f.clients[a].1.hosts(), &[sn_addr(0)]);
+    let now = f.now;
+    f.nodes[0].set_hosts(now, vec![sn_addr(1)]);
+    assert!(f.saw(
+        a,
+        |e| matches!(e, ClientEvent::Hosts(h) if h == &vec![sn_addr(1)])
+    ));
+    assert_eq!(f.clients[a].1.hosts(), &[sn_addr(0), sn_addr(1)]);
+}
+
+/// A full supernode of a fleet refuses a login with `Full` instead of dropping it, and the
+/// client goes on to the next supernode it knows.
+#[test]
+fn a_full_supernode_sends_new_logins_elsewhere() {
+    let mut f = Fleet::new(9, 2, perfect());
+    let a = f.add_client(0);
+    f.register(a, "alice");
+    let b = f.add_client(1);
+    f.register(b, "bob");
+    // Supernode 0 is now full; it knows supernode 1.
+    let now = f.now;
+    f.nodes[0] = {
+        let cfg = SupernodeConfig {
+            node_id: 0,
+            fleet: true,
+            max_sessions: 0,
+            ..SupernodeConfig::default()
+        };
+        let mut sn = Supernode::new(
+            cfg,
+            f.sn_keys.noise_private(),
+            Authority::from_bytes(&f.authority_bytes),
+            [90; 32],
+            Box::new(MemoryDirectory::new()),
+            WallClock::new(now, UNIX_START_MS),
+            now,
+        );
+        sn.set_hosts(now, vec![sn_addr(1)]);
+        sn
+    };
+    // Bob's device comes back with supernode 0 as its bootstrap and 1 in its cache.
+    let nb = f.move_client(b, 0, true);
+    f.clients[nb].1.add_hosts(&[sn_addr(1)]);
+    f.run_for(Duration::from_secs(5));
+    assert!(f.clients[nb].1.is_online());
+    assert_eq!(f.clients[nb].1.supernode(), sn_addr(1));
+    assert_eq!(f.nodes[0].online_count(), 0);
+    assert!(
+        f.nodes[0].stats().rejects_sent >= 1,
+        "refused with a reject, not dropped"
+    );
+}
+
+/// Draining: every user is sent to another supernode at once, new logins are refused, and
+/// the users end up online elsewhere, still able to reach each other.
+#[test]
+fn a_draining_supernode_moves_its_users() {
+    let mut f = Fleet::new(10, 2, perfect());
+    let a = f.add_client(0);
+    let b = f.add_client(0);
+    f.register(a, "alice");
+    f.register(b, "bob");
+    f.befriend(a, b, "bob", "alice");
+    let now = f.now;
+    f.nodes[0].set_hosts(now, vec![sn_addr(1)]);
+    f.run_for(Duration::from_millis(500));
+    let now = f.now;
+    assert_eq!(f.nodes[0].drain(now), 2);
+    f.run_for(Duration::from_secs(3));
+    assert_eq!(f.nodes[0].online_count(), 0);
+    assert_eq!(f.nodes[1].online_count(), 2);
+    for i in [a, b] {
+        assert!(f.clients[i].1.is_online());
+        assert_eq!(f.clients[i].1.supernode(), sn_addr(1));
+    }
+    f.wait_presence(a, "bob", Presence::Online);
+    // A new device trying the draining supernode is refused (and has nowhere else to go).
+    let c = f.add_client(0);
+    f.run_for(Duration::from_secs(2));
+    assert!(!f.clients[c].1.is_online());
+    assert!(f.nodes[0].stats().rejects_sent >= 1);
+}
