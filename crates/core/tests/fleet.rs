@@ -57,6 +57,25 @@ struct Fleet {
     carried: Vec<&'static str>,
 }
 
+/// A supernode of the fleet (all share the Noise key and the authority).
+fn make_node(
+    cfg: SupernodeConfig,
+    keys: &DeviceKeys,
+    authority: &[u8; 32],
+    seed: u8,
+    now: Instant,
+) -> Supernode {
+    Supernode::new(
+        cfg,
+        keys.noise_private(),
+        Authority::from_bytes(authority),
+        [seed; 32],
+        Box::new(MemoryDirectory::new()),
+        WallClock::new(now, UNIX_START_MS),
+        now,
+    )
+}
+
 fn kind(m: &NodeMsg) -> &'static str {
     match m {
         NodeMsg::Presence { .. } => "presence",
@@ -84,15 +103,7 @@ impl Fleet {
                     fleet: true,
                     ..SupernodeConfig::default()
                 };
-                Supernode::new(
-                    cfg,
-                    sn_keys.noise_private(),
-                    Authority::from_bytes(&authority_bytes),
-                    [seed as u8 + n as u8; 32],
-                    Box::new(MemoryDirectory::new()),
-                    WallClock::new(t0, UNIX_START_MS),
-                    t0,
-                )
+                make_node(cfg, &sn_keys, &authority_bytes, seed as u8 + n as u8, t0)
             })
             .collect();
         Fleet {
@@ -356,6 +367,22 @@ impl Fleet {
             .collect()
     }
 
+    /// Client `i` sends `text` to `to`, which must go `via`; waits for the receiver `j`.
+    fn send_via(&mut self, i: usize, j: usize, to: &str, text: &str, via: Via) {
+        let r = self.command(
+            i,
+            Command::SendMessage {
+                to: user(to),
+                text: text.into(),
+            },
+        );
+        assert!(
+            matches!(r, CommandResult::Sent { via: v, .. } if v == via),
+            "{text}: {r:?}"
+        );
+        assert!(self.saw_message(j, text), "{text} never arrived");
+    }
+
     fn saw_message(&mut self, i: usize, text: &str) -> bool {
         self.saw(
             i,
@@ -405,42 +432,8 @@ fn users_on_different_supernodes_befriend_see_presence_and_message_directly() {
     f.wait_presence(a, "bob", Presence::Online);
     f.wait_presence(b, "alice", Presence::Online);
 
-    let r = f.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "hello across supernodes".into(),
-        },
-    );
-    assert!(
-        matches!(
-            r,
-            CommandResult::Sent {
-                via: Via::Direct,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
-    assert!(f.saw_message(b, "hello across supernodes"));
-    let r = f.command(
-        b,
-        Command::SendMessage {
-            to: user("alice"),
-            text: "hi back".into(),
-        },
-    );
-    assert!(
-        matches!(
-            r,
-            CommandResult::Sent {
-                via: Via::Direct,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
-    assert!(f.saw_message(a, "hi back"));
+    f.send_via(a, b, "bob", "hello across supernodes", Via::Direct);
+    f.send_via(b, a, "alice", "hi back", Via::Direct);
     assert!(f.carried.contains(&"connect") && f.carried.contains(&"answer"));
     assert!(f.carried.contains(&"contact") && f.carried.contains(&"presence"));
 
@@ -560,24 +553,7 @@ fn mail_for_a_user_on_another_supernode_is_delivered_at_once() {
         CommandResult::Ok
     );
     f.wait_presence(a, "bob", Presence::Offline);
-    let r = f.command(
-        a,
-        Command::SendMessage {
-            to: user("bob"),
-            text: "to the mailbox".into(),
-        },
-    );
-    assert!(
-        matches!(
-            r,
-            CommandResult::Sent {
-                via: Via::Offline,
-                ..
-            }
-        ),
-        "{r:?}"
-    );
-    assert!(f.saw_message(b, "to the mailbox"));
+    f.send_via(a, b, "bob", "to the mailbox", Via::Offline);
     assert!(f.carried.contains(&"mail"));
     assert_eq!(f.messages(b).len(), 1);
 }
@@ -666,15 +642,7 @@ fn a_full_supernode_sends_new_logins_elsewhere() {
             max_sessions: 0,
             ..SupernodeConfig::default()
         };
-        let mut sn = Supernode::new(
-            cfg,
-            f.sn_keys.noise_private(),
-            Authority::from_bytes(&f.authority_bytes),
-            [90; 32],
-            Box::new(MemoryDirectory::new()),
-            WallClock::new(now, UNIX_START_MS),
-            now,
-        );
+        let mut sn = make_node(cfg, &f.sn_keys, &f.authority_bytes, 90, now);
         sn.set_hosts(now, vec![sn_addr(1)]);
         sn
     };

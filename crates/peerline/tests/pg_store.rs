@@ -8,111 +8,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{free_port, peerline_bin, peerlined_bin};
+use common::{Supernode, User};
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use peerline_store_pg::testing::TestDb;
-use serde_json::Value;
-
-struct Daemon {
-    data: PathBuf,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.data.join("test.log"))
-            .unwrap();
-        let child = Command::new(peerlined_bin())
-            .args(["run", "--data"])
-            .arg(&self.data)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let pid_file = self.data.join("peerlined.pid");
-        let start = Instant::now();
-        while std::fs::read_to_string(&pid_file)
-            .map(|p| p.trim() != child.id().to_string())
-            .unwrap_or(true)
-        {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "peerlined did not start: {}",
-                std::fs::read_to_string(self.data.join("test.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-struct User {
-    name: &'static str,
-    profile: PathBuf,
-}
-
-impl User {
-    fn new(root: &Path, name: &'static str) -> User {
-        User {
-            name,
-            profile: root.join(name),
-        }
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = Command::new(peerline_bin())
-            .arg("--profile")
-            .arg(&self.profile)
-            .args(args)
-            .env("PEERLINE_PASSWORD", format!("{}-password", self.name))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed: {}",
-            self.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        serde_json::from_str(&self.ok(args)).unwrap()
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _ = Command::new(peerline_bin())
-            .arg("--profile")
-            .arg(&self.profile)
-            .arg("down")
-            .output();
-    }
-}
 
 fn rows(db: &TestDb, sql: &str) -> i64 {
     db.client().query_one(sql, &[]).unwrap().get(0)
@@ -122,37 +22,20 @@ fn rows(db: &TestDb, sql: &str) -> i64 {
 fn a_supernode_on_postgresql_registers_users_and_keeps_offline_messages() {
     let db = TestDb::create();
     let root = tempfile::tempdir().unwrap();
-    let data = root.path().join("supernode");
-    let port = free_port();
-    let out = Command::new(peerlined_bin())
-        .args(["init", "--data"])
-        .arg(&data)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--admin"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .args(["--store-url", db.url()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut sn = Supernode::init_only(root.path(), "supernode", &["--store-url", db.url()]);
+    let data = sn.data.clone();
     let cfg = std::fs::read_to_string(data.join("peerlined.toml")).unwrap();
     assert!(cfg.contains(&format!("url = \"{}\"", db.url())), "{cfg}");
-    let mut sn = Daemon {
-        data: data.clone(),
-        child: None,
-    };
     sn.start();
-    let bootstrap = std::fs::read_to_string(data.join("bootstrap")).unwrap();
-    let bootstrap = bootstrap.trim();
+    let bootstrap = sn.bootstrap();
 
-    let (alice, bob) = (
-        User::new(root.path(), "alice"),
-        User::new(root.path(), "bob"),
-    );
+    let user = |name: &'static str| User {
+        name,
+        profile: root.path().join(name),
+    };
+    let (alice, bob) = (user("alice"), user("bob"));
     for u in [&alice, &bob] {
-        u.ok(&["register", u.name, "--server", bootstrap]);
+        u.ok(&["register", u.name, "--server", &bootstrap]);
         assert_eq!(u.json(&["up", "--json"])["online"], true);
     }
     // The accounts and their devices are in PostgreSQL, and no SQLite file was made.

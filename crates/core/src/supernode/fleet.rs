@@ -327,18 +327,7 @@ impl Supernode {
                     self.push(now, i, body, Push::Info);
                 }
                 if ask {
-                    let mine = self.seen_local(i);
-                    if mine != Presence::Offline {
-                        self.send_node(
-                            from,
-                            NodeMsg::Presence {
-                                to: about,
-                                about: to,
-                                presence: mine,
-                                ask: false,
-                            },
-                        );
-                    }
+                    self.answer_presence(from, i, to, about);
                 }
             }
             NodeMsg::Contact {
@@ -368,18 +357,7 @@ impl Supernode {
                 };
                 self.push(now, i, body, Push::Info);
                 if state == ContactState::Accepted {
-                    let mine = self.seen_local(i);
-                    if mine != Presence::Offline {
-                        self.send_node(
-                            from,
-                            NodeMsg::Presence {
-                                to: about,
-                                about: to,
-                                presence: mine,
-                                ask: false,
-                            },
-                        );
-                    }
+                    self.answer_presence(from, i, to, about);
                 }
             }
             NodeMsg::Connect {
@@ -511,6 +489,23 @@ impl Supernode {
         tracing::info!(user = %user, "logged in on another supernode");
         self.events
             .push_back(super::SupernodeEvent::Logout(user.clone()));
+    }
+
+    /// Tells `about` (homed on `node`) the presence of `me` (local session `i`), unless
+    /// `me` looks offline.
+    fn answer_presence(&mut self, node: u32, i: u32, me: Username, about: Username) {
+        let mine = self.seen_local(i);
+        if mine != Presence::Offline {
+            self.send_node(
+                node,
+                NodeMsg::Presence {
+                    to: about,
+                    about: me,
+                    presence: mine,
+                    ask: false,
+                },
+            );
+        }
     }
 
     /// Presence of local session `i` as contacts see it.
