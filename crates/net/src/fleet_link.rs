@@ -579,8 +579,8 @@ impl FleetLink {
     }
 
     /// Queues `msg` for `node` at `addr` without waiting. Connects lazily and reconnects
-    /// with backoff after a failure; a new `addr` for a known node applies from the next
-    /// connection. Messages to one node arrive in order while a connection lives; across
+    /// with backoff after a failure; a new `addr` for a known node ends an idle connection
+    /// to the old one, and queued messages go to the new one. Messages to one node arrive in order while a connection lives; across
     /// a reconnect some may be lost, none duplicated. Err (and the message is dropped)
     /// when the node's queue is full, the message is too long, or too many nodes have
     /// queues.
