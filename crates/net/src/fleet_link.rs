@@ -72,18 +72,6 @@ impl std::fmt::Debug for FleetLinkConfig {
     }
 }
 
-/// The channel's PSK from the fleet secret: BLAKE2s-256 of a label, the secret's length
-/// (u64 BE) and the secret. The label keeps this key apart from anything else derived
-/// from the same secret; callers with their own key schedule may use theirs instead.
-pub fn derive_psk(fleet_secret: &[u8]) -> [u8; 32] {
-    use blake2::{Blake2s256, Digest};
-    let mut h = Blake2s256::new();
-    h.update(b"peerline fleet link psk v1\0");
-    h.update((fleet_secret.len() as u64).to_be_bytes());
-    h.update(fleet_secret);
-    h.finalize().into()
-}
-
 /// Bounds and deadlines of a link; the defaults suit a fleet of thousands of nodes.
 #[derive(Debug, Clone)]
 pub struct FleetLinkLimits {
