@@ -8,10 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use peerline_core::call::{CallInfo, CallState};
-use peerline_core::client::{
-    Client, ClientConfig, ClientEvent, Command, CommandId, CommandResult, Via,
-};
+use peerline_core::call::CallState;
+use peerline_core::client::{Client, ClientConfig, ClientEvent, Command, CommandResult, Via};
 use peerline_core::clock::WallClock;
 use peerline_core::directory::MemoryDirectory;
 use peerline_core::link::Transmit;
@@ -32,9 +30,8 @@ fn sn_addr(n: usize) -> SocketAddr {
     format!("203.0.113.{}:7000", n + 1).parse().unwrap()
 }
 
-fn user(s: &str) -> Username {
-    Username::parse(s).unwrap()
-}
+mod support;
+use support::{user, Sim};
 
 struct Fleet {
     now: Instant,
@@ -86,6 +83,21 @@ fn kind(m: &NodeMsg) -> &'static str {
         NodeMsg::Mail { .. } => "mail",
         NodeMsg::Kick { .. } => "kick",
         NodeMsg::Answer { .. } => "answer",
+    }
+}
+
+impl Sim for Fleet {
+    fn step(&mut self) {
+        Fleet::step(self)
+    }
+    fn now(&self) -> Instant {
+        self.now
+    }
+    fn client_mut(&mut self, i: usize) -> &mut Client {
+        &mut self.clients[i].1
+    }
+    fn events(&self, i: usize) -> &[ClientEvent] {
+        &self.events[i]
     }
 }
 
@@ -273,55 +285,8 @@ impl Fleet {
         }
     }
 
-    fn run_for(&mut self, d: Duration) {
-        let end = self.now + d;
-        while self.now < end {
-            self.step();
-        }
-    }
-
-    fn command(&mut self, i: usize, cmd: Command) -> CommandResult {
-        let id = self.clients[i].1.command(self.now, cmd);
-        self.wait_done(i, id, Duration::from_secs(60))
-    }
-
-    fn wait_done(&mut self, i: usize, id: CommandId, limit: Duration) -> CommandResult {
-        let end = self.now + limit;
-        while self.now < end {
-            self.step();
-            if let Some(r) = self.events[i].iter().find_map(|e| match e {
-                ClientEvent::CommandDone { id: d, result } if *d == id => Some(result.clone()),
-                _ => None,
-            }) {
-                return r;
-            }
-        }
-        panic!("command {id} of client {i} did not finish");
-    }
-
-    fn saw(&mut self, i: usize, pred: impl Fn(&ClientEvent) -> bool) -> bool {
-        let end = self.now + Duration::from_secs(20);
-        while self.now < end {
-            if self.events[i].iter().any(&pred) {
-                return true;
-            }
-            self.step();
-        }
-        false
-    }
-
-    fn register(&mut self, i: usize, name: &str) {
-        let r = self.command(
-            i,
-            Command::Register {
-                username: user(name),
-                password: "correct horse".into(),
-            },
-        );
-        assert_eq!(r, CommandResult::Ok, "register {name}");
-    }
-
-    fn befriend(&mut self, a: usize, b: usize, bname: &str, aname: &str) {
+    /// As [`Sim::befriend`], checking that the request crossed as a contact event.
+    fn befriend_across(&mut self, a: usize, b: usize, bname: &str, aname: &str) {
         let add = Command::ContactAdd {
             user: user(bname),
             note: "hi".into(),
@@ -382,34 +347,6 @@ impl Fleet {
         );
         assert!(self.saw_message(j, text), "{text} never arrived");
     }
-
-    fn saw_message(&mut self, i: usize, text: &str) -> bool {
-        self.saw(
-            i,
-            |e| matches!(e, ClientEvent::Message { text: t, .. } if t == text),
-        )
-    }
-
-    fn call_state(&self, i: usize, call_id: u64) -> Option<CallInfo> {
-        self.events[i].iter().rev().find_map(|e| match e {
-            ClientEvent::Call(c) if c.call_id == call_id => Some(c.clone()),
-            _ => None,
-        })
-    }
-
-    fn wait_call(&mut self, i: usize, call_id: u64, state: CallState) -> CallInfo {
-        let end = self.now + Duration::from_secs(40);
-        while self.now < end {
-            if let Some(c) = self.call_state(i, call_id).filter(|c| c.state == state) {
-                return c;
-            }
-            self.step();
-        }
-        panic!(
-            "client {i}: call {call_id} never became {state:?}: last {:?}",
-            self.call_state(i, call_id)
-        );
-    }
 }
 
 fn perfect() -> Net {
@@ -427,7 +364,7 @@ fn users_on_different_supernodes_befriend_see_presence_and_message_directly() {
     f.register(b, "bob");
     assert_eq!(f.directory.get(&user("alice")), Some(&0));
     assert_eq!(f.directory.get(&user("bob")), Some(&1));
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     assert!(f.saw(a, |e| matches!(e, ClientEvent::Contact { user: u, state: ContactState::Accepted, .. } if u.as_str() == "bob")));
     f.wait_presence(a, "bob", Presence::Online);
     f.wait_presence(b, "alice", Presence::Online);
@@ -454,7 +391,7 @@ fn a_later_login_learns_remote_contacts_presence() {
     let b = f.add_client(1);
     f.register(a, "alice");
     f.register(b, "bob");
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     f.wait_presence(a, "bob", Presence::Online);
     // Bob's device goes away and comes back on supernode 2.
     let now = f.now;
@@ -476,7 +413,7 @@ fn a_call_rings_across_supernodes() {
     let b = f.add_client(1);
     f.register(a, "alice");
     f.register(b, "bob");
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     let call = match f.command(a, Command::CallStart { user: user("bob") }) {
         CommandResult::Call { call_id } => call_id,
         other => panic!("not ringing: {other:?}"),
@@ -530,7 +467,7 @@ fn cross_supernode_refusals_leak_nothing() {
     assert_eq!(code(&online), ErrorCode::NotContact);
     assert_eq!(code(&absent), ErrorCode::NotContact);
     // Carol befriends bob, bob goes away: carol's call reads offline.
-    f.befriend(c, b, "bob", "carol");
+    f.befriend_across(c, b, "bob", "carol");
     let now = f.now;
     f.clients[b].1.shutdown(now);
     f.wait_presence(c, "bob", Presence::Offline);
@@ -547,7 +484,7 @@ fn mail_for_a_user_on_another_supernode_is_delivered_at_once() {
     let b = f.add_client(1);
     f.register(a, "alice");
     f.register(b, "bob");
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     assert_eq!(
         f.command(b, Command::SetPresence(Presence::Invisible)),
         CommandResult::Ok
@@ -567,7 +504,7 @@ fn a_dead_supernodes_users_turn_offline_then_online_elsewhere() {
     let b = f.add_client(1);
     f.register(a, "alice");
     f.register(b, "bob");
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     f.wait_presence(a, "bob", Presence::Online);
     f.kill(1);
     f.wait_presence(a, "bob", Presence::Offline);
@@ -585,7 +522,7 @@ fn a_login_elsewhere_kicks_the_old_session_quietly() {
     let b = f.add_client(1);
     f.register(a, "alice");
     f.register(b, "bob");
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     f.wait_presence(a, "bob", Presence::Online);
     f.move_client(b, 2, false);
     let seen_before = f.events[a].len();
@@ -668,7 +605,7 @@ fn a_draining_supernode_moves_its_users() {
     let b = f.add_client(0);
     f.register(a, "alice");
     f.register(b, "bob");
-    f.befriend(a, b, "bob", "alice");
+    f.befriend_across(a, b, "bob", "alice");
     let now = f.now;
     f.nodes[0].set_hosts(now, vec![sn_addr(1)]);
     f.run_for(Duration::from_millis(500));

@@ -5,9 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use peerline_core::client::{
-    Client, ClientConfig, ClientEvent, Command, CommandId, CommandResult, Via,
-};
+use peerline_core::client::{Client, ClientConfig, ClientEvent, Command, CommandResult, Via};
 use peerline_core::clock::WallClock;
 use peerline_core::directory::MemoryDirectory;
 use peerline_core::link::Transmit;
@@ -40,9 +38,8 @@ fn relay_addr() -> SocketAddr {
     "203.0.113.2:3478".parse().unwrap()
 }
 
-fn user(s: &str) -> Username {
-    Username::parse(s).unwrap()
-}
+mod support;
+use support::{user, Sim};
 
 struct World {
     now: Instant,
@@ -68,6 +65,21 @@ struct World {
     relay: Option<Relay>,
     /// Relayed addresses handed out by the relay.
     allocations: Vec<(AllocationId, SocketAddr)>,
+}
+
+impl Sim for World {
+    fn step(&mut self) {
+        World::step(self)
+    }
+    fn now(&self) -> Instant {
+        self.now
+    }
+    fn client_mut(&mut self, i: usize) -> &mut Client {
+        &mut self.clients[i].1
+    }
+    fn events(&self, i: usize) -> &[ClientEvent] {
+        &self.events[i]
+    }
 }
 
 impl World {
@@ -355,45 +367,6 @@ impl World {
             .collect()
     }
 
-    fn run_for(&mut self, d: Duration) {
-        let end = self.now + d;
-        while self.now < end {
-            self.step();
-        }
-    }
-
-    fn command(&mut self, i: usize, cmd: Command) -> CommandResult {
-        let id = self.clients[i].1.command(self.now, cmd);
-        self.wait_done(i, id, Duration::from_secs(60))
-    }
-
-    fn wait_done(&mut self, i: usize, id: CommandId, limit: Duration) -> CommandResult {
-        let end = self.now + limit;
-        while self.now < end {
-            self.step();
-            if let Some(r) = self.events[i].iter().find_map(|e| match e {
-                ClientEvent::CommandDone { id: d, result } if *d == id => Some(result.clone()),
-                _ => None,
-            }) {
-                return r;
-            }
-        }
-        panic!("command {id} of client {i} did not finish");
-    }
-
-    /// Steps until client `i` has seen an event matching `pred` (pushes may need
-    /// retransmissions on a lossy network).
-    fn saw(&mut self, i: usize, pred: impl Fn(&ClientEvent) -> bool) -> bool {
-        let end = self.now + Duration::from_secs(15);
-        while self.now < end {
-            if self.events[i].iter().any(&pred) {
-                return true;
-            }
-            self.step();
-        }
-        false
-    }
-
     /// Stops client `i` cleanly (its session closes) and removes it; returns its
     /// certificate so the same device can come back later.
     fn take_offline(&mut self, i: usize) -> Vec<u8> {
@@ -412,26 +385,6 @@ impl World {
         self.command(i, Command::SendMessage { to: user(to), text })
     }
 
-    /// Steps until client `i` has received a message with `text`.
-    fn saw_message(&mut self, i: usize, text: &str) -> bool {
-        self.saw(
-            i,
-            |e| matches!(e, ClientEvent::Message { text: t, .. } if t == text),
-        )
-    }
-
-    fn register(&mut self, i: usize, name: &str) {
-        let r = self.command(
-            i,
-            Command::Register {
-                username: user(name),
-                password: "correct horse".into(),
-            },
-        );
-        assert_eq!(r, CommandResult::Ok, "register {name}");
-        assert!(self.clients[i].1.is_online());
-    }
-
     fn messages(&self, i: usize) -> Vec<(Username, String, Via)> {
         self.events[i]
             .iter()
@@ -442,29 +395,6 @@ impl World {
                 _ => None,
             })
             .collect()
-    }
-
-    fn befriend(&mut self, a: usize, b: usize, bname: &str, aname: &str) {
-        assert_eq!(
-            self.command(
-                a,
-                Command::ContactAdd {
-                    user: user(bname),
-                    note: "hi".into()
-                }
-            ),
-            CommandResult::Ok
-        );
-        assert_eq!(
-            self.command(
-                b,
-                Command::ContactReply {
-                    user: user(aname),
-                    action: ContactAction::Accept
-                }
-            ),
-            CommandResult::Ok
-        );
     }
 }
 
@@ -1353,32 +1283,9 @@ fn birthday_probes_are_bounded_when_nothing_answers() {
 
 // ----- calls -----
 
-use peerline_core::call::{CallInfo, CallState};
+use peerline_core::call::CallState;
 
 impl World {
-    /// The latest state client `i` reported for `call_id`.
-    fn call_state(&self, i: usize, call_id: u64) -> Option<CallInfo> {
-        self.events[i].iter().rev().find_map(|e| match e {
-            ClientEvent::Call(c) if c.call_id == call_id => Some(c.clone()),
-            _ => None,
-        })
-    }
-
-    /// Steps until client `i` reports `state` for `call_id`.
-    fn wait_call(&mut self, i: usize, call_id: u64, state: CallState) -> CallInfo {
-        let end = self.now + Duration::from_secs(40);
-        while self.now < end {
-            if let Some(c) = self.call_state(i, call_id).filter(|c| c.state == state) {
-                return c;
-            }
-            self.step();
-        }
-        panic!(
-            "client {i}: call {call_id} never became {state:?}: last {:?}",
-            self.call_state(i, call_id)
-        );
-    }
-
     /// The id of the newest incoming call client `i` saw.
     fn incoming_call(&mut self, i: usize) -> u64 {
         assert!(self.saw(
