@@ -349,6 +349,19 @@ impl Fleet {
     }
 }
 
+/// Alice on supernode 0 and Bob on supernode 1, contacts who see each other online.
+fn alice_and_bob(seed: u64, nodes: usize, net: Net) -> (Fleet, usize, usize) {
+    let mut f = Fleet::new(seed, nodes, net);
+    let a = f.add_client(0);
+    let b = f.add_client(1);
+    f.register(a, "alice");
+    f.register(b, "bob");
+    f.befriend_across(a, b, "bob", "alice");
+    f.wait_presence(a, "bob", Presence::Online);
+    f.wait_presence(b, "alice", Presence::Online);
+    (f, a, b)
+}
+
 fn perfect() -> Net {
     Net::lossy(7, 0.0, 0.0, Duration::from_millis(10))
 }
@@ -386,13 +399,7 @@ fn users_on_different_supernodes_befriend_see_presence_and_message_directly() {
 /// (the login's one-message exchange asks back).
 #[test]
 fn a_later_login_learns_remote_contacts_presence() {
-    let mut f = Fleet::new(2, 3, perfect());
-    let a = f.add_client(0);
-    let b = f.add_client(1);
-    f.register(a, "alice");
-    f.register(b, "bob");
-    f.befriend_across(a, b, "bob", "alice");
-    f.wait_presence(a, "bob", Presence::Online);
+    let (mut f, a, b) = alice_and_bob(2, 3, perfect());
     // Bob's device goes away and comes back on supernode 2.
     let now = f.now;
     f.clients[b].1.shutdown(now);
@@ -499,13 +506,7 @@ fn mail_for_a_user_on_another_supernode_is_delivered_at_once() {
 /// again elsewhere, online again.
 #[test]
 fn a_dead_supernodes_users_turn_offline_then_online_elsewhere() {
-    let mut f = Fleet::new(6, 2, perfect());
-    let a = f.add_client(0);
-    let b = f.add_client(1);
-    f.register(a, "alice");
-    f.register(b, "bob");
-    f.befriend_across(a, b, "bob", "alice");
-    f.wait_presence(a, "bob", Presence::Online);
+    let (mut f, a, b) = alice_and_bob(6, 2, perfect());
     f.kill(1);
     f.wait_presence(a, "bob", Presence::Offline);
     let nb = f.move_client(b, 0, false);
@@ -517,13 +518,7 @@ fn a_dead_supernodes_users_turn_offline_then_online_elsewhere() {
 /// "offline" blip for contacts.
 #[test]
 fn a_login_elsewhere_kicks_the_old_session_quietly() {
-    let mut f = Fleet::new(7, 3, perfect());
-    let a = f.add_client(0);
-    let b = f.add_client(1);
-    f.register(a, "alice");
-    f.register(b, "bob");
-    f.befriend_across(a, b, "bob", "alice");
-    f.wait_presence(a, "bob", Presence::Online);
+    let (mut f, a, b) = alice_and_bob(7, 3, perfect());
     f.move_client(b, 2, false);
     let seen_before = f.events[a].len();
     f.run_for(Duration::from_secs(3));
