@@ -84,6 +84,8 @@ pub(crate) struct FleetHandle {
 const TO_FLEET_QUEUE: usize = 65_536;
 /// Membership is re-read and this node re-announced this often.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+/// Commands taken from the queue at once (their lookups go out as one batch).
+const BATCH: usize = 256;
 /// Locations refreshed per directory batch.
 const REFRESH_BATCH: usize = 1000;
 
@@ -180,7 +182,17 @@ impl Agent {
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => self.on_cmd(m).await,
+                    Some(m) => {
+                        // Take what else is queued, so its lookups go out as one batch.
+                        let mut batch = vec![m];
+                        while batch.len() < BATCH {
+                            match rx.try_recv() {
+                                Ok(m) => batch.push(m),
+                                Err(_) => break,
+                            }
+                        }
+                        self.on_batch(batch).await;
+                    }
                     None => return,
                 },
                 Some(inc) = link_rx.recv() => self.on_incoming(inc).await,
@@ -199,7 +211,62 @@ impl Agent {
         c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn on_cmd(&mut self, m: ToFleet) {
+    /// Handles commands in order; the homes of every user they route to are looked up
+    /// first, in one batch (the users are online elsewhere, so this supernode's own claims
+    /// in the batch do not change them).
+    async fn on_batch(&mut self, batch: Vec<ToFleet>) {
+        let mut users: Vec<Username> = batch
+            .iter()
+            .filter_map(|m| match m {
+                ToFleet::Out(NodeTransmit {
+                    to: NodeDest::HomeOf(u),
+                    ..
+                }) => Some(u.clone()),
+                _ => None,
+            })
+            .collect();
+        users.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+        users.dedup();
+        let homes: HashMap<Username, Option<u32>> = if users.is_empty() {
+            HashMap::new()
+        } else {
+            match self.dir.lookup_many(&users).await {
+                Ok(locs) => users
+                    .into_iter()
+                    .zip(locs)
+                    .map(|(u, l)| (u, l.map(|l| l.node)))
+                    .collect(),
+                Err(e) => {
+                    self.count(&self.counters.directory_errors);
+                    tracing::warn!(error = %e, "fleet directory: lookup failed");
+                    HashMap::new()
+                }
+            }
+        };
+        for m in batch {
+            self.on_cmd(m, &homes).await;
+        }
+    }
+
+    /// The supernode `to` names: from `homes` (a batch's lookups), else looked up now.
+    async fn home(&self, to: &NodeDest, homes: &HashMap<Username, Option<u32>>) -> Option<u32> {
+        match to {
+            NodeDest::Node(n) => Some(*n),
+            NodeDest::HomeOf(u) => match homes.get(u) {
+                Some(n) => *n,
+                None => match self.dir.lookup(u).await {
+                    Ok(loc) => loc.map(|l| l.node),
+                    Err(e) => {
+                        self.count(&self.counters.directory_errors);
+                        tracing::warn!(error = %e, "fleet directory: lookup failed");
+                        None
+                    }
+                },
+            },
+        }
+    }
+
+    async fn on_cmd(&mut self, m: ToFleet, homes: &HashMap<Username, Option<u32>>) {
         match m {
             ToFleet::Login(u) => {
                 self.users.insert(u.clone());
@@ -231,25 +298,17 @@ impl Agent {
                     self.announce().await;
                 }
             }
-            ToFleet::Out(t) => self.route(t).await,
+            ToFleet::Out(t) => {
+                let node = self.home(&t.to, homes).await;
+                self.route(t, node).await;
+            }
         }
     }
 
-    async fn route(&mut self, t: NodeTransmit) {
-        let node = match &t.to {
-            NodeDest::Node(n) => Some(*n),
-            NodeDest::HomeOf(user) => match self.dir.lookup(user).await {
-                Ok(loc) => {
-                    tracing::debug!(user = %user, ?loc, "fleet lookup");
-                    loc.map(|l| l.node).filter(|n| *n != self.me.node)
-                }
-                Err(e) => {
-                    self.count(&self.counters.directory_errors);
-                    tracing::warn!(error = %e, "fleet directory: lookup failed");
-                    None
-                }
-            },
-        };
+    /// Sends `t` to supernode `node` (its addressee's home, or None when online nowhere
+    /// else); tells the core when it cannot.
+    async fn route(&mut self, t: NodeTransmit, node: Option<u32>) {
+        let node = node.filter(|n| *n != self.me.node);
         let sent = match node {
             Some(n) => self.send_to(n, &t.msg).await,
             None => false,
