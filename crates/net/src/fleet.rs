@@ -544,3 +544,104 @@ pub(crate) fn render_metrics(f: &FleetHandle, node_msgs: u64) -> String {
     );
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use peerline_fleet::{FleetConfig, FleetDirectory, MemoryFleetDirectory, SystemClock};
+
+    fn user(s: &str) -> Username {
+        Username::parse(s).unwrap()
+    }
+
+    async fn node(dir: &MemoryFleetDirectory, id: u32) -> FleetHandle {
+        FleetHandle::start(FleetRuntime {
+            directory: Arc::new(dir.clone()),
+            node_id: id,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            client_addr: format!("127.0.0.1:{}", 7000 + id).parse().unwrap(),
+            psk: [7; 32],
+            capacity: 100,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// The next message from the fleet task that `pick` accepts (others are skipped).
+    async fn next<T>(h: &mut FleetHandle, mut pick: impl FnMut(FromFleet) -> Option<T>) -> T {
+        let wait = async {
+            loop {
+                if let Some(t) = pick(h.rx.recv().await.expect("fleet task alive")) {
+                    return t;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .expect("within 10 s")
+    }
+
+    #[tokio::test]
+    async fn messages_reach_the_users_home_and_a_departed_node_is_reported() {
+        let dir = MemoryFleetDirectory::new(Arc::new(SystemClock::new()), FleetConfig::default());
+        let mut a = node(&dir, 1).await;
+        let mut b = node(&dir, 2).await;
+        // Each learns the other as a host (announce and read every second).
+        let hosts = next(&mut a, |m| match m {
+            FromFleet::Hosts(h) if !h.is_empty() => Some(h),
+            _ => None,
+        })
+        .await;
+        assert_eq!(hosts, vec!["127.0.0.1:7002".parse().unwrap()]);
+        b.send(ToFleet::Login(user("bob")));
+        let start = Instant::now();
+        while dir.lookup(&user("bob")).await.unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "bob never claimed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Routed by the directory to bob's home, in order, with the sender's id.
+        for to in ["bob", "nobody", "bob"] {
+            a.send(ToFleet::Out(NodeTransmit {
+                to: NodeDest::HomeOf(user(to)),
+                msg: NodeMsg::Mail { to: user(to) },
+            }));
+        }
+        let unreachable = next(&mut a, |m| match m {
+            FromFleet::Unreachable(msg) => Some(msg),
+            _ => None,
+        })
+        .await;
+        assert_eq!(unreachable, NodeMsg::Mail { to: user("nobody") });
+        for _ in 0..2 {
+            let (from, msg) = next(&mut b, |m| match m {
+                FromFleet::Msg { from, msg } => Some((from, msg)),
+                _ => None,
+            })
+            .await;
+            assert_eq!((from, msg), (1, NodeMsg::Mail { to: user("bob") }));
+        }
+        // A login elsewhere makes the old home drop its session.
+        a.send(ToFleet::Login(user("bob")));
+        let kicked = next(&mut b, |m| match m {
+            FromFleet::Msg {
+                msg: NodeMsg::Kick { user },
+                ..
+            } => Some(user),
+            _ => None,
+        })
+        .await;
+        assert_eq!(kicked, user("bob"));
+        // Supernode 2 leaves: supernode 1 hears of it.
+        b.leave().await;
+        let down = next(&mut a, |m| match m {
+            FromFleet::NodeDown(n) => Some(n),
+            _ => None,
+        })
+        .await;
+        assert_eq!(down, 2);
+    }
+}
