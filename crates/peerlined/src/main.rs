@@ -372,7 +372,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         None
                     }
                 };
-                let result = run_supernode(
+                // Spawned, not run by `block_on`: a task runs on the worker thread that
+                // polls the socket's readiness, where the blocked-on future would be woken
+                // across threads (a futex wake and a context switch per wakeup).
+                let supernode = tokio::spawn(run_supernode(
                     SupernodeRuntime {
                         listen: cfg.listen,
                         tcp_listen: cfg.tcp_addr(),
@@ -386,8 +389,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     store,
                     stopped(stop.clone()),
-                )
-                .await;
+                ));
+                let result = match supernode.await {
+                    Ok(r) => r.map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::anyhow!("the supernode task ended abnormally: {e}")),
+                };
                 // Stop the relay with the supernode, whichever way the supernode ended.
                 raise_stop.send_replace(true);
                 if let Some(task) = relay_task {
