@@ -373,9 +373,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 };
                 // The supernode loop gets a thread and a single-threaded runtime of its
-                // own: run by `block_on` on a multi-threaded runtime it was woken across
-                // threads on every readiness event, and as a task there it still woke idle
-                // workers; the relay and the admin endpoint keep the shared runtime.
+                // own: run by `block_on` on the multi-threaded runtime it was woken across
+                // threads on every readiness event, and as a task there its profile was
+                // still mostly context switches (docs/benchmarks.md, "Second round").
+                // The relay and the admin endpoint keep the shared runtime.
                 let sn_runtime = SupernodeRuntime {
                     listen: cfg.listen,
                     tcp_listen: cfg.tcp_addr(),
