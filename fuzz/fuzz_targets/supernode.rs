@@ -1,5 +1,6 @@
 //! The supernode's packet handler fed an arbitrary sequence of datagrams from a few
 //! sources, with time advancing and storage operations executed: it must never panic.
+//! Datagrams go in as the driver feeds them (`handle_datagram_into`).
 //!
 //! Input format: repeated `[len u16 LE][source u8][delay u8][len bytes]` (seeds in
 //! `fuzz/seeds/supernode` are sessions captured from simulated clients).
@@ -39,7 +40,12 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
         now += Duration::from_millis(delay as u64 * 5);
         let from = std::net::SocketAddr::from(([198, 51, 100, src % 4], 4000));
-        sn.handle_datagram(now, from, dgram);
+        // The driver's path: STUN answered into a send slot (of any length here),
+        // everything else through `handle_datagram`.
+        let mut out = [0u8; 80];
+        if let Some(k) = sn.handle_datagram_into(now, from, dgram, &mut out[..src as usize % 81]) {
+            assert!(k <= src as usize % 81);
+        }
         sn.handle_timeout(now);
         while let Some((token, op)) = sn.poll_op() {
             let r = execute(&mut store, op, &mut rng);

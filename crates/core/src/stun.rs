@@ -8,19 +8,35 @@ use std::net::SocketAddr;
 
 use stun_types::attribute::XorMappedAddress;
 use stun_types::message::{
-    Message, MessageClass, MessageWrite, MessageWriteExt, MessageWriteVec, BINDING,
+    Message, MessageClass, MessageWrite, MessageWriteExt, MessageWriteMutSlice, BINDING,
 };
+
+/// Bytes an answer takes at most: header, XOR-MAPPED-ADDRESS of an IPv6 address,
+/// FINGERPRINT. A buffer this long always fits an answer.
+pub const ANSWER_MAX: usize = 20 + 4 + 20 + 8;
 
 /// The answer to a STUN message from `from`, if it is a Binding request: a success
 /// response carrying XOR-MAPPED-ADDRESS (the address the request came from) and a
 /// FINGERPRINT. Anything else (responses, indications, other methods, garbage) gets
 /// no answer, so the port cannot be used to reflect traffic at a third party.
 pub fn answer(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    let mut out = [0u8; ANSWER_MAX];
+    let n = answer_into(request, from, &mut out)?;
+    Some(out[..n].to_vec())
+}
+
+/// [`answer`] written into `out` (the caller's send buffer: no allocation), returning
+/// its length. `None` when there is nothing to answer or `out` is shorter than
+/// [`ANSWER_MAX`].
+pub fn answer_into(request: &[u8], from: SocketAddr, out: &mut [u8]) -> Option<usize> {
+    if out.len() < ANSWER_MAX {
+        return None;
+    }
     let msg = Message::from_bytes(request).ok()?;
     if !msg.has_class(MessageClass::Request) || !msg.has_method(BINDING) {
         return None;
     }
-    let mut resp = Message::builder_success(&msg, MessageWriteVec::new());
+    let mut resp = Message::builder_success(&msg, MessageWriteMutSlice::new(out));
     resp.add_attribute(&XorMappedAddress::new(from, msg.transaction_id()))
         .ok()?;
     resp.add_fingerprint().ok()?;
@@ -79,7 +95,30 @@ mod tests {
         assert!(answer(&other, from).is_none());
     }
 
+    #[test]
+    fn answer_into_writes_the_same_bytes_and_refuses_short_buffers() {
+        let req = request([3; 12]);
+        for from in ["198.51.100.7:9", "[2001:db8::1]:443"] {
+            let from: SocketAddr = from.parse().unwrap();
+            let mut out = [0xAAu8; 200];
+            let n = answer_into(&req, from, &mut out).expect("answered");
+            assert!(n <= ANSWER_MAX);
+            assert_eq!(Some(out[..n].to_vec()), answer(&req, from));
+            assert_eq!(xor_mapped(&out[..n]).is_some(), from.is_ipv4());
+            let mut short = [0u8; ANSWER_MAX - 1];
+            assert_eq!(answer_into(&req, from, &mut short), None);
+        }
+    }
+
     proptest! {
+        #[test]
+        fn answer_into_is_total(b in proptest::collection::vec(any::<u8>(), 0..300), len in 0usize..100) {
+            let mut out = vec![0u8; len];
+            if let Some(n) = answer_into(&b, "[::1]:1".parse().unwrap(), &mut out) {
+                prop_assert!(n <= len);
+            }
+        }
+
         #[test]
         fn answer_is_total(b in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = answer(&b, "127.0.0.1:1".parse().unwrap());

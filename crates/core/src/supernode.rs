@@ -67,6 +67,10 @@ pub struct SupernodeConfig {
     pub relay: Option<RelayOffer>,
     /// Load thresholds, caps and rate limits against floods and abuse.
     pub limits: Limits,
+    /// Expiries (session timers and half-open sessions) one
+    /// [`Supernode::handle_timeout`] call handles at most: the rest wait for the next
+    /// call, so a mass expiry never keeps the driver from reading its socket.
+    pub timer_budget: usize,
 }
 
 /// Load thresholds, caps and rate limits. Every per-key table is bounded by
@@ -183,6 +187,7 @@ impl Default for SupernodeConfig {
             max_pending_ops: 10_000,
             relay: None,
             limits: Limits::default(),
+            timer_budget: 2048,
         }
     }
 }
@@ -668,11 +673,14 @@ impl Supernode {
 
     /// Drops sessions that completed no round trip within the half-open lifetime: a
     /// spoofed source never does, so a flood holds at most a lifetime's worth of them.
-    fn expire_half_open(&mut self, now: Instant) {
+    /// Expires at most `budget` half-open sessions; returns how many queue entries it took.
+    fn expire_half_open(&mut self, now: Instant, budget: usize) -> usize {
+        let mut taken = 0;
         while let Some(&(deadline, index)) = self.half_open_queue.front() {
-            if deadline > now {
+            if deadline > now || taken >= budget {
                 break;
             }
+            taken += 1;
             self.half_open_queue.pop_front();
             let stale = self
                 .sessions
@@ -683,6 +691,7 @@ impl Supernode {
                 self.logout(now, index);
             }
         }
+        taken
     }
 
     fn maybe_prune(&mut self, now: Instant) {
@@ -849,6 +858,29 @@ impl Supernode {
         }
     }
 
+    /// Handles one datagram from `from`, like [`Supernode::handle_datagram`], except that
+    /// an answer needing no session state (a STUN Binding response) is written into `out`
+    /// (the driver's send buffer) and its length returned, instead of being queued as a
+    /// [`Transmit`]: no allocation, no timer, no queue for the commonest unauthenticated
+    /// request. `out` should hold [`crate::stun::ANSWER_MAX`] bytes.
+    pub fn handle_datagram_into(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        bytes: &[u8],
+        out: &mut [u8],
+    ) -> Option<usize> {
+        if bytes.len() > peerline_wire::MAX_DATAGRAM || !peerline_wire::packet::is_stun(bytes) {
+            self.handle_datagram(now, from, bytes);
+            return None;
+        }
+        self.stats.datagrams_in += 1;
+        self.stats.stun += 1;
+        let n = crate::stun::answer_into(bytes, from, out)?;
+        self.stats.datagrams_out += 1;
+        Some(n)
+    }
+
     /// Handles one datagram from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.stats.datagrams_in += 1;
@@ -947,7 +979,7 @@ impl Supernode {
         noise: &[u8],
         datagram: &[u8],
     ) {
-        self.expire_half_open(now);
+        self.expire_half_open(now, self.cfg.timer_budget);
         let full = self.sessions.len() >= self.cfg.max_sessions;
         if full && self.hosts.is_empty() {
             self.dropped(DropReason::Capacity);
@@ -1236,14 +1268,18 @@ impl Supernode {
         }
     }
 
-    /// Runs due timers (retransmissions, idle expiry).
+    /// Runs due timers (retransmissions, idle expiry), at most
+    /// [`SupernodeConfig::timer_budget`] of them: when more are due, [`Supernode::poll_timeout`]
+    /// stays in the past and the driver calls again after serving its socket.
     pub fn handle_timeout(&mut self, now: Instant) {
-        self.expire_half_open(now);
+        let mut budget = self.cfg.timer_budget.max(1);
+        budget -= self.expire_half_open(now, budget);
         self.expire_remote(now);
         while let Some(Reverse((t, index))) = self.timers.peek().copied() {
-            if t > now {
+            if t > now || budget == 0 {
                 break;
             }
+            budget -= 1;
             self.timers.pop();
             let Some(s) = self.sessions.get_mut(&index) else {
                 continue;

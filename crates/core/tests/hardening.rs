@@ -402,6 +402,72 @@ fn a_spoofed_handshake_flood_leaves_bounded_state_and_legitimate_logins() {
 }
 
 #[test]
+fn a_mass_expiry_is_handled_a_budget_at_a_time() {
+    let cfg = SupernodeConfig {
+        timer_budget: 10,
+        ..SupernodeConfig::default()
+    };
+    let mut rng = ChaCha20Rng::seed_from_u64(9);
+    let sn_keys = DeviceKeys::generate(&mut rng);
+    let authority = Authority::generate(&mut rng).to_bytes();
+    let mut w = World::with_config(cfg, sn_keys, authority, [9; 32], rng);
+    // 35 half-open sessions from sources that never answer, all due at once.
+    let keys = DeviceKeys::generate(&mut w.rng);
+    for i in 0..35 {
+        let (_, p, _) = w.initiation(None, &keys, UNIX_START_MS);
+        w.sn.handle_datagram(w.now, spoofed(i), &p);
+    }
+    assert_eq!(w.sn.half_open_count(), 35);
+    let later = w.now + Duration::from_secs(11);
+    let expired = |w: &World| w.sn.stats().drops_for(DropReason::HalfOpenExpired);
+    for call in 1..=3 {
+        w.sn.handle_timeout(later);
+        assert_eq!(
+            expired(&w),
+            10 * call,
+            "call {call} handles its budget only"
+        );
+        assert!(
+            w.sn.poll_timeout().is_some_and(|t| t <= later),
+            "the rest is still due: the driver comes back"
+        );
+    }
+    w.sn.handle_timeout(later);
+    assert_eq!(expired(&w), 35);
+    assert_eq!(w.sn.session_count(), 0);
+    assert!(w.sn.poll_timeout().is_none_or(|t| t > later));
+}
+
+#[test]
+fn a_stun_binding_is_answered_into_the_callers_buffer() {
+    let mut w = World::new(Limits::default());
+    let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xA4, 0x42];
+    req.extend_from_slice(&[5; 12]);
+    let mut out = [0u8; peerline_core::stun::ANSWER_MAX];
+    let n =
+        w.sn.handle_datagram_into(w.now, spoofed(1), &req, &mut out)
+            .expect("answered in place");
+    assert_eq!(
+        Some(out[..n].to_vec()),
+        peerline_core::stun::answer(&req, spoofed(1))
+    );
+    assert!(w.sn.poll_transmit().is_none(), "nothing queued besides");
+    assert_eq!(w.sn.stats().stun, 1);
+    assert_eq!(w.sn.stats().datagrams_out, 1);
+    // Anything else takes the ordinary path: a wrong mac1 is dropped, nothing written.
+    let keys = DeviceKeys::generate(&mut w.rng);
+    let unix_ms = w.unix_ms();
+    let (_, mut p, _) = w.initiation(None, &keys, unix_ms);
+    let len = p.len();
+    p[len - 20] ^= 1;
+    assert_eq!(
+        w.sn.handle_datagram_into(w.now, spoofed(2), &p, &mut out),
+        None
+    );
+    assert_eq!(w.sn.stats().drops_for(DropReason::BadMac), 1);
+}
+
+#[test]
 fn a_noisy_source_gets_few_cookie_replies() {
     let mut w = World::new(Limits {
         load_handshakes_per_second: 0,

@@ -10,16 +10,12 @@
 //!   requests in flight, for echo or STUN, reporting answers per second and latencies.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use nix::sys::socket::{
-    recvmmsg, sendmmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage,
-};
-use std::io::{IoSlice, IoSliceMut};
+use peerline_net::batch::{RecvBatch, SendBatch};
 
 /// What a reference server answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -30,10 +26,9 @@ pub enum Mode {
     Stun,
 }
 
-/// Datagrams handled per system call at most.
-const BATCH: usize = 64;
-
 /// Serves `sock` until `stop` is set; returns datagrams answered. Blocking, one thread.
+/// The batched loop is the supernode's own ([`peerline_net::batch`]), so the ratios
+/// measure what the supernode does per datagram, not a different socket path.
 pub fn serve(
     sock: std::net::UdpSocket,
     mode: Mode,
@@ -41,62 +36,37 @@ pub fn serve(
     answered: &AtomicU64,
 ) -> std::io::Result<()> {
     sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-    let fd = sock.as_raw_fd();
-    let mut bufs = vec![[0u8; 1500]; BATCH];
-    let mut rx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut tx = MultiHeaders::<SockaddrStorage>::preallocate(BATCH, None);
-    let mut got: Vec<(usize, Option<SockaddrStorage>)> = Vec::with_capacity(BATCH);
-    let mut replies: Vec<Vec<u8>> = Vec::with_capacity(BATCH);
-    let mut dsts: Vec<Option<SockaddrStorage>> = Vec::with_capacity(BATCH);
+    let mut rx = RecvBatch::new();
+    let mut tx = SendBatch::new();
     while !stop.load(Ordering::Relaxed) {
-        got.clear();
-        {
-            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
-                .iter_mut()
-                .map(|b| [IoSliceMut::new(&mut b[..])])
-                .collect();
-            match recvmmsg(fd, &mut rx, iovs.iter_mut(), MsgFlags::MSG_WAITFORONE, None) {
-                Ok(msgs) => got.extend(msgs.map(|m| (m.bytes, m.address))),
-                Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
+        match rx.recv(&sock, true) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
             }
+            Err(e) => return Err(e),
         }
-        replies.clear();
-        dsts.clear();
-        for (i, (len, addr)) in got.iter().enumerate() {
-            let Some(addr) = addr else { continue };
-            let data = &bufs[i][..*len];
+        for (data, from) in rx.iter() {
             match mode {
-                Mode::Echo => {
-                    replies.push(data.to_vec());
-                    dsts.push(Some(*addr));
-                }
-                Mode::Stun => {
-                    let Some(from) = to_std(addr) else { continue };
-                    if let Some(r) = peerline_core::stun::answer(data, from) {
-                        replies.push(r);
-                        dsts.push(Some(*addr));
-                    }
-                }
-            }
+                Mode::Echo => tx.push(from, data),
+                Mode::Stun => tx.push_with(from, |out| {
+                    peerline_core::stun::answer_into(data, from, out)
+                }),
+            };
         }
-        if replies.is_empty() {
-            continue;
-        }
-        let iovs: Vec<[IoSlice<'_>; 1]> = replies.iter().map(|r| [IoSlice::new(r)]).collect();
-        let none: [ControlMessage<'_>; 0] = [];
-        if let Ok(sent) = sendmmsg(fd, &mut tx, &iovs, &dsts, none, MsgFlags::empty()) {
-            answered.fetch_add(sent.count() as u64, Ordering::Relaxed);
+        if !tx.is_empty() {
+            let f = tx.flush(&sock);
+            answered.fetch_add(f.sent as u64, Ordering::Relaxed);
         }
     }
     Ok(())
-}
-
-fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = a.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    a.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 /// A reference server running on its own thread.
@@ -161,16 +131,9 @@ impl Drop for RefServer {
 }
 
 /// Large socket buffers so bursts queue instead of dropping (best effort: capped by
-/// `net.core.rmem_max`).
+/// `net.core.rmem_max` unless root).
 pub fn set_buffers(sock: &impl std::os::fd::AsFd) {
-    use nix::sys::socket::{setsockopt, sockopt};
-    // The *Force variants pass net.core.rmem_max when run as root.
-    if setsockopt(sock, sockopt::RcvBufForce, &(8 << 20)).is_err() {
-        let _ = setsockopt(sock, sockopt::RcvBuf, &(8 << 20));
-    }
-    if setsockopt(sock, sockopt::SndBufForce, &(8 << 20)).is_err() {
-        let _ = setsockopt(sock, sockopt::SndBuf, &(8 << 20));
-    }
+    peerline_net::batch::set_buffers(sock, 8 << 20);
 }
 
 /// The `i`th loopback source address of a load run: spread across 127.0.0.0/8 (never

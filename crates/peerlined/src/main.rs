@@ -372,22 +372,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         None
                     }
                 };
-                let result = run_supernode(
-                    SupernodeRuntime {
-                        listen: cfg.listen,
-                        tcp_listen: cfg.tcp_addr(),
-                        node_private: loaded.node_private,
-                        authority: loaded.authority,
-                        config: cfg.supernode(offer),
-                        snapshot_path: Some(data.join(SNAPSHOT_FILE)),
-                        metrics,
-                        fleet,
-                        drain_timeout,
-                    },
-                    store,
-                    stopped(stop.clone()),
-                )
-                .await;
+                // The supernode loop gets a thread and a single-threaded runtime of its
+                // own: run by `block_on` on the multi-threaded runtime it was woken across
+                // threads on every readiness event, and as a task there its profile was
+                // still mostly context switches (docs/benchmarks.md, "Second round").
+                // The relay and the admin endpoint keep the shared runtime.
+                let sn_runtime = SupernodeRuntime {
+                    listen: cfg.listen,
+                    tcp_listen: cfg.tcp_addr(),
+                    node_private: loaded.node_private,
+                    authority: loaded.authority,
+                    config: cfg.supernode(offer),
+                    snapshot_path: Some(data.join(SNAPSHOT_FILE)),
+                    metrics,
+                    fleet,
+                    drain_timeout,
+                };
+                let shutdown = stopped(stop.clone());
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("peerline-supernode".into())
+                    .spawn(move || {
+                        let r = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()
+                            .context("cannot start the supernode's async runtime")
+                            .and_then(|rt| {
+                                rt.block_on(run_supernode(sn_runtime, store, shutdown))
+                                    .map_err(anyhow::Error::from)
+                            });
+                        let _ = done_tx.send(r);
+                    });
+                let result = match spawned {
+                    Ok(_) => done_rx.await.unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("the supernode thread ended abnormally"))
+                    }),
+                    Err(e) => Err(anyhow::anyhow!("cannot start the supernode thread: {e}")),
+                };
                 // Stop the relay with the supernode, whichever way the supernode ended.
                 raise_stop.send_replace(true);
                 if let Some(task) = relay_task {
