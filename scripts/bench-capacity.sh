@@ -51,7 +51,9 @@ else
     data=${DATA:-$(mktemp -d)/sn}
     [ -n "${DATA:-}" ] && trap 'stop_sn' EXIT || trap 'stop_sn; rm -rf "$(dirname "$data")"' EXIT
     "$BIN/peerlined" init --data "$data" --listen "127.0.0.1:$(port)" --admin "127.0.0.1:$(port)" >/dev/null
-    sed -i 's/^relay_listen = .*/relay_listen = "off"/; s/^max_sessions = .*/max_sessions = 2000000/' "$data/peerlined.toml"
+    # All simulated users come from 64 loopback addresses: per-source limits would measure
+    # themselves, not the supernode (a storm's re-logins are all shed as "rate_limited").
+    sed -i 's/^relay_listen = .*/relay_listen = "off"/; s/^max_sessions = .*/max_sessions = 2000000/; s/^rate_limits = .*/rate_limits = false/' "$data/peerlined.toml"
     "$BIN/peerline-load" provision --data "$data" --users "$USERS" --json | tee "$OUT/provision.json"
 fi
 
