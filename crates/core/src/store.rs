@@ -155,3 +155,74 @@ pub trait Store: Send {
     /// Deletes a delivered message; `Ok(false)` if it was not there (already deleted).
     fn delete_message(&mut self, to: &Username, id: u64) -> Result<bool, StoreError>;
 }
+
+/// Conversions every SQL backend of [`Store`] needs between its column types and the
+/// trait's, with the same error for corrupt rows.
+pub mod sql {
+    use super::StoreError;
+
+    /// A fixed-size key read back from the database.
+    pub fn key<const N: usize>(what: &str, v: Vec<u8>) -> Result<[u8; N], StoreError> {
+        let len = v.len();
+        v.try_into().map_err(|_| {
+            StoreError::Backend(format!(
+                "database holds a {len}-byte {what}, expected {N} bytes"
+            ))
+        })
+    }
+
+    /// Store-assigned id or serial read back (always positive).
+    pub fn positive(what: &str, v: i64) -> Result<u64, StoreError> {
+        u64::try_from(v)
+            .ok()
+            .filter(|v| *v > 0)
+            .ok_or_else(|| StoreError::Backend(format!("database holds invalid {what} {v}")))
+    }
+
+    /// A caller-chosen `u64` stored bit-for-bit in a signed 64-bit integer column.
+    pub fn to_sql_u64(v: u64) -> i64 {
+        v as i64
+    }
+
+    /// Inverse of [`to_sql_u64`].
+    pub fn from_sql_u64(v: i64) -> u64 {
+        v as u64
+    }
+
+    /// A count or limit for SQL (saturating: SQL has no unsigned integers).
+    pub fn sql_count(n: usize) -> i64 {
+        i64::try_from(n).unwrap_or(i64::MAX)
+    }
+
+    /// The smallest string greater than every string starting with `prefix`, or `None` if
+    /// there is none (so the range is unbounded above). Compared in code point order, which
+    /// is also UTF-8 byte order: SQLite's BINARY and PostgreSQL's "C" collation.
+    pub fn prefix_successor(prefix: &str) -> Option<String> {
+        let mut chars: Vec<char> = prefix.chars().collect();
+        while let Some(last) = chars.pop() {
+            let mut next = u32::from(last) + 1;
+            if (0xD800..=0xDFFF).contains(&next) {
+                next = 0xE000;
+            }
+            if let Some(c) = char::from_u32(next) {
+                chars.push(c);
+                return Some(chars.into_iter().collect());
+            }
+        }
+        None
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn prefix_successor_bounds() {
+            assert_eq!(prefix_successor("bo").as_deref(), Some("bp"));
+            assert_eq!(prefix_successor("a_").as_deref(), Some("a`"));
+            assert_eq!(prefix_successor("").as_deref(), None);
+            assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
+            assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
+        }
+    }
+}

@@ -33,6 +33,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use peerline_core::store::sql::{
+    from_sql_u64, key, positive, prefix_successor, sql_count, to_sql_u64,
+};
 use peerline_core::store::{
     Account, ContactRow, Device, NewMessage, QueueOutcome, Store, StoreError, StoredMessage,
 };
@@ -553,60 +556,10 @@ fn username(s: &str) -> Result<Username, StoreError> {
     }
 }
 
-/// A fixed-size key read back from the database.
-fn key<const N: usize>(what: &str, v: Vec<u8>) -> Result<[u8; N], StoreError> {
-    let len = v.len();
-    v.try_into().map_err(|_| {
-        StoreError::Backend(format!(
-            "database holds a {len}-byte {what}, expected {N} bytes"
-        ))
-    })
-}
-
 /// UTF-8 text stored as bytea.
 fn utf8(what: &str, v: Vec<u8>) -> Result<String, StoreError> {
     String::from_utf8(v)
         .map_err(|_| StoreError::Backend(format!("database holds a {what} that is not UTF-8")))
-}
-
-/// Store-assigned id or serial read back (always positive).
-fn positive(what: &str, v: i64) -> Result<u64, StoreError> {
-    u64::try_from(v)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| StoreError::Backend(format!("database holds invalid {what} {v}")))
-}
-
-/// A caller-chosen `u64` stored bit-for-bit in a bigint.
-fn to_sql_u64(v: u64) -> i64 {
-    v as i64
-}
-
-/// Inverse of [`to_sql_u64`].
-fn from_sql_u64(v: i64) -> u64 {
-    v as u64
-}
-
-/// A count or limit for SQL (saturating).
-fn sql_count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-/// The smallest string greater than every string starting with `prefix`, or `None` if
-/// there is none. Code point order is UTF-8 byte order, which is the "C" collation.
-fn prefix_successor(prefix: &str) -> Option<String> {
-    let mut chars: Vec<char> = prefix.chars().collect();
-    while let Some(last) = chars.pop() {
-        let mut next = u32::from(last) + 1;
-        if (0xD800..=0xDFFF).contains(&next) {
-            next = 0xE000;
-        }
-        if let Some(c) = char::from_u32(next) {
-            chars.push(c);
-            return Some(chars.into_iter().collect());
-        }
-    }
-    None
 }
 
 fn get<'a, T: postgres::types::FromSql<'a>>(row: &'a postgres::Row, i: usize) -> Result<T, Fail> {

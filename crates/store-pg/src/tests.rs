@@ -534,15 +534,6 @@ fn dropping_inside_async_code_does_not_panic() {
     rt.block_on(async move { drop(store) });
 }
 
-#[test]
-fn prefix_successor_bounds() {
-    assert_eq!(prefix_successor("bo").as_deref(), Some("bp"));
-    assert_eq!(prefix_successor("a_").as_deref(), Some("a`"));
-    assert_eq!(prefix_successor("").as_deref(), None);
-    assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
-    assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
-}
-
 /// Canonical usernames: what `Username::parse` accepts and leaves unchanged.
 fn username_strategy() -> impl Strategy<Value = String> {
     "[a-z0-9._-]{1,32}".prop_filter("canonical username", |s| {
