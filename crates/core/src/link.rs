@@ -5,16 +5,24 @@
 //!
 //! * every request carries an id; it is retransmitted with exponential backoff until the
 //!   response arrives or [`LinkConfig::max_attempts`] is reached;
-//! * the receiver answers each id once and keeps recent answers, so a retransmitted
-//!   request gets the cached answer again instead of being executed twice;
+//! * the receiver answers each id once and keeps recent answers (at most
+//!   [`LinkConfig::answer_cache`], each for [`ANSWER_TTL`]), so a retransmitted request
+//!   gets the cached answer again instead of being executed twice; a request older than
+//!   every expired answer is not executed again either;
 //! * keepalives are sent when nothing else went out for [`LinkConfig::keepalive`], and the
 //!   link reports itself dead when nothing came in for [`LinkConfig::idle_timeout`].
 //!
 //! Sans-IO: [`Link::handle_transport`] and [`Link::handle_timeout`] take `now`; output is
 //! drained with [`Link::poll_transmit`], timers with [`Link::poll_timeout`].
+//!
+//! Memory: a supernode holds one link per online user, so an idle link owns no heap: the
+//! request bookkeeping lives in a box allocated while requests are in flight or answers
+//! are cached, the queues give their buffers back once drained, and links of one kind
+//! share their [`LinkConfig`].
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerline_crypto::noise::NoiseError;
@@ -163,6 +171,11 @@ pub struct Transmit {
 /// Events a link holds before it drops incoming datagrams.
 const MAX_QUEUED_DATAGRAMS: usize = 256;
 
+/// How long an answer stays cached for a retransmitted request: well beyond a requester's
+/// whole retransmission schedule (about 9 s with the defaults: 0.4 s doubling up to 3 s,
+/// six attempts).
+pub const ANSWER_TTL: Duration = Duration::from_secs(60);
+
 #[derive(Debug)]
 struct Pending {
     plaintext: Vec<u8>,
@@ -172,19 +185,36 @@ struct Pending {
     deadline: Instant,
 }
 
+/// Request state of a link: ours awaiting answers, theirs in progress or answered.
+#[derive(Debug, Default)]
+struct Requests {
+    pending: BTreeMap<u64, Pending>,
+    answered: HashMap<u64, Vec<u8>>,
+    /// Answered ids, oldest first, with when they were answered.
+    answered_order: VecDeque<(Instant, u64)>,
+    in_progress: HashSet<u64>,
+}
+
+impl Requests {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty() && self.answered.is_empty() && self.in_progress.is_empty()
+    }
+}
+
 /// An established session.
 #[derive(Debug)]
 pub struct Link {
-    config: LinkConfig,
+    config: Arc<LinkConfig>,
     transport: Transport,
     local_index: u32,
     remote_index: u32,
     remote_addr: SocketAddr,
     next_id: u64,
-    pending: BTreeMap<u64, Pending>,
-    answered: HashMap<u64, Vec<u8>>,
-    answered_order: VecDeque<u64>,
-    in_progress: HashSet<u64>,
+    /// None while nothing is in flight and nothing is cached (most of a supernode's links).
+    requests: Option<Box<Requests>>,
+    /// Requests with ids up to this one were answered and their answers expired: never
+    /// executed again (a duplicate delayed past [`ANSWER_TTL`]).
+    expired_up_to: u64,
     last_recv: Instant,
     last_send: Instant,
     transmits: VecDeque<Transmit>,
@@ -198,9 +228,10 @@ pub struct Link {
 }
 
 impl Link {
-    /// Wraps a transport fresh out of a handshake.
+    /// Wraps a transport fresh out of a handshake. Links of one kind can share their
+    /// configuration (pass an `Arc<LinkConfig>`).
     pub fn new(
-        config: LinkConfig,
+        config: impl Into<Arc<LinkConfig>>,
         transport: Transport,
         local_index: u32,
         remote_index: u32,
@@ -208,16 +239,14 @@ impl Link {
         now: Instant,
     ) -> Self {
         Link {
-            config,
+            config: config.into(),
             transport,
             local_index,
             remote_index,
             remote_addr,
             next_id: 1,
-            pending: BTreeMap::new(),
-            answered: HashMap::new(),
-            answered_order: VecDeque::new(),
-            in_progress: HashSet::new(),
+            requests: None,
+            expired_up_to: 0,
             last_recv: now,
             last_send: now,
             transmits: VecDeque::new(),
@@ -234,7 +263,7 @@ impl Link {
         if config.keepalive_timeout.is_none() {
             self.probing_since = None;
         }
-        self.config = config;
+        self.config = Arc::new(config);
     }
 
     /// The link's timing and bounds.
@@ -264,7 +293,34 @@ impl Link {
 
     /// Requests awaiting an answer.
     pub fn in_flight(&self) -> usize {
-        self.pending.len()
+        self.requests.as_ref().map_or(0, |r| r.pending.len())
+    }
+
+    fn requests(&mut self) -> &mut Requests {
+        self.requests.get_or_insert_with(Box::default)
+    }
+
+    /// Gives the request state's memory back once nothing is left in it.
+    fn release_requests(&mut self) {
+        if self.requests.as_ref().is_some_and(|r| r.is_empty()) {
+            self.requests = None;
+        }
+    }
+
+    /// Forgets answers older than [`ANSWER_TTL`].
+    fn expire_answers(&mut self, now: Instant) {
+        let Some(r) = self.requests.as_mut() else {
+            return;
+        };
+        while let Some(&(at, id)) = r.answered_order.front() {
+            if now < at + ANSWER_TTL {
+                break;
+            }
+            r.answered_order.pop_front();
+            r.answered.remove(&id);
+            self.expired_up_to = self.expired_up_to.max(id);
+        }
+        self.release_requests();
     }
 
     /// Whether an authenticated transport packet has come in (a responder's session is
@@ -311,23 +367,21 @@ impl Link {
         body: Request,
         max_attempts: u32,
     ) -> Result<u64, LinkError> {
-        if self.pending.len() >= self.config.max_in_flight {
+        if self.in_flight() >= self.config.max_in_flight {
             return Err(LinkError::Busy);
         }
         let id = self.next_id;
         let plaintext = Frame::Request { id, body }.encode()?;
         self.next_id += 1;
         self.seal(now, &plaintext)?;
-        self.pending.insert(
-            id,
-            Pending {
-                plaintext,
-                attempts: 1,
-                max_attempts: max_attempts.clamp(1, self.config.max_attempts),
-                rto: self.config.initial_rto,
-                deadline: now + self.config.initial_rto,
-            },
-        );
+        let pending = Pending {
+            plaintext,
+            attempts: 1,
+            max_attempts: max_attempts.clamp(1, self.config.max_attempts),
+            rto: self.config.initial_rto,
+            deadline: now + self.config.initial_rto,
+        };
+        self.requests().pending.insert(id, pending);
         Ok(id)
     }
 
@@ -350,17 +404,20 @@ impl Link {
                 p
             }
         };
-        self.in_progress.remove(&id);
-        self.seal(now, &plaintext)?;
-        if self.answered.insert(id, plaintext).is_none() {
-            self.answered_order.push_back(id);
+        let sealed = self.seal(now, &plaintext);
+        let cache = self.config.answer_cache;
+        let r = self.requests();
+        r.in_progress.remove(&id);
+        if sealed.is_ok() && cache > 0 && r.answered.insert(id, plaintext).is_none() {
+            r.answered_order.push_back((now, id));
         }
-        while self.answered_order.len() > self.config.answer_cache {
-            if let Some(old) = self.answered_order.pop_front() {
-                self.answered.remove(&old);
+        while r.answered_order.len() > cache {
+            if let Some((_, old)) = r.answered_order.pop_front() {
+                r.answered.remove(&old);
             }
         }
-        Ok(())
+        self.expire_answers(now);
+        sealed
     }
 
     /// Sends a `Close` frame (best effort, not retransmitted).
@@ -406,17 +463,31 @@ impl Link {
                 }
             }
             Frame::Request { id, body } => {
-                if let Some(answer) = self.answered.get(&id).cloned() {
+                self.expire_answers(now);
+                let limit = self.config.max_in_flight * 4;
+                let cached = self
+                    .requests
+                    .as_ref()
+                    .and_then(|r| r.answered.get(&id).cloned());
+                if let Some(answer) = cached {
                     self.seal(now, &answer)?;
-                } else if self.in_progress.len() < self.config.max_in_flight * 4
-                    && self.in_progress.insert(id)
-                {
-                    self.events.push_back(LinkEvent::Request { id, body });
+                } else if id > self.expired_up_to {
+                    let r = self.requests();
+                    if r.in_progress.len() < limit && r.in_progress.insert(id) {
+                        self.events.push_back(LinkEvent::Request { id, body });
+                    }
+                    self.release_requests();
                 }
-                // else: still being worked on, or too many: the peer will retransmit.
+                // else: still being worked on, too many, or answered long ago: the peer
+                // retransmits what it still wants.
             }
             Frame::Response { id, body } => {
-                if self.pending.remove(&id).is_some() {
+                let known = self
+                    .requests
+                    .as_mut()
+                    .is_some_and(|r| r.pending.remove(&id).is_some());
+                if known {
+                    self.release_requests();
                     self.events.push_back(LinkEvent::Response { id, body });
                 }
             }
@@ -434,27 +505,32 @@ impl Link {
             self.events.push_back(LinkEvent::Dead);
             return;
         }
-        let due: Vec<u64> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(id, _)| *id)
-            .collect();
+        self.expire_answers(now);
+        let due: Vec<u64> = self.requests.as_ref().map_or_else(Vec::new, |r| {
+            r.pending
+                .iter()
+                .filter(|(_, p)| p.deadline <= now)
+                .map(|(id, _)| *id)
+                .collect()
+        });
+        let max_rto = self.config.max_rto;
         for id in due {
-            let Some(p) = self.pending.get_mut(&id) else {
+            let r = self.requests();
+            let Some(p) = r.pending.get_mut(&id) else {
                 continue;
             };
             if p.attempts >= p.max_attempts {
-                self.pending.remove(&id);
+                r.pending.remove(&id);
                 self.events.push_back(LinkEvent::RequestFailed { id });
                 continue;
             }
             p.attempts += 1;
-            p.rto = (p.rto * 2).min(self.config.max_rto);
+            p.rto = (p.rto * 2).min(max_rto);
             p.deadline = now + p.rto;
             let plaintext = p.plaintext.clone();
             let _ = self.seal(now, &plaintext);
         }
+        self.release_requests();
         if let (Some(since), Some(limit)) = (self.probing_since, self.config.keepalive_timeout) {
             if now >= since + limit {
                 self.dead = true;
@@ -495,20 +571,35 @@ impl Link {
         if let (Some(since), Some(limit)) = (self.probing_since, self.config.keepalive_timeout) {
             t = t.min(since + limit);
         }
-        if let Some(p) = self.pending.values().map(|p| p.deadline).min() {
-            t = t.min(p);
+        if let Some(r) = &self.requests {
+            if let Some(p) = r.pending.values().map(|p| p.deadline).min() {
+                t = t.min(p);
+            }
+            // Cached answers are freed when they expire, not only at the next packet.
+            if let Some(&(at, _)) = r.answered_order.front() {
+                t = t.min(at + ANSWER_TTL);
+            }
         }
         Some(t)
     }
 
     /// Next datagram to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front();
+        if t.is_none() && self.transmits.capacity() > 0 {
+            // Drained: give the buffer back (an idle link holds no heap).
+            self.transmits = VecDeque::new();
+        }
+        t
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<LinkEvent> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() && self.events.capacity() > 0 {
+            self.events = VecDeque::new();
+        }
+        e
     }
 }
 
@@ -580,6 +671,82 @@ mod tests {
             }]
         );
         assert_eq!(a.in_flight(), 0);
+    }
+
+    /// An idle link owns no heap beyond its struct: request state, queues and cached
+    /// answers are given back (a supernode holds a million idle links).
+    #[test]
+    fn idle_link_gives_its_memory_back() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
+        let mut net = Net::perfect(1);
+        let id = a
+            .send_request(t0, Request::SetPresence(Presence::Away))
+            .unwrap();
+        pump(&mut net, t0, &mut a, &mut b);
+        assert_eq!(drain(&mut b).len(), 1);
+        b.respond(t0, id, Response::Ok).unwrap();
+        pump(&mut net, t0, &mut a, &mut b);
+        assert_eq!(drain(&mut a).len(), 1);
+        // The requester keeps nothing once answered; the responder keeps the answer only.
+        assert!(a.requests.is_none());
+        assert_eq!(b.requests.as_ref().map(|r| r.answered.len()), Some(1));
+        assert_eq!(a.transmits.capacity() + a.events.capacity(), 0);
+        assert_eq!(b.transmits.capacity() + b.events.capacity(), 0);
+        // The cached answer is dropped after its lifetime, and the timer says when.
+        let due = b.poll_timeout().unwrap();
+        assert!(due <= t0 + ANSWER_TTL);
+        b.handle_timeout(t0 + ANSWER_TTL);
+        assert!(b.requests.is_none());
+    }
+
+    /// A duplicate of a request whose cached answer expired is not executed again.
+    #[test]
+    fn request_delayed_past_its_answer_is_not_executed_twice() {
+        let t0 = Instant::now();
+        let (mut a, mut b) = link_pair(t0, a_addr(), b_addr());
+        let id = a
+            .send_request(t0, Request::SetPresence(Presence::Away))
+            .unwrap();
+        let first = a.poll_transmit().unwrap();
+        let Ok(Packet::Transport {
+            counter,
+            ciphertext,
+            ..
+        }) = Packet::decode(&first.payload)
+        else {
+            panic!("not a transport packet");
+        };
+        b.handle_transport(t0, a_addr(), counter, ciphertext)
+            .unwrap();
+        assert_eq!(drain(&mut b).len(), 1);
+        b.respond(t0, id, Response::Ok).unwrap();
+        assert!(b.poll_transmit().is_some());
+        let later = t0 + ANSWER_TTL + Duration::from_secs(1);
+        b.handle_timeout(later);
+        assert!(b.requests.is_none());
+        // The same request, freshly sealed by the peer (a retransmission that took a
+        // minute), is neither executed nor answered.
+        let late = Frame::Request {
+            id,
+            body: Request::SetPresence(Presence::Away),
+        }
+        .encode()
+        .unwrap();
+        a.seal(later, &late).unwrap();
+        let t = a.poll_transmit().unwrap();
+        let Ok(Packet::Transport {
+            counter,
+            ciphertext,
+            ..
+        }) = Packet::decode(&t.payload)
+        else {
+            panic!("not a transport packet");
+        };
+        b.handle_transport(later, a_addr(), counter, ciphertext)
+            .unwrap();
+        assert!(drain(&mut b).is_empty());
+        assert!(b.poll_transmit().is_none());
     }
 
     /// Under heavy loss, duplication and reordering every request is executed exactly once
