@@ -82,7 +82,7 @@ fuzz_target!(|data: &[u8]| {
     let hello = Hello {
         version: PROTOCOL_VERSION,
         unix_ms: UNIX_MS,
-        cert: Some(cert.as_bytes().to_vec()),
+        cert: Some(cert.to_bytes()),
         presence: Presence::Online,
         relay_only: false,
     };

@@ -1041,7 +1041,7 @@ impl Client {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             unix_ms: self.unix_ms(now),
-            cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
+            cert: self.cert.as_ref().map(|c| c.to_bytes()),
             presence: self.presence,
             relay_only: self.cfg.relay_only,
         };
@@ -1840,7 +1840,7 @@ impl Client {
         noise: &[u8],
         socket: Option<usize>,
     ) {
-        let Some(my_cert) = self.cert.as_ref().map(|c| c.as_bytes().to_vec()) else {
+        let Some(my_cert) = self.cert.as_ref().map(|c| c.to_bytes()) else {
             return;
         };
         // A repeated initiation (the dialer probes every candidate until it hears back)
@@ -2374,7 +2374,7 @@ impl Client {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             unix_ms: self.unix_ms(now),
-            cert: self.cert.as_ref().map(|c| c.as_bytes().to_vec()),
+            cert: self.cert.as_ref().map(|c| c.to_bytes()),
             presence: Presence::Online,
             relay_only: false,
         };

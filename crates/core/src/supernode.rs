@@ -13,12 +13,13 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use peerline_crypto::cert::CertRequest;
 use peerline_crypto::cookie::{self, MacKeys};
 use peerline_crypto::noise::Responder;
-use peerline_crypto::{Authority, CertError, Certificate};
+use peerline_crypto::{Authority, CertError, Certificate, ReplayWindow};
 use peerline_wire::msg::{
     CallSignal, ContactEntry, ContactState, ErrorCode, Hello, Presence, Request, Response, Welcome,
     CONTACTS_PAGE, MAX_CANDIDATES, MAX_SEARCH_RESULTS,
@@ -36,7 +37,10 @@ use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
 use crate::ops::{Notice, Op, OpError, OpResult};
 use crate::store::{NewMessage, QueueOutcome, StoredMessage};
 
+mod contacts;
 mod fleet;
+
+use contacts::ContactSet;
 pub use fleet::{NodeDest, NodeTransmit};
 use fleet::{RemoteSeen, RemoteWait};
 use peerline_wire::node::NodeMsg;
@@ -342,7 +346,7 @@ struct Session {
     auth: Auth,
     presence: Presence,
     /// Mutually accepted contacts (presence fan-out index).
-    contacts: HashSet<Username>,
+    contacts: ContactSet,
     /// Store ids of offline messages pushed and not yet acknowledged.
     delivering: HashSet<u64>,
     /// Relay-only mode: never ring this user, nor ring anyone for them, for a direct
@@ -464,7 +468,11 @@ pub struct Supernode {
     authority_public: [u8; 32],
     clock: WallClock,
     rng: ChaCha20Rng,
-    sessions: HashMap<u32, Session>,
+    /// Boxed: a session is a few hundred bytes and the map keeps up to half its slots
+    /// empty, which inline would cost more than the sessions themselves.
+    sessions: HashMap<u32, Box<Session>>,
+    /// The link configuration every client session shares.
+    server_link: Arc<LinkConfig>,
     directory: Box<dyn Directory>,
     timers: BinaryHeap<Reverse<(Instant, u32)>>,
     ops: VecDeque<(u64, Op)>,
@@ -624,6 +632,7 @@ impl Supernode {
             clock,
             rng,
             sessions: HashMap::new(),
+            server_link: Arc::new(LinkConfig::server()),
             directory,
             timers: BinaryHeap::new(),
             ops: VecDeque::new(),
@@ -663,7 +672,7 @@ impl Supernode {
     }
 
     /// Removes a session, keeping the half-open count right.
-    fn remove_session(&mut self, index: u32) -> Option<Session> {
+    fn remove_session(&mut self, index: u32) -> Option<Box<Session>> {
         let s = self.sessions.remove(&index)?;
         if !s.link.is_confirmed() {
             self.half_open = self.half_open.saturating_sub(1);
@@ -1108,7 +1117,8 @@ impl Supernode {
         let Ok(payload) = welcome.encode() else {
             return;
         };
-        let Ok((transport, msg2)) = responder.accept(&payload) else {
+        // A client sends its supernode a few packets a minute: the small replay window.
+        let Ok((transport, msg2)) = responder.accept_with(&payload, ReplayWindow::small()) else {
             self.dropped(DropReason::BadHandshake);
             return;
         };
@@ -1125,26 +1135,33 @@ impl Supernode {
             payload: out,
         });
         self.stats.handshakes += 1;
-        let link = Link::new(LinkConfig::server(), transport, index, sender, from, now);
+        let link = Link::new(
+            self.server_link.clone(),
+            transport,
+            index,
+            sender,
+            from,
+            now,
+        );
         let user = match &auth {
             Auth::User(c) => Some(c.username().clone()),
             _ => None,
         };
         self.sessions.insert(
             index,
-            Session {
+            Box::new(Session {
                 link,
                 auth,
                 presence: hello.presence,
                 relay_only: hello.relay_only,
                 anyone_can_call: false,
-                contacts: HashSet::new(),
+                contacts: ContactSet::default(),
                 delivering: HashSet::new(),
                 more_waiting: false,
                 redeliver: false,
                 hello_ms: hello.unix_ms,
                 scheduled: None,
-            },
+            }),
         );
         self.half_open += 1;
         self.half_open_queue
@@ -1855,6 +1872,10 @@ impl Supernode {
                     return;
                 };
                 s.delivering.remove(&store_id);
+                if s.delivering.is_empty() {
+                    // Give the table's memory back between deliveries.
+                    s.delivering = HashSet::new();
+                }
                 let Some(user) = s.user().cloned() else {
                     return;
                 };
@@ -1926,7 +1947,7 @@ impl Supernode {
                 Some(s),
             ) => {
                 let cert = match &s.auth {
-                    Auth::User(c) => c.as_bytes().to_vec(),
+                    Auth::User(c) => c.to_bytes(),
                     _ => Vec::new(),
                 };
                 let seen = s.link.remote_addr();
@@ -2079,7 +2100,7 @@ impl Supernode {
                         unix,
                         self.cfg.cert_lifetime.as_secs(),
                     );
-                    let bytes = cert.as_bytes().to_vec();
+                    let bytes = cert.to_bytes();
                     let Some(s) = self.sessions.get_mut(&session) else {
                         return;
                     };
@@ -2204,7 +2225,7 @@ impl Supernode {
                     Err(_) if self.calls.in_accepted_call(&me, &to) => true,
                     Err(e) => return self.reply(now, session, req, op_err(e)),
                 };
-                let cert = cert.as_bytes().to_vec();
+                let cert = cert.to_bytes();
                 // An invisible user looks offline to contacts: messages go to the mailbox,
                 // which delivers to them at once, and their address is not given out.
                 // A relay-only user on either side is never given a direct path.

@@ -104,7 +104,7 @@ impl Bench {
         let client = Client::new(
             cfg,
             keys,
-            Some(cert.as_bytes()),
+            Some(&cert.to_bytes()),
             [3; 32],
             WallClock::new(now, UNIX_START_MS),
             now,

@@ -144,7 +144,7 @@ impl Fleet {
 
     /// Client `i`'s device stops and comes back as a new client on supernode `home`.
     fn move_client(&mut self, i: usize, home: usize, shutdown: bool) -> usize {
-        let cert = self.clients[i].1.certificate().unwrap().as_bytes().to_vec();
+        let cert = self.clients[i].1.certificate().unwrap().to_bytes();
         if shutdown {
             let now = self.now;
             self.clients[i].1.shutdown(now);

@@ -547,7 +547,7 @@ fn a_revoked_device_cannot_log_in_with_a_valid_certificate() {
     let addr: SocketAddr = "198.51.100.20:5000".parse().unwrap();
     let b = w.add_client_at(addr, None, Some(keys.clone()), 0, false);
     w.register(b, "bob");
-    let cert = w.clients[b].1.certificate().unwrap().as_bytes().to_vec();
+    let cert = w.clients[b].1.certificate().unwrap().to_bytes();
     let now = w.now;
     w.clients[b].1.shutdown(now);
     w.step();
@@ -877,7 +877,7 @@ fn victim_and_attacker(relay_only: bool) -> (World, SocketAddr, RawSession) {
     let keys = DeviceKeys::generate(&mut rng);
     let m = w.add_client_at(attacker_addr, None, Some(keys.clone()), 0, false);
     w.register(m, "mallory");
-    let cert = w.clients[m].1.certificate().unwrap().as_bytes().to_vec();
+    let cert = w.clients[m].1.certificate().unwrap().to_bytes();
     let now = w.now;
     w.clients[m].1.shutdown(now);
     w.step();
@@ -1259,7 +1259,7 @@ fn write_fuzz_corpus() {
     // cert: the certificates the supernode issued.
     for (i, c) in w.clients.iter().enumerate() {
         if let Some(cert) = c.1.certificate() {
-            write("cert", format!("real-{i}"), cert.as_bytes());
+            write("cert", format!("real-{i}"), &cert.to_bytes());
         }
     }
 }

@@ -370,7 +370,7 @@ impl World {
     /// Stops client `i` cleanly (its session closes) and removes it; returns its
     /// certificate so the same device can come back later.
     fn take_offline(&mut self, i: usize) -> Vec<u8> {
-        let cert = self.clients[i].1.certificate().unwrap().as_bytes().to_vec();
+        let cert = self.clients[i].1.certificate().unwrap().to_bytes();
         let now = self.now;
         self.clients[i].1.shutdown(now);
         self.step();
@@ -697,7 +697,7 @@ fn expired_certificate_is_renewed_at_login() {
         "logged in with a renewed certificate"
     );
     assert_eq!(cert_count(&w, b2), 1);
-    assert_ne!(w.clients[b2].1.certificate().unwrap().as_bytes(), &old[..]);
+    assert_ne!(w.clients[b2].1.certificate().unwrap().to_bytes(), old);
 }
 
 #[test]

@@ -37,8 +37,10 @@ pub enum CertError {
 /// A certificate whose signature has been checked against an authority key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Certificate {
+    // Only the decoded form is kept: the encoding is canonical (exact length, canonical
+    // username), so the signed bytes are re-encoded on the rare occasions they are sent,
+    // and a supernode holding a million certificates saves their second copy.
     repr: CertRepr,
-    bytes: Vec<u8>,
 }
 
 /// Leeway for clock skew between devices when checking validity windows.
@@ -52,10 +54,7 @@ impl Certificate {
         let sig = Signature::from_bytes(&repr.signature);
         key.verify(&repr.signed_bytes(), &sig)
             .map_err(|_| CertError::BadSignature)?;
-        Ok(Certificate {
-            repr,
-            bytes: bytes.to_vec(),
-        })
+        Ok(Certificate { repr })
     }
 
     /// Checks the validity window at `now` (unix seconds), allowing [`CLOCK_SKEW_S`].
@@ -90,9 +89,9 @@ impl Certificate {
         &self.repr.username
     }
 
-    /// Encoded form (as signed).
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+    /// Encoded form (as signed): byte for byte what was verified or issued.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.repr.encode()
     }
 
     /// Seconds left until expiry at `now` (0 once expired).
@@ -179,8 +178,7 @@ impl Authority {
             signature: [0; 64],
         };
         repr.signature = self.key.sign(&repr.signed_bytes()).to_bytes();
-        let bytes = repr.encode();
-        Certificate { repr, bytes }
+        Certificate { repr }
     }
 }
 
@@ -205,7 +203,7 @@ mod tests {
     fn issued_certificate_verifies_and_expires() {
         let (auth, req) = setup();
         let c = auth.issue(&req, 1, 1_000_000, 3600);
-        let v = Certificate::verify(c.as_bytes(), &auth.public()).unwrap();
+        let v = Certificate::verify(&c.to_bytes(), &auth.public()).unwrap();
         assert!(v.check_for(&[2; 32], 1_000_000).is_ok());
         assert_eq!(v.check_for(&[9; 32], 1_000_000), Err(CertError::WrongKey));
         assert!(matches!(
@@ -218,7 +216,7 @@ mod tests {
     fn tampering_or_another_authority_is_refused() {
         let (auth, req) = setup();
         let c = auth.issue(&req, 1, 1_000_000, 3600);
-        let mut b = c.as_bytes().to_vec();
+        let mut b = c.to_bytes();
         let last = b.len() - 70;
         b[last] ^= 1; // inside not_after
         assert_eq!(
@@ -228,7 +226,7 @@ mod tests {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(8);
         let other = Authority::generate(&mut rng);
         assert_eq!(
-            Certificate::verify(c.as_bytes(), &other.public()),
+            Certificate::verify(&c.to_bytes(), &other.public()),
             Err(CertError::BadSignature)
         );
     }

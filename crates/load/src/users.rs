@@ -192,10 +192,10 @@ impl Users {
                         };
                         let cert =
                             authority.issue(&req, SERIAL_BASE + i as u64, now, CERT_LIFETIME_S);
-                        let c = cert.as_bytes();
+                        let c = cert.to_bytes();
                         rec[..32].copy_from_slice(&k.noise_private());
                         rec[32] = c.len() as u8;
-                        rec[33..33 + c.len()].copy_from_slice(c);
+                        rec[33..33 + c.len()].copy_from_slice(&c);
                     }
                 });
             }

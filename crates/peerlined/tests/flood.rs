@@ -296,7 +296,7 @@ fn register(d: &Daemon, ip: Ipv4Addr, name: &str) -> (DeviceKeys, Vec<u8>, Peer)
         },
     );
     assert_eq!(r, CommandResult::Ok, "register {name}");
-    let cert = p.client.certificate().unwrap().as_bytes().to_vec();
+    let cert = p.client.certificate().unwrap().to_bytes();
     (k, cert, p)
 }
 

@@ -181,5 +181,21 @@ mod tests {
                 prop_assert_eq!(c.encode(), b);
             }
         }
+
+        /// Certificates are kept decoded and re-encoded when sent: whatever decodes must
+        /// re-encode to the same bytes (the signature covers them), including names that
+        /// are almost canonical.
+        #[test]
+        fn what_decodes_reencodes_identically(
+            name in "[a-zA-Z0-9._-]{0,34}",
+            rest in proptest::collection::vec(any::<u8>(), FIXED - 2..FIXED - 2 + 1),
+        ) {
+            let mut b = vec![CERT_VERSION, name.len() as u8];
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(&rest);
+            if let Ok(c) = CertRepr::decode(&b) {
+                prop_assert_eq!(c.encode(), b);
+            }
+        }
     }
 }
