@@ -13,6 +13,7 @@ pub mod clock;
 pub mod directory;
 pub mod limit;
 pub mod link;
+pub mod mem;
 pub mod memstore;
 pub mod nat;
 pub mod ops;

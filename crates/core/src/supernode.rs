@@ -816,7 +816,11 @@ impl Supernode {
 
     /// Next storage operation to run; feed the result to [`Supernode::handle_op_result`].
     pub fn poll_op(&mut self) -> Option<(u64, Op)> {
-        self.ops.pop_front()
+        let op = self.ops.pop_front();
+        if op.is_none() {
+            crate::mem::shrink_queue(&mut self.ops);
+        }
+        op
     }
 
     /// Next event.
@@ -2062,7 +2066,9 @@ impl Supernode {
 
     /// Feeds back the result of a storage operation from [`Supernode::poll_op`].
     pub fn handle_op_result(&mut self, now: Instant, token: u64, result: OpResult) {
-        let Some(w) = self.waiting.remove(&token) else {
+        let w = self.waiting.remove(&token);
+        crate::mem::shrink_map(&mut self.waiting);
+        let Some(w) = w else {
             return;
         };
         match (w, result) {

@@ -448,7 +448,9 @@ pub async fn run_supernode(
             r = res_rx.recv() => {
                 match r {
                     Some((token, result)) => {
-                        if let Some(t) = timings.in_flight.remove(&token) {
+                        let started = timings.in_flight.remove(&token);
+                        peerline_core::mem::shrink_map(&mut timings.in_flight);
+                        if let Some(t) = started {
                             timings.store.observe(t.elapsed().as_secs_f64());
                         }
                         guarded(&mut panics, "storage result", || {

@@ -8,6 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+
+/// mimalloc instead of the system allocator: a supernode's heap is a million small,
+/// long-lived sessions interleaved with short-lived handshake and store buffers, and
+/// mimalloc hands freed pages back where glibc's arenas keep them (measured in
+/// docs/benchmarks.md, "Capacity").
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 use peerline_core::store::Store;
 use peerline_net::admin::MetricsText;
