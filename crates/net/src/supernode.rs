@@ -77,6 +77,8 @@ impl Drop for AbortOnDrop {
 
 /// `recvmmsg` batches read after one wakeup, before timers and storage get their turn.
 const BATCHES_PER_WAKEUP: usize = 8;
+/// Storage results handled per wakeup at most (the results channel holds 1,024).
+const RESULTS_PER_WAKEUP: usize = 1024;
 
 /// Socket buffers asked for: a few milliseconds without the CPU at tens of thousands of
 /// datagrams per second overflow the system default (208 KiB), and every keepalive lost
@@ -446,18 +448,28 @@ pub async fn run_supernode(
                 }
             }
             r = res_rx.recv() => {
-                match r {
-                    Some((token, result)) => {
-                        let started = timings.in_flight.remove(&token);
-                        peerline_core::mem::shrink_map(&mut timings.in_flight);
-                        if let Some(t) = started {
-                            timings.store.observe(t.elapsed().as_secs_f64());
-                        }
-                        guarded(&mut panics, "storage result", || {
-                            sn.handle_op_result(Instant::now(), token, result)
-                        })
+                let Some(first) = r else {
+                    return Err(NetError::StoreGone);
+                };
+                // Take every result already waiting, not one per wakeup: under a login
+                // burst the socket branch is always ready too, and one result per turn
+                // let the results back up, the storage thread block on their full channel
+                // and the operations pile up behind it (memory and login latency).
+                let mut next = Some(first);
+                let mut taken = 0;
+                while let Some((token, result)) = next.take() {
+                    let started = timings.in_flight.remove(&token);
+                    peerline_core::mem::shrink_map(&mut timings.in_flight);
+                    if let Some(t) = started {
+                        timings.store.observe(t.elapsed().as_secs_f64());
                     }
-                    None => return Err(NetError::StoreGone),
+                    guarded(&mut panics, "storage result", || {
+                        sn.handle_op_result(Instant::now(), token, result)
+                    });
+                    taken += 1;
+                    if taken < RESULTS_PER_WAKEUP {
+                        next = res_rx.try_recv().ok();
+                    }
                 }
             }
             Some(m) = recv_fleet(&mut fleet) => {
