@@ -65,13 +65,17 @@ struct Storm {
 
 impl Storm {
     fn new(limits: Limits) -> Self {
+        Self::with_budget(limits, BUDGET)
+    }
+
+    fn with_budget(limits: Limits, budget: usize) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(11);
         let sn_keys = DeviceKeys::generate(&mut rng);
         let authority = Authority::generate(&mut rng);
         let t0 = Instant::now();
         let cfg = SupernodeConfig {
             limits,
-            handshake_budget: BUDGET,
+            handshake_budget: budget,
             ..SupernodeConfig::default()
         };
         let sn = Supernode::new(
@@ -465,4 +469,92 @@ fn busy_wait_adds_up_to_half_the_hint() {
     let mid = busy_wait(1000, u32::MAX / 2);
     assert!(mid > Duration::from_millis(1240) && mid < Duration::from_millis(1260));
     assert_eq!(busy_wait(0, u32::MAX), Duration::ZERO);
+}
+
+mod arbitrary {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One input: which datagram (a valid initiation, a corrupted one, or noise), from
+    /// which source, after how many 5 ms steps (0: same batch).
+    fn op() -> impl Strategy<Value = (u8, u8, u8, Vec<u8>)> {
+        (
+            0u8..6,
+            0u8..8,
+            0u8..3,
+            proptest::collection::vec(any::<u8>(), 0..200),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn batches_of_anything_keep_the_queue_bounded_and_drained(
+            budget in 1usize..4,
+            max_queued in 0usize..6,
+            wait_ms in 1u64..1500,
+            ops in proptest::collection::vec(op(), 1..60),
+        ) {
+            let limits = Limits {
+                max_queued_handshakes: max_queued,
+                max_handshake_wait: Duration::from_millis(wait_ms),
+                ..Limits::default()
+            };
+            let mut w = Storm::with_budget(limits, budget);
+            let inits: Vec<Vec<u8>> = (0..4)
+                .map(|i| {
+                    w.add_client(i);
+                    w.clients[i].1.poll_transmit().unwrap().payload
+                })
+                .collect();
+            let mut now = w.now;
+            w.sn.begin_batch();
+            for (kind, src, delay, noise) in ops {
+                if delay > 0 {
+                    w.sn.end_batch(now);
+                    now += STEP * delay as u32;
+                    w.sn.handle_timeout(now);
+                    w.sn.begin_batch();
+                }
+                let mut d = match kind {
+                    0..=3 => inits[kind as usize].clone(),
+                    4 => {
+                        let mut d = inits[src as usize % 4].clone();
+                        let at = noise.first().copied().unwrap_or(0) as usize % d.len();
+                        d[at] ^= 0x5a;
+                        d
+                    }
+                    _ => noise,
+                };
+                if kind == 5 && !d.is_empty() {
+                    d[0] = 0x81; // look like an initiation
+                }
+                w.sn.handle_datagram(now, addr(src as usize), &d);
+                prop_assert!(w.sn.handshake_queue_len() <= max_queued);
+                while let Some(t) = w.sn.poll_transmit() {
+                    if let Ok(Packet::Reject { reason: RejectReason::Busy { retry_after_ms }, .. }) =
+                        Packet::decode(&t.payload)
+                    {
+                        prop_assert!(retry_after_ms >= 250);
+                    }
+                }
+                while let Some((token, op)) = w.sn.poll_op() {
+                    let r = execute(&mut w.store, op, &mut w.rng);
+                    w.sn.handle_op_result(now, token, r);
+                }
+            }
+            w.sn.end_batch(now);
+            for _ in 0..8 {
+                if w.sn.handshake_queue_len() == 0 {
+                    break;
+                }
+                prop_assert!(w.sn.poll_timeout().is_some_and(|t| t <= now));
+                w.sn.handle_timeout(now);
+            }
+            prop_assert_eq!(w.sn.handshake_queue_len(), 0);
+            let s = w.sn.stats();
+            prop_assert_eq!(s.busy_sent, s.drops_for(DropReason::Busy));
+        }
+    }
 }
