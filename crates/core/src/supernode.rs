@@ -126,8 +126,8 @@ pub struct Limits {
     /// answered at once with a `Busy` reject and a retry-after.
     pub max_queued_handshakes: usize,
     /// Longest an initiation may expect to wait in the queue (its position over the
-    /// measured handshake rate); one that has waited twice this is shed when its turn
-    /// comes, as its client has retried by then.
+    /// measured handshake rate); one that has waited twice this (at most 800 ms, as its
+    /// client retries after 1 s) is shed when its turn comes.
     pub max_handshake_wait: Duration,
     /// `Busy` rejects sent per second at most (beyond it, shed initiations get no answer).
     pub busy_per_second: u32,

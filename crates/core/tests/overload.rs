@@ -382,7 +382,7 @@ fn a_queued_initiation_its_client_gave_up_on_is_shed_without_diffie_hellman() {
     assert!(w.sn.poll_transmit().is_none(), "queued, not yet served");
     assert_eq!(w.sn.handshake_queue_len(), 1);
     assert_eq!(w.sn.poll_timeout(), Some(w.now), "queued work is due now");
-    // The driver stalls past the client's handshake timeout (twice the 500 ms bound).
+    // The driver stalls past the point where the answer would reach the client too late.
     let later = w.now + Duration::from_millis(1100);
     w.sn.end_batch(later);
     let out = w.sn.poll_transmit().unwrap();

@@ -27,6 +27,10 @@ const MIN_RATE: f64 = 50.0;
 const SAMPLE: Duration = Duration::from_millis(100);
 /// Shortest wait a Busy asks for: less would bring the client back into the same queue.
 pub(super) const MIN_RETRY: Duration = Duration::from_millis(250);
+/// A client gives up on a handshake after 1 s (protocol 7.10): an initiation served
+/// later than this after it arrived would be answered after that, with the round trip
+/// and the serving pass, so it is shed instead.
+const PATIENCE: Duration = Duration::from_millis(800);
 /// Longest wait a Busy can say (its hint is 16 bits of milliseconds).
 pub(super) const MAX_RETRY: Duration = Duration::from_millis(u16::MAX as u64);
 
@@ -146,10 +150,11 @@ impl Admission {
     }
 
     /// The next initiation to serve, or to shed when it waited so long that its client
-    /// has given up on it (twice `max_wait`): `(initiation, stale)`.
+    /// will have given up on it (twice `max_wait`, at most [`PATIENCE`]):
+    /// `(initiation, stale)`.
     pub(super) fn pop(&mut self, now: Instant) -> Option<(Queued, bool)> {
         let q = self.queue.pop_front()?;
-        let stale = now.saturating_duration_since(q.arrived) > self.max_wait * 2;
+        let stale = now.saturating_duration_since(q.arrived) > (self.max_wait * 2).min(PATIENCE);
         Some((q, stale))
     }
 
@@ -277,11 +282,17 @@ mod tests {
     #[test]
     fn an_initiation_its_client_gave_up_on_is_stale() {
         let t = Instant::now();
+        let mut a = Admission::new(10, Duration::from_millis(100), 100, t);
+        a.push(queued(t));
+        a.push(queued(t));
+        assert!(!a.pop(t + Duration::from_millis(200)).unwrap().1);
+        assert!(a.pop(t + Duration::from_millis(201)).unwrap().1);
+        assert!(a.pop(t).is_none());
+        // A long bound is capped by the client's patience.
         let mut a = Admission::new(10, Duration::from_millis(500), 100, t);
         a.push(queued(t));
         a.push(queued(t));
-        assert!(!a.pop(t + Duration::from_millis(1000)).unwrap().1);
-        assert!(a.pop(t + Duration::from_millis(1001)).unwrap().1);
-        assert!(a.pop(t).is_none());
+        assert!(!a.pop(t + PATIENCE).unwrap().1);
+        assert!(a.pop(t + PATIENCE + Duration::from_millis(1)).unwrap().1);
     }
 }
