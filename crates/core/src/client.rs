@@ -333,6 +333,14 @@ pub enum ClientEvent {
 /// How long a peer's handshake answer is kept for repeated initiations.
 const ANSWERED_INIT_TTL: Duration = Duration::from_secs(10);
 
+/// How long to wait after a `Busy` reject saying `retry_after_ms`: that, plus a uniform
+/// jitter of 0 to 50 % of it drawn from `random`, so that clients told the same moment do
+/// not all come back at once (protocol section 7.10).
+pub fn busy_wait(retry_after_ms: u16, random: u32) -> Duration {
+    let base = Duration::from_millis(retry_after_ms as u64);
+    base + base.mul_f64(random as f64 / u32::MAX as f64 * 0.5)
+}
+
 /// The first 32 bytes of a Noise IK message 1: the initiator's ephemeral key, unique per
 /// handshake (the packet decoder guarantees at least 96 bytes).
 pub(crate) fn first_32(noise: &[u8]) -> [u8; 32] {
@@ -1647,6 +1655,9 @@ impl Client {
         if from != self.current {
             return;
         }
+        if let RejectReason::Busy { retry_after_ms } = reason {
+            return self.on_busy(now, receiver, retry_after_ms);
+        }
         // Unauthenticated, so it only ever ends a handshake or session early, like a Reset.
         let attempt = match &self.server {
             Server::Handshaking { index, attempt, .. } if *index == receiver => *attempt,
@@ -1664,6 +1675,8 @@ impl Client {
             RejectReason::Revoked => "this device was revoked: enrol it again".to_string(),
             RejectReason::Full => "the supernode is full; trying another".to_string(),
             RejectReason::Draining => "the supernode is shutting down; trying another".to_string(),
+            // Handled above; listed so that a new reason is a compile error here.
+            RejectReason::Busy { .. } => "the supernode is busy".to_string(),
             RejectReason::Other(b) => format!("the supernode refused the login (reason {b})"),
         };
         let was_online = self.is_online();
@@ -1682,6 +1695,28 @@ impl Client {
             tracing::warn!(reason = %why, "login refused");
             self.events.push_back(ClientEvent::Offline { reason: why });
         }
+    }
+
+    /// The supernode has more logins queued than it can serve soon: come back when it
+    /// says, plus jitter, so that a storm's clients spread out. Not a failure: the attempt
+    /// count (and so the backoff) stays where it was. Only a handshake in flight ends
+    /// (unauthenticated, a forged Busy can only delay a login, like a `RateLimited`).
+    fn on_busy(&mut self, now: Instant, receiver: u32, retry_after_ms: u16) {
+        let attempt = match &self.server {
+            Server::Handshaking { index, attempt, .. } if *index == receiver => *attempt,
+            _ => return,
+        };
+        let wait = busy_wait(retry_after_ms, self.rng.next_u32());
+        self.server = Server::Offline {
+            retry_at: now + wait,
+            attempt,
+        };
+        let why = format!(
+            "the supernode is busy with other logins; trying again in {:.1} s",
+            wait.as_secs_f64()
+        );
+        tracing::info!(reason = %why, "login deferred");
+        self.events.push_back(ClientEvent::Offline { reason: why });
     }
 
     fn on_handshake_response(

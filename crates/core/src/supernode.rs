@@ -37,9 +37,11 @@ use crate::link::{Link, LinkConfig, LinkEvent, Transmit};
 use crate::ops::{Notice, Op, OpError, OpResult};
 use crate::store::{NewMessage, QueueOutcome, StoredMessage};
 
+mod admission;
 mod contacts;
 mod fleet;
 
+use admission::{Admission, Queued, Shed};
 use contacts::ContactSet;
 pub use fleet::{NodeDest, NodeTransmit};
 use fleet::{RemoteSeen, RemoteWait};
@@ -75,6 +77,9 @@ pub struct SupernodeConfig {
     /// [`Supernode::handle_timeout`] call handles at most: the rest wait for the next
     /// call, so a mass expiry never keeps the driver from reading its socket.
     pub timer_budget: usize,
+    /// Queued handshake initiations one serving pass does at most (each costs a login's
+    /// crypto, about 250 us): see [`Supernode::end_batch`].
+    pub handshake_budget: usize,
 }
 
 /// Load thresholds, caps and rate limits. Every per-key table is bounded by
@@ -120,6 +125,16 @@ pub struct Limits {
     pub max_password_backoff: Duration,
     /// Keys each limiter tracks at most.
     pub max_tracked_keys: usize,
+    /// Handshake initiations waiting for their Diffie-Hellman work at most; beyond it,
+    /// or when one would wait longer than `max_handshake_wait`, the initiation is
+    /// answered at once with a `Busy` reject and a retry-after.
+    pub max_queued_handshakes: usize,
+    /// Longest an initiation may expect to wait in the queue (its position over the
+    /// measured handshake rate); one that has waited twice this (at most 800 ms, as its
+    /// client retries after 1 s) is shed when its turn comes.
+    pub max_handshake_wait: Duration,
+    /// `Busy` rejects sent per second at most (beyond it, shed initiations get no answer).
+    pub busy_per_second: u32,
 }
 
 impl Default for Limits {
@@ -141,6 +156,9 @@ impl Default for Limits {
             free_password_failures: 5,
             max_password_backoff: Duration::from_secs(15 * 60),
             max_tracked_keys: 100_000,
+            max_queued_handshakes: 4096,
+            max_handshake_wait: Duration::from_millis(500),
+            busy_per_second: 50_000,
         }
     }
 }
@@ -192,6 +210,7 @@ impl Default for SupernodeConfig {
             relay: None,
             limits: Limits::default(),
             timer_budget: 2048,
+            handshake_budget: 16,
         }
     }
 }
@@ -227,8 +246,12 @@ pub struct Stats {
     pub drops: [u64; DropReason::ALL.len()],
     /// Cookie replies sent (initiations answered without Diffie-Hellman work under load).
     pub cookies_sent: u64,
-    /// Reject packets sent (wrong version, stale, rate-limited, revoked).
+    /// Reject packets sent (wrong version, stale, rate-limited, revoked, busy).
     pub rejects_sent: u64,
+    /// `Busy` rejects sent: initiations shed with a retry-after, without Diffie-Hellman.
+    pub busy_sent: u64,
+    /// Noise messages read by the responder: each one a login's Diffie-Hellman work.
+    pub noise_reads: u64,
     /// Requests refused with `RateLimited` (searches, contact requests, messages, ...).
     pub rate_limited: u64,
 }
@@ -273,11 +296,14 @@ pub enum DropReason {
     Revoked,
     /// A half-open session that sent nothing in time.
     HalfOpenExpired,
+    /// Initiation shed under overload: the handshake queue was full or too slow (a
+    /// `Busy` reject was sent unless over its budget).
+    Busy,
 }
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Malformed,
         DropReason::Unexpected,
         DropReason::UnknownSession,
@@ -293,6 +319,7 @@ impl DropReason {
         DropReason::OutdatedLogin,
         DropReason::Revoked,
         DropReason::HalfOpenExpired,
+        DropReason::Busy,
     ];
 
     /// Position in [`Stats::drops`].
@@ -318,6 +345,7 @@ impl DropReason {
             DropReason::OutdatedLogin => "outdated_login",
             DropReason::Revoked => "revoked",
             DropReason::HalfOpenExpired => "half_open_expired",
+            DropReason::Busy => "busy",
         }
     }
 }
@@ -511,6 +539,10 @@ pub struct Supernode {
     hosts_queue: VecDeque<u32>,
     /// Shutting down: logins are refused and users are sent elsewhere.
     draining: bool,
+    /// Initiations waiting for their Diffie-Hellman work, and the Busy answers.
+    admission: Admission,
+    /// Inside [`Supernode::begin_batch`]: initiations wait for [`Supernode::end_batch`].
+    in_batch: bool,
 }
 
 struct Limiters {
@@ -615,7 +647,15 @@ impl Supernode {
         let mut previous_secret = [0u8; 32];
         rng.fill_bytes(&mut previous_secret);
         let limiters = Limiters::new(&cfg.limits);
+        let admission = Admission::new(
+            cfg.limits.max_queued_handshakes,
+            cfg.limits.max_handshake_wait,
+            cfg.limits.busy_per_second,
+            now,
+        );
         Supernode {
+            admission,
+            in_batch: false,
             mac_keys: MacKeys::for_private(&static_private),
             cookie_secret,
             previous_secret,
@@ -833,7 +873,9 @@ impl Supernode {
         let t = self.timers.peek().map(|Reverse((t, _))| *t);
         let h = self.half_open_queue.front().map(|(t, _)| *t);
         let r = self.remote_order.front().map(|(t, _)| *t);
-        [t, h, r].into_iter().flatten().min()
+        // Queued initiations are work for now.
+        let q = self.admission.next_due();
+        [t, h, r, q].into_iter().flatten().min()
     }
 
     fn op(&mut self, op: Op, w: Waiting) -> u64 {
@@ -899,8 +941,11 @@ impl Supernode {
         self.stats.datagrams_in += 1;
         self.maybe_prune(now);
         match Packet::decode(bytes) {
-            Ok(Packet::HandshakeInit { sender, noise, .. }) => {
-                self.on_handshake(now, from, sender, noise, bytes)
+            Ok(Packet::HandshakeInit { sender, .. }) => {
+                self.admit_handshake(now, from, sender, bytes);
+                if !self.in_batch {
+                    self.serve_handshakes(now);
+                }
             }
             Ok(Packet::Transport {
                 receiver,
@@ -984,14 +1029,83 @@ impl Supernode {
         }
     }
 
-    fn on_handshake(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        sender: u32,
-        noise: &[u8],
-        datagram: &[u8],
-    ) {
+    /// Starts a batch of datagrams read together: until [`Supernode::end_batch`],
+    /// handshake initiations only pass their cheap checks and wait in the queue (or are
+    /// shed with a `Busy`), so that the batch's transport packets (keepalives and requests
+    /// of users already in) are answered first.
+    pub fn begin_batch(&mut self) {
+        self.in_batch = true;
+    }
+
+    /// Ends a batch: serves queued handshake initiations, at most
+    /// `SupernodeConfig::handshake_budget` of them. What remains is served by the next
+    /// [`Supernode::end_batch`] or [`Supernode::handle_timeout`] (`poll_timeout` says now).
+    pub fn end_batch(&mut self, now: Instant) {
+        self.in_batch = false;
+        self.serve_handshakes(now);
+    }
+
+    /// Initiations waiting for their Diffie-Hellman work.
+    pub fn handshake_queue_len(&self) -> usize {
+        self.admission.len()
+    }
+
+    /// Handshakes per second the supernode is estimated to serve (measured while
+    /// initiations queue).
+    pub fn handshake_rate(&self) -> f64 {
+        self.admission.rate()
+    }
+
+    /// Serves queued initiations within the handshake budget; those whose client has
+    /// given up on them by now are shed instead, at no cost to the budget.
+    fn serve_handshakes(&mut self, now: Instant) {
+        if self.admission.len() == 0 {
+            return;
+        }
+        let mut served = 0u32;
+        while (served as usize) < self.cfg.handshake_budget.max(1) {
+            let Some((q, stale)) = self.admission.pop(now) else {
+                break;
+            };
+            if stale {
+                self.shed_handshake(now, q.from, q.sender);
+                continue;
+            }
+            served += 1;
+            // Decoded when it arrived; read again rather than kept as borrowed parts.
+            if let Ok(Packet::HandshakeInit { sender, noise, .. }) = Packet::decode(&q.datagram) {
+                self.on_handshake(now, q.from, sender, noise);
+            }
+        }
+        self.admission.served(now, served);
+    }
+
+    /// Answers an initiation that will not be served soon with a `Busy` and a
+    /// retry-after: no Diffie-Hellman, no state, 12 bytes.
+    fn shed_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32) {
+        self.dropped(DropReason::Busy);
+        let Shed::Busy(wait) = self.admission.shed(now) else {
+            return;
+        };
+        let retry_after_ms = wait.as_millis().min(u16::MAX as u128) as u16;
+        let mut out = Vec::with_capacity(peerline_wire::packet::REJECT_LEN);
+        Packet::Reject {
+            receiver: sender,
+            reason: RejectReason::Busy { retry_after_ms },
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut out);
+        self.stats.rejects_sent += 1;
+        self.stats.busy_sent += 1;
+        self.push_transmit(Transmit {
+            dst: from,
+            payload: out,
+        });
+    }
+
+    /// The cheap checks of an initiation (no Diffie-Hellman): then it is queued, shed
+    /// with a `Busy`, or dropped.
+    fn admit_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, datagram: &[u8]) {
         self.expire_half_open(now, self.cfg.timer_budget);
         let full = self.sessions.len() >= self.cfg.max_sessions;
         if full && self.hosts.is_empty() {
@@ -1039,6 +1153,16 @@ impl Supernode {
             self.dropped(DropReason::Capacity);
             return;
         }
+        // Shed, too, while storage is behind: every login queues storage operations,
+        // and admitting logins the store cannot keep up with only grows that backlog
+        // (memory, and the logins' own contact lists and mail arriving late).
+        if !self.admission.admits() || self.overloaded() {
+            self.shed_handshake(now, from, sender);
+            return;
+        }
+        let Ok(Packet::HandshakeInit { noise, .. }) = Packet::decode(datagram) else {
+            return;
+        };
         // A duplicated initiation must not open a second session (which would replace the
         // first at login). Clients retry with a fresh handshake, so drop exact repeats.
         let ephemeral = crate::client::first_32(noise);
@@ -1052,6 +1176,32 @@ impl Supernode {
                 self.recent_inits.remove(&old);
             }
         }
+        self.admission.push(Queued {
+            from,
+            sender,
+            datagram: datagram.to_vec(),
+            arrived: now,
+        });
+    }
+
+    /// The Diffie-Hellman part of a handshake, for an initiation taken from the queue.
+    fn on_handshake(&mut self, now: Instant, from: SocketAddr, sender: u32, noise: &[u8]) {
+        self.expire_half_open(now, self.cfg.timer_budget);
+        // The session table or half-open table may have filled while it waited.
+        let full = self.sessions.len() >= self.cfg.max_sessions;
+        if full || self.half_open >= self.cfg.limits.max_half_open {
+            self.dropped(DropReason::Capacity);
+            if full && !self.hosts.is_empty() {
+                self.reject(now, from, sender, RejectReason::Full);
+            }
+            return;
+        }
+        // Storage fell behind while it waited: shed it, before any Diffie-Hellman work.
+        if self.overloaded() {
+            self.shed_handshake(now, from, sender);
+            return;
+        }
+        self.stats.noise_reads += 1;
         let mut seed = [0u8; 32];
         self.rng.fill_bytes(&mut seed);
         let Ok(responder) = Responder::read(&self.static_private, seed, noise) else {
@@ -1312,6 +1462,7 @@ impl Supernode {
             s.link.handle_timeout(now);
             self.flush(now, index);
         }
+        self.serve_handshakes(now);
     }
 
     fn reply(&mut self, now: Instant, index: u32, req: u64, body: Response) {

@@ -13,7 +13,9 @@
 //! `Search`, `Connect`) retransmitted with the same id at 0.4, 1.2, 2.8, 5.8 and 8.8 s.
 //! It answers the supernode's pushes (`PresenceEvent` with `Ok`, `IncomingConnect` with
 //! `ConnectAnswer`). A handshake unanswered after 1 s is retried after a jittered
-//! exponential backoff (protocol section 7.10); a client never gives up.
+//! exponential backoff (protocol section 7.10); one refused with `Busy` is retried after
+//! the supernode's retry-after plus 0 to 50 % jitter, without counting as a failure; a
+//! client never gives up.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -25,7 +27,7 @@ use hdrhistogram::Histogram;
 use peerline_crypto::cookie::{self, MacKeys, COOKIE_LEN, COOKIE_USE_S};
 use peerline_crypto::{Handshake, Transport};
 use peerline_wire::msg::{Frame, Hello, Presence, Request, Response, Welcome};
-use peerline_wire::packet::Packet;
+use peerline_wire::packet::{Packet, RejectReason};
 use peerline_wire::PROTOCOL_VERSION;
 use rand::{Rng, SeedableRng};
 
@@ -172,6 +174,10 @@ pub struct Counters {
     pub stray: AtomicU64,
     /// Cookie replies taken (the supernode was under load and asked for proof of address).
     pub cookies: AtomicU64,
+    /// `Busy` rejects taken: the supernode shed the handshake and said when to retry.
+    pub busy: AtomicU64,
+    /// Other rejects of a handshake in flight (retried after the normal backoff).
+    pub rejected: AtomicU64,
     /// Shards that have acted on the current phase.
     pub acks: AtomicUsize,
 }
@@ -755,6 +761,40 @@ impl Shard {
                     }
                 }
             }
+            Ok(Packet::Reject {
+                receiver, reason, ..
+            }) => {
+                let slot = receiver.wrapping_sub(1) as usize;
+                if self
+                    .clients
+                    .get(slot)
+                    .is_none_or(|c| c.state != HANDSHAKING)
+                {
+                    self.shared.counters.stray.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                self.inflight = self.inflight.saturating_sub(1);
+                let d = if let RejectReason::Busy { retry_after_ms } = reason {
+                    // Told when to come back: not a failure, so no backoff step.
+                    self.shared.counters.busy.fetch_add(1, Ordering::Relaxed);
+                    let r: u32 = self.rng.gen();
+                    peerline_core::client::busy_wait(retry_after_ms, r).as_millis() as u32
+                } else {
+                    self.shared
+                        .counters
+                        .rejected
+                        .fetch_add(1, Ordering::Relaxed);
+                    let c = &mut self.clients[slot];
+                    c.attempt = c.attempt.saturating_add(1);
+                    let attempt = c.attempt;
+                    self.backoff_ms(attempt)
+                };
+                let c = &mut self.clients[slot];
+                c.hs = None;
+                c.state = BACKOFF;
+                c.hs_deadline = now_ms + d;
+                self.arm(slot as u32, now_ms + d);
+            }
             Ok(Packet::Reset { receiver }) => {
                 if let Some(&slot) = self.by_remote.get(&receiver) {
                     self.shared.counters.resets.fetch_add(1, Ordering::Relaxed);
@@ -1209,6 +1249,58 @@ mod tests {
         assert_eq!(p.online(), 0, "a reset for our session drops it");
     }
 
+    fn reject(receiver: u32, reason: RejectReason) -> Vec<u8> {
+        let mut b = Vec::new();
+        Packet::Reject {
+            receiver,
+            reason,
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut b);
+        b
+    }
+
+    #[test]
+    fn a_busy_client_waits_the_hint_plus_jitter_without_a_backoff_step() {
+        let mut p = DatagramProbe::new();
+        // Client 1 (index 2) has its handshake in flight.
+        assert_eq!(p.shard.clients[1].state, HANDSHAKING);
+        let before = (p.shard.now_us() / 1000) as u32;
+        p.feed(&reject(
+            2,
+            RejectReason::Busy {
+                retry_after_ms: 4000,
+            },
+        ));
+        let after = (p.shard.now_us() / 1000) as u32;
+        let c = &p.shard.clients[1];
+        assert_eq!(c.state, BACKOFF);
+        assert_eq!(c.attempt, 0, "a Busy is not a failure");
+        assert!(c.hs_deadline >= before + 4000 && c.hs_deadline <= after + 6000);
+        assert_eq!(p.shard.inflight, 0);
+        let counters = &p.shard.shared.counters;
+        assert_eq!(counters.busy.load(Ordering::Relaxed), 1);
+        // A second one for a handshake no longer in flight is stray.
+        p.feed(&reject(
+            2,
+            RejectReason::Busy {
+                retry_after_ms: 4000,
+            },
+        ));
+        assert_eq!(p.shard.shared.counters.busy.load(Ordering::Relaxed), 1);
+        assert_eq!(p.shard.shared.counters.stray.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn another_reject_backs_off_as_a_failure() {
+        let mut p = DatagramProbe::new();
+        p.feed(&reject(2, RejectReason::RateLimited));
+        let c = &p.shard.clients[1];
+        assert_eq!(c.state, BACKOFF);
+        assert_eq!(c.attempt, 1);
+        assert_eq!(p.shard.shared.counters.rejected.load(Ordering::Relaxed), 1);
+    }
+
     proptest! {
         #[test]
         fn arbitrary_datagrams_never_panic_a_shard(data in proptest::collection::vec(any::<u8>(), 0..1300)) {
@@ -1218,7 +1310,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_packets_with_valid_headers_never_panic(ty in 0x81u8..=0x85, body in proptest::collection::vec(any::<u8>(), 0..300)) {
+        fn arbitrary_packets_with_valid_headers_never_panic(ty in 0x81u8..=0x87, body in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut p = DatagramProbe::new();
             let mut d = vec![ty, PROTOCOL_VERSION, 0, 0];
             d.extend_from_slice(&body);

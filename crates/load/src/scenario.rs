@@ -138,6 +138,8 @@ pub struct StormFigures {
     pub handshakes: u64,
     /// Handshakes unanswered within 1 s.
     pub handshake_timeouts: u64,
+    /// Handshakes the supernode shed with a `Busy` (retry-later) answer.
+    pub busy: u64,
     /// Peak supernode RSS during the storm, bytes.
     pub peak_rss: u64,
 }
@@ -219,6 +221,7 @@ struct Snapshot {
     failed: u64,
     handshakes: u64,
     timeouts: u64,
+    busy: u64,
 }
 
 fn snapshot(e: &Engine, pid: Option<u32>) -> Snapshot {
@@ -237,6 +240,7 @@ fn snapshot(e: &Engine, pid: Option<u32>) -> Snapshot {
         failed: r(&c.failed),
         handshakes: r(&c.handshakes),
         timeouts: r(&c.handshake_timeouts),
+        busy: r(&c.busy),
     }
 }
 
@@ -427,6 +431,7 @@ pub async fn run(dd: &DataDir, users: Arc<Users>, cfg: RunConfig) -> anyhow::Res
                 max_attempt: engine.shared.counters.max_attempt.load(Ordering::Relaxed),
                 handshakes: b.handshakes - a.handshakes,
                 handshake_timeouts: b.timeouts - a.timeouts,
+                busy: b.busy - a.busy,
                 peak_rss: peak,
             });
             (a, b)
@@ -532,6 +537,8 @@ fn counters_json(e: &Engine) -> serde_json::Value {
         "logins": r(&c.logins),
         "handshakes": r(&c.handshakes),
         "handshake_timeouts": r(&c.handshake_timeouts),
+        "busy": r(&c.busy),
+        "rejected": r(&c.rejected),
         "keepalives": r(&c.keepalives),
         "echoes": r(&c.echoes),
         "requests": r(&c.requests),

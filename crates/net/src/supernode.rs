@@ -254,8 +254,26 @@ fn render_metrics(
     m(
         "rejects_sent_total",
         "counter",
-        "Handshake rejections sent (version, stale, rate limited, revoked).",
+        "Handshake rejections sent (version, stale, rate limited, revoked, busy).",
         s.rejects_sent,
+    );
+    m(
+        "busy_sent_total",
+        "counter",
+        "Handshakes shed under overload with a Busy reject and a retry-after (no Diffie-Hellman).",
+        s.busy_sent,
+    );
+    m(
+        "handshake_queue",
+        "gauge",
+        "Handshake initiations waiting for their Diffie-Hellman work.",
+        sn.handshake_queue_len() as u64,
+    );
+    m(
+        "handshake_rate",
+        "gauge",
+        "Handshakes per second the supernode is estimated to serve (measured under backlog).",
+        sn.handshake_rate() as u64,
     );
     m(
         "rate_limited_total",
@@ -442,7 +460,13 @@ pub async fn run_supernode(
                                 break;
                             }
                         }
+                        // Transport packets first: the batch's keepalives and requests are
+                        // answered and sent before its handshakes (a login's crypto is
+                        // worth about 60 keepalives) get their bounded turn.
+                        sn.begin_batch();
                         handle_batch(&mut sn, &rx, &mut tx, &socket, &mut panics, &mut timings);
+                        send_all(&mut sn, &socket, &mut tx, &tcp_peers, &mut timings);
+                        guarded(&mut panics, "handshakes", || sn.end_batch(Instant::now()));
                         send_all(&mut sn, &socket, &mut tx, &tcp_peers, &mut timings);
                     }
                 }

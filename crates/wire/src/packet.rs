@@ -11,8 +11,11 @@
 //! 0x84 Transport          hdr(4) receiver_index(4 LE) counter(8 LE) ciphertext(..)
 //! 0x85 Probe              hdr(4) reserved(4) = 0
 //! 0x86 CookieReply        hdr(4) receiver_index(4 LE) nonce(24) encrypted_cookie(32)
-//! 0x87 Reject             hdr(4) receiver_index(4 LE) reason(1) version(1) reserved(2) = 0
+//! 0x87 Reject             hdr(4) receiver_index(4 LE) reason(1) version(1) hint(2 LE)
 //! ```
+//!
+//! A Reject's `hint` is 0 for every reason but `Busy` (7), where it is the number of
+//! milliseconds to wait before the next try.
 //!
 //! The MACs of a handshake initiation and the cookie are computed by
 //! `peerline_crypto::cookie` (this crate has no cryptography); a Reject is decoded whatever
@@ -86,6 +89,13 @@ pub enum RejectReason {
     Full,
     /// The supernode is shutting down: log in at another supernode of the fleet.
     Draining,
+    /// The supernode has more logins queued than it can serve soon: try again after
+    /// `retry_after_ms` (plus jitter). Not a failure of this client: it never counts
+    /// towards a backoff.
+    Busy {
+        /// Milliseconds to wait before the next handshake.
+        retry_after_ms: u16,
+    },
     /// A reason this build does not know (a newer peer).
     Other(u8),
 }
@@ -100,13 +110,16 @@ impl RejectReason {
             RejectReason::Revoked => 4,
             RejectReason::Full => 5,
             RejectReason::Draining => 6,
+            RejectReason::Busy { .. } => REJECT_BUSY,
             RejectReason::Other(b) => b,
         }
     }
 
-    /// The reason a byte names.
+    /// The reason a byte names (`Busy` with no wait: its hint travels apart, see
+    /// [`RejectReason::hint`]).
     pub fn from_byte(b: u8) -> Self {
         match b {
+            REJECT_BUSY => RejectReason::Busy { retry_after_ms: 0 },
             1 => RejectReason::Version,
             2 => RejectReason::Stale,
             3 => RejectReason::RateLimited,
@@ -117,6 +130,19 @@ impl RejectReason {
         }
     }
 }
+
+impl RejectReason {
+    /// The two bytes after the version: the retry-after of a `Busy`, zero otherwise.
+    pub fn hint(self) -> u16 {
+        match self {
+            RejectReason::Busy { retry_after_ms } => retry_after_ms,
+            _ => 0,
+        }
+    }
+}
+
+/// Reason byte of [`RejectReason::Busy`].
+pub const REJECT_BUSY: u8 = 7;
 
 /// A decoded datagram, borrowing its variable part from the input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,15 +284,24 @@ impl<'a> Packet<'a> {
         if ty == TYPE_REJECT {
             // Version-independent, so that it can say "wrong version".
             exact(b, REJECT_LEN)?;
-            if b[2] != 0 || b[3] != 0 || b[10] != 0 || b[11] != 0 {
+            if b[2] != 0 || b[3] != 0 {
                 return Err(Error::Reserved);
             }
             if b[1] != b[9] {
                 return Err(Error::Malformed("reject: the two version bytes differ"));
             }
+            let hint = u16::from_le_bytes([b[10], b[11]]);
+            let reason = match RejectReason::from_byte(b[8]) {
+                RejectReason::Busy { .. } => RejectReason::Busy {
+                    retry_after_ms: hint,
+                },
+                // Only a Busy carries a hint; elsewhere the bytes are reserved.
+                _ if hint != 0 => return Err(Error::Reserved),
+                r => r,
+            };
             return Ok(Packet::Reject {
                 receiver: u32_at(b, 4),
-                reason: RejectReason::from_byte(b[8]),
+                reason,
                 version: b[9],
             });
         }
@@ -407,7 +442,8 @@ impl<'a> Packet<'a> {
             } => {
                 out.extend_from_slice(&[TYPE_REJECT, version, 0, 0]);
                 out.extend_from_slice(&receiver.to_le_bytes());
-                out.extend_from_slice(&[reason.to_byte(), version, 0, 0]);
+                out.extend_from_slice(&[reason.to_byte(), version]);
+                out.extend_from_slice(&reason.hint().to_le_bytes());
             }
             Packet::Stun(b) => out.extend_from_slice(b),
         }
@@ -458,6 +494,13 @@ mod tests {
             RejectReason::Revoked,
             RejectReason::Full,
             RejectReason::Draining,
+            RejectReason::Busy { retry_after_ms: 0 },
+            RejectReason::Busy {
+                retry_after_ms: 1500,
+            },
+            RejectReason::Busy {
+                retry_after_ms: u16::MAX,
+            },
             RejectReason::Other(77),
         ] {
             roundtrip(Packet::Reject {
@@ -520,6 +563,64 @@ mod tests {
         // Found by the `packet` fuzz target: it would not re-encode to the same bytes.
         let b = [0x87, 148, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(matches!(Packet::decode(&b), Err(Error::Malformed(_))));
+    }
+
+    #[test]
+    fn a_busy_reject_carries_its_wait_in_the_last_two_bytes() {
+        let mut b = Vec::new();
+        Packet::Reject {
+            receiver: 0x0102_0304,
+            reason: RejectReason::Busy {
+                retry_after_ms: 0x1234,
+            },
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut b);
+        assert_eq!(
+            b,
+            [
+                TYPE_REJECT,
+                PROTOCOL_VERSION,
+                0,
+                0,
+                4,
+                3,
+                2,
+                1,
+                REJECT_BUSY,
+                PROTOCOL_VERSION,
+                0x34,
+                0x12
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_busy_reject_may_carry_a_hint() {
+        let mut b = Vec::new();
+        Packet::Reject {
+            receiver: 1,
+            reason: RejectReason::RateLimited,
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut b);
+        assert_eq!(&b[10..], &[0, 0]);
+        b[10] = 1;
+        assert_eq!(Packet::decode(&b), Err(Error::Reserved));
+    }
+
+    #[test]
+    fn an_unknown_reason_decodes_as_other() {
+        // What a build that predates a reason makes of it: a generic refusal.
+        let b = [TYPE_REJECT, 9, 0, 0, 1, 0, 0, 0, 200, 9, 0, 0];
+        assert_eq!(
+            Packet::decode(&b),
+            Ok(Packet::Reject {
+                receiver: 1,
+                reason: RejectReason::Other(200),
+                version: 9
+            })
+        );
     }
 
     #[test]
@@ -593,6 +694,25 @@ mod tests {
                 p.encode(&mut out);
                 prop_assert_eq!(out, b);
             }
+        }
+
+        #[test]
+        fn every_reject_roundtrips(
+            receiver in any::<u32>(),
+            byte in any::<u8>(),
+            wait in any::<u16>(),
+            version in any::<u8>(),
+        ) {
+            let reason = match RejectReason::from_byte(byte) {
+                RejectReason::Busy { .. } => RejectReason::Busy { retry_after_ms: wait },
+                r => r,
+            };
+            prop_assert_eq!(reason.to_byte(), byte);
+            let p = Packet::Reject { receiver, reason, version };
+            let mut out = Vec::new();
+            p.encode(&mut out);
+            prop_assert_eq!(out.len(), REJECT_LEN);
+            prop_assert_eq!(Packet::decode(&out), Ok(p));
         }
 
         #[test]
