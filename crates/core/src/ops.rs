@@ -92,6 +92,16 @@ pub enum Op {
         /// Page size.
         limit: usize,
     },
+    /// What a login needs, in one operation: whether the device (by its Noise key) was
+    /// revoked, `user`'s mutual contacts, and the first `limit` offline messages.
+    Login {
+        /// Device Noise key.
+        noise_key: [u8; 32],
+        /// Who logged in.
+        user: Username,
+        /// Messages at most.
+        limit: usize,
+    },
     /// Everyone `user` has accepted (presence fan-out).
     Accepted {
         /// Whose.
@@ -203,6 +213,19 @@ pub enum OpResult {
     Callable(Result<bool, OpError>),
     /// Pending.
     Messages(Result<Vec<StoredMessage>, OpError>),
+    /// Login.
+    Login(LoginLookups),
+}
+
+/// The three lookups of [`Op::Login`], each with its own outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoginLookups {
+    /// As [`Op::CheckDevice`].
+    pub device: Result<(), OpError>,
+    /// As [`Op::Accepted`].
+    pub contacts: Result<Vec<Username>, OpError>,
+    /// As [`Op::Pending`].
+    pub pending: Result<Vec<StoredMessage>, OpError>,
 }
 
 fn hash_password<R: RngCore + CryptoRng>(password: &str, rng: &mut R) -> Result<String, OpError> {
@@ -349,15 +372,16 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                 )),
             })())
         }
-        Op::CheckDevice { noise_key } => {
-            OpResult::Done((|| match store.device_by_noise_key(&noise_key)? {
-                Some(d) if d.revoked => Err(OpError::new(
-                    ErrorCode::BadCertificate,
-                    "this device was revoked: enrol it again",
-                )),
-                _ => Ok(()),
-            })())
-        }
+        Op::CheckDevice { noise_key } => OpResult::Done(check_device(store, &noise_key)),
+        Op::Login {
+            noise_key,
+            user,
+            limit,
+        } => OpResult::Login(LoginLookups {
+            device: check_device(store, &noise_key),
+            contacts: mutual_contacts(store, &user),
+            pending: store.pending_messages(&user, limit).map_err(Into::into),
+        }),
         Op::ContactAdd { from, to, note } => {
             OpResult::Contact(contact_add(store, &from, &to, &note))
         }
@@ -397,16 +421,7 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
             offset,
             limit,
         } => OpResult::Contacts(store.contacts(&owner, offset, limit).map_err(Into::into)),
-        Op::Accepted { user } => OpResult::Users((|| {
-            let mut out = Vec::new();
-            for peer in store.accepted_contacts(&user)? {
-                // Only mutual acceptance counts.
-                if state(store, &peer, &user)? == Some(ContactState::Accepted) {
-                    out.push(peer);
-                }
-            }
-            Ok(out)
-        })()),
+        Op::Accepted { user } => OpResult::Users(mutual_contacts(store, &user)),
         Op::Search { prefix, limit } => {
             OpResult::Users(store.search_prefix(&prefix, limit).map_err(Into::into))
         }
@@ -444,6 +459,29 @@ pub fn execute<R: RngCore + CryptoRng>(store: &mut dyn Store, op: Op, rng: &mut 
                 .map_err(Into::into),
         ),
     }
+}
+
+/// Refuses a revoked device (an unknown one is not this check's business).
+fn check_device(store: &mut dyn Store, noise_key: &[u8; 32]) -> Result<(), OpError> {
+    match store.device_by_noise_key(noise_key)? {
+        Some(d) if d.revoked => Err(OpError::new(
+            ErrorCode::BadCertificate,
+            "this device was revoked: enrol it again",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Everyone `user` accepted who accepted `user` too.
+fn mutual_contacts(store: &mut dyn Store, user: &Username) -> Result<Vec<Username>, OpError> {
+    let mut out = Vec::new();
+    for peer in store.accepted_contacts(user)? {
+        // Only mutual acceptance counts.
+        if state(store, &peer, user)? == Some(ContactState::Accepted) {
+            out.push(peer);
+        }
+    }
+    Ok(out)
 }
 
 fn contact_add(
@@ -575,5 +613,113 @@ fn contact_reply(
                 }])
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memstore::MemoryStore;
+    use crate::store::{Account, Device, NewMessage};
+    use rand_chacha::rand_core::SeedableRng;
+
+    fn name(s: &str) -> Username {
+        Username::parse(s).unwrap()
+    }
+
+    fn add(store: &mut MemoryStore, user: &str, key: u8) {
+        let account = Account {
+            username: name(user),
+            password_hash: String::new(),
+            created_at: 0,
+        };
+        let device = Device {
+            username: name(user),
+            device_id: [key; 16],
+            noise_key: [key; 32],
+            sign_key: [key; 32],
+            revoked: false,
+        };
+        store.create_account(&account, &device).unwrap();
+    }
+
+    /// The login's single operation answers exactly what the three it replaced did.
+    #[test]
+    fn login_lookups_match_the_separate_operations() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        let mut store = MemoryStore::new();
+        for (u, k) in [("alice", 1), ("bob", 2), ("carol", 3), ("dave", 4)] {
+            add(&mut store, u, k);
+        }
+        let acc = Some((ContactState::Accepted, ""));
+        // bob: mutual; carol: only alice accepted her; dave: none.
+        store
+            .set_contact_pair(&name("alice"), acc, &name("bob"), acc)
+            .unwrap();
+        store
+            .set_contact_pair(&name("alice"), acc, &name("carol"), None)
+            .unwrap();
+        let msg = NewMessage {
+            from: name("bob"),
+            to: name("alice"),
+            msg_id: 7,
+            sent_at: 1,
+            text: "hi".into(),
+        };
+        store.queue_message(&msg, 10).unwrap();
+        store.revoke_device(&[4; 32]).unwrap();
+        for (user, key) in [("alice", 1u8), ("dave", 4)] {
+            let OpResult::Login(l) = execute(
+                &mut store,
+                Op::Login {
+                    noise_key: [key; 32],
+                    user: name(user),
+                    limit: 5,
+                },
+                &mut rng,
+            ) else {
+                panic!("not a login result");
+            };
+            let apart = (
+                execute(
+                    &mut store,
+                    Op::CheckDevice {
+                        noise_key: [key; 32],
+                    },
+                    &mut rng,
+                ),
+                execute(&mut store, Op::Accepted { user: name(user) }, &mut rng),
+                execute(
+                    &mut store,
+                    Op::Pending {
+                        to: name(user),
+                        limit: 5,
+                    },
+                    &mut rng,
+                ),
+            );
+            assert_eq!(
+                (
+                    OpResult::Done(l.device),
+                    OpResult::Users(l.contacts),
+                    OpResult::Messages(l.pending)
+                ),
+                apart
+            );
+        }
+        let OpResult::Login(alice) = execute(
+            &mut store,
+            Op::Login {
+                noise_key: [1; 32],
+                user: name("alice"),
+                limit: 5,
+            },
+            &mut rng,
+        ) else {
+            panic!("not a login result");
+        };
+        assert_eq!(alice.device, Ok(()));
+        assert_eq!(alice.contacts, Ok(vec![name("bob")]));
+        assert_eq!(alice.pending.map(|m| m.len()), Ok(1));
     }
 }

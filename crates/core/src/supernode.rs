@@ -407,6 +407,8 @@ impl Session {
 enum Waiting {
     /// Answer request `req` on `session` from the result.
     Reply { session: u32, req: u64 },
+    /// A login's revocation check, contacts and mailbox.
+    Login { session: u32 },
     /// Certificate issuance (register, enrol, renew).
     Certify {
         session: u32,
@@ -415,8 +417,6 @@ enum Waiting {
         /// For an enrolment: the account and source whose wrong passwords are counted.
         password: Option<(Username, IpAddr)>,
     },
-    /// Login: the device must not be revoked.
-    Revocation { session: u32 },
     /// Contact change: answer, then push notices.
     Contact { session: u32, req: u64 },
     /// Connection setup: after the contact check, ring the callee.
@@ -442,8 +442,6 @@ enum Waiting {
     },
     /// Contact list page for `session`.
     List { session: u32, req: u64 },
-    /// Login fan-out: the user's contacts.
-    Contacts { session: u32 },
     /// Waiting messages for `session`.
     Pending { session: u32 },
     /// Nothing to do (deletes).
@@ -1353,28 +1351,81 @@ impl Supernode {
             };
             self.push(now, index, body, Push::Info);
         }
-        tracing::info!(user = %user, "login");
+        tracing::debug!(user = %user, "login");
         self.events.push_back(SupernodeEvent::Login(user.clone()));
         // Revocation first: the store runs operations in order, so a revoked device is
         // logged out before its contacts hear of it.
+        // One storage operation for the three lookups: a login storm is a million of them.
         if let Some(s) = self.sessions.get(&index) {
             let noise_key = *s.link.remote_static();
             self.op(
-                Op::CheckDevice { noise_key },
-                Waiting::Revocation { session: index },
+                Op::Login {
+                    noise_key,
+                    user,
+                    limit: self.cfg.delivery_batch,
+                },
+                Waiting::Login { session: index },
             );
         }
-        self.op(
-            Op::Accepted { user: user.clone() },
-            Waiting::Contacts { session: index },
-        );
-        self.op(
-            Op::Pending {
-                to: user,
-                limit: self.cfg.delivery_batch,
-            },
-            Waiting::Pending { session: index },
-        );
+    }
+
+    /// The login's revocation check came back: only a revoked device is refused (a
+    /// storage failure is not its fault). Returns whether the session was refused.
+    fn on_revocation_check(&mut self, now: Instant, session: u32, r: Result<(), OpError>) -> bool {
+        if !r.is_err_and(|e| e.code == ErrorCode::BadCertificate) {
+            return false;
+        }
+        let Some(s) = self.sessions.get(&session) else {
+            return true;
+        };
+        let (to, receiver) = (s.link.remote_addr(), s.link.remote_index());
+        if let Some(u) = s.user() {
+            tracing::info!(user = %u, "login refused: device revoked");
+        }
+        self.dropped(DropReason::Revoked);
+        self.logout(now, session);
+        self.reject(now, to, receiver, RejectReason::Revoked);
+        true
+    }
+
+    /// The login's mutual contacts came back: index them and exchange presence.
+    fn on_login_contacts(&mut self, now: Instant, session: u32, contacts: Vec<Username>) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let Some(me) = s.user().cloned() else { return };
+        s.contacts = contacts.iter().cloned().collect();
+        let mine = s.presence.as_seen();
+        for c in contacts {
+            if self.cfg.fleet && self.session_of(&c).is_none() {
+                // Maybe online elsewhere: tell, and ask back, in one message.
+                self.forward(NodeMsg::Presence {
+                    to: c,
+                    about: me.clone(),
+                    presence: mine,
+                    ask: true,
+                });
+                continue;
+            }
+            if mine != Presence::Offline {
+                self.push_presence(now, &c, &me, mine);
+            }
+            let theirs = self.seen_presence(&c);
+            if theirs != Presence::Offline {
+                self.push_presence(now, &me, &c, theirs);
+            }
+        }
+    }
+
+    /// A page of offline messages for `session` came back: push them.
+    fn on_pending(&mut self, now: Instant, session: u32, msgs: Vec<StoredMessage>) {
+        let full = msgs.len() >= self.cfg.delivery_batch;
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.more_waiting = full;
+        }
+        for m in msgs {
+            self.deliver(now, session, m);
+        }
     }
 
     fn logout(&mut self, now: Instant, index: u32) {
@@ -1389,7 +1440,7 @@ impl Supernode {
             session: index,
         };
         if self.directory.remove_if(&user, loc) {
-            tracing::info!(user = %user, "logout");
+            tracing::debug!(user = %user, "logout");
             self.events.push_back(SupernodeEvent::Logout(user.clone()));
             if s.presence != Presence::Invisible {
                 for c in &s.contacts {
@@ -2280,21 +2331,6 @@ impl Supernode {
                     self.reply(now, session, req, op_err(e))
                 }
             },
-            (Waiting::Revocation { session }, OpResult::Done(r)) => {
-                // Only a revoked device is refused; a storage failure is not its fault.
-                if r.is_err_and(|e| e.code == ErrorCode::BadCertificate) {
-                    let Some(s) = self.sessions.get(&session) else {
-                        return;
-                    };
-                    let (to, receiver) = (s.link.remote_addr(), s.link.remote_index());
-                    if let Some(u) = s.user() {
-                        tracing::info!(user = %u, "login refused: device revoked");
-                    }
-                    self.dropped(DropReason::Revoked);
-                    self.logout(now, session);
-                    self.reject(now, to, receiver, RejectReason::Revoked);
-                }
-            }
             (Waiting::Contact { session, req }, OpResult::Contact(r)) => match r {
                 Ok(notices) => {
                     self.reply(now, session, req, Response::Ok);
@@ -2331,33 +2367,6 @@ impl Supernode {
                     Err(e) => op_err(e),
                 };
                 self.reply(now, session, req, body);
-            }
-            (Waiting::Contacts { session }, OpResult::Users(Ok(contacts))) => {
-                let Some(s) = self.sessions.get_mut(&session) else {
-                    return;
-                };
-                let Some(me) = s.user().cloned() else { return };
-                s.contacts = contacts.iter().cloned().collect();
-                let mine = s.presence.as_seen();
-                for c in contacts {
-                    if self.cfg.fleet && self.session_of(&c).is_none() {
-                        // Maybe online elsewhere: tell, and ask back, in one message.
-                        self.forward(NodeMsg::Presence {
-                            to: c,
-                            about: me.clone(),
-                            presence: mine,
-                            ask: true,
-                        });
-                        continue;
-                    }
-                    if mine != Presence::Offline {
-                        self.push_presence(now, &c, &me, mine);
-                    }
-                    let theirs = self.seen_presence(&c);
-                    if theirs != Presence::Offline {
-                        self.push_presence(now, &me, &c, theirs);
-                    }
-                }
             }
             (
                 Waiting::Connect {
@@ -2551,15 +2560,24 @@ impl Supernode {
                 Err(e) => self.reply(now, session, req, op_err(e)),
             },
             (Waiting::Pending { session }, OpResult::Messages(Ok(msgs))) => {
-                let full = msgs.len() >= self.cfg.delivery_batch;
-                if let Some(s) = self.sessions.get_mut(&session) {
-                    s.more_waiting = full;
+                self.on_pending(now, session, msgs);
+            }
+            (Waiting::Login { session }, OpResult::Login(r)) => {
+                // In the order the separate operations had: a revoked device is logged
+                // out before its contacts hear of it.
+                if self.on_revocation_check(now, session, r.device) {
+                    return;
                 }
-                for m in msgs {
-                    self.deliver(now, session, m);
+                match r.contacts {
+                    Ok(contacts) => self.on_login_contacts(now, session, contacts),
+                    Err(_) => tracing::warn!("login fan-out lookup failed"),
+                }
+                match r.pending {
+                    Ok(msgs) => self.on_pending(now, session, msgs),
+                    Err(_) => tracing::warn!("login mailbox lookup failed"),
                 }
             }
-            (Waiting::Contacts { .. } | Waiting::Pending { .. }, _) => {
+            (Waiting::Pending { .. } | Waiting::Login { .. }, _) => {
                 tracing::warn!("login fan-out lookup failed");
             }
             (w, _) => {
@@ -2567,13 +2585,12 @@ impl Supernode {
                 let kind = match w {
                     Waiting::Reply { .. } => "reply",
                     Waiting::Certify { .. } => "certify",
-                    Waiting::Revocation { .. } => "revocation",
+                    Waiting::Login { .. } => "login",
                     Waiting::Contact { .. } => "contact",
                     Waiting::Connect { .. } => "connect",
                     Waiting::Call { .. } => "call",
                     Waiting::Queue { .. } => "queue",
                     Waiting::List { .. } => "list",
-                    Waiting::Contacts { .. } => "contacts",
                     Waiting::Pending { .. } => "pending",
                     Waiting::Nothing => "nothing",
                 };
