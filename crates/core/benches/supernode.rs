@@ -26,7 +26,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 use peerline_core::clock::WallClock;
 use peerline_core::directory::MemoryDirectory;
 use peerline_core::link::Transmit;
-use peerline_core::ops::{Op, OpResult};
+use peerline_core::ops::{LoginLookups, Op, OpResult};
 use peerline_core::supernode::{DropReason, Limits, Supernode, SupernodeConfig};
 use peerline_crypto::cert::CertRequest;
 use peerline_crypto::cookie::{self, MacKeys};
@@ -154,7 +154,7 @@ impl World {
         let hello = Hello {
             version: PROTOCOL_VERSION,
             unix_ms: UNIX_START_MS,
-            cert: Some(cert.as_bytes().to_vec()),
+            cert: Some(cert.to_bytes()),
             presence: Presence::Online,
             relay_only: false,
         }
@@ -274,13 +274,16 @@ impl World {
     /// What the store would answer: devices unrevoked, contacts as configured, no mail.
     fn store_answer(&self, op: Op) -> OpResult {
         match op {
-            Op::CheckDevice { .. } => OpResult::Done(Ok(())),
-            Op::Accepted { user } => {
+            Op::Login { user, .. } => {
                 let i: usize = user.as_str()[4..].parse().unwrap();
                 let names = self.contacts.get(&i).map_or_else(Vec::new, |c| {
                     c.iter().map(|&j| username(j)).collect::<Vec<_>>()
                 });
-                OpResult::Users(Ok(names))
+                OpResult::Login(LoginLookups {
+                    device: Ok(()),
+                    contacts: Ok(names),
+                    pending: Ok(Vec::new()),
+                })
             }
             Op::Pending { .. } => OpResult::Messages(Ok(Vec::new())),
             other => panic!("unexpected storage operation {other:?}"),

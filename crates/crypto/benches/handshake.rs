@@ -48,7 +48,7 @@ fn setup() -> Setup {
     let hello = Hello {
         version: PROTOCOL_VERSION,
         unix_ms: NOW_S * 1000,
-        cert: Some(cert.as_bytes().to_vec()),
+        cert: Some(cert.to_bytes()),
         presence: Presence::Online,
         relay_only: false,
     }
@@ -154,7 +154,7 @@ fn handshake(c: &mut Criterion) {
     g.finish();
 
     let mut g = c.benchmark_group("certificate");
-    let bytes = s.cert.as_bytes().to_vec();
+    let bytes = s.cert.to_bytes();
     let noise_key = s.client.noise_public();
     g.bench_function("verify", |b| {
         b.iter(|| {
