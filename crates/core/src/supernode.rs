@@ -218,6 +218,8 @@ impl Default for SupernodeConfig {
 /// Counters for metrics.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
+    /// Pushes to clients that could be neither sent nor queued (settled as unanswered).
+    pub pushes_dropped: u64,
     /// Datagrams received.
     pub datagrams_in: u64,
     /// Datagrams sent.
@@ -507,6 +509,8 @@ pub struct Supernode {
     /// Pushes awaiting an answer, by (session, request id): ordered, so a session's own
     /// are found without scanning everyone's (logout used to scan them all).
     pushes: BTreeMap<(u32, u64), Push>,
+    /// Pushes waiting for room on their session's link, by session (rarely any).
+    queued_pushes: HashMap<u32, VecDeque<(Request, Push)>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<SupernodeEvent>,
     reset_window: (Instant, u32),
@@ -601,6 +605,22 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Transmissions of an `IncomingConnect` push (400 + 800 + 1,600 ms: under 3 s).
 const CONNECT_PUSH_ATTEMPTS: u32 = 3;
 
+/// Pushes one session may have waiting for room on its link; more fail as unanswered.
+const MAX_QUEUED_PUSHES: usize = 4096;
+
+/// Transmissions of a push before it counts as unanswered. Ringing a callee must give up
+/// well before the caller's own request does, so an unresponsive callee costs the caller
+/// a mailbox fallback, not a reconnection.
+fn push_attempts(kind: &Push) -> u32 {
+    match kind {
+        Push::Connect { .. }
+        | Push::Ring { .. }
+        | Push::RemoteConnect { .. }
+        | Push::RemoteRing { .. } => CONNECT_PUSH_ATTEMPTS,
+        _ => u32::MAX,
+    }
+}
+
 /// Handshake initiations remembered to drop exact duplicates.
 const RECENT_INITS: usize = 65_536;
 
@@ -677,6 +697,7 @@ impl Supernode {
             next_token: 1,
             waiting: HashMap::new(),
             pushes: BTreeMap::new(),
+            queued_pushes: HashMap::new(),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             reset_window: (now, 0),
@@ -1454,13 +1475,20 @@ impl Supernode {
     /// Forgets the pushes of session `index`, which is gone: callers waiting on it as
     /// callee get an answer (a displaced session's pushes would otherwise stay forever).
     fn orphan_pushes(&mut self, now: Instant, index: u32, user: &Username) {
-        let orphaned: Vec<(u32, u64)> = self
+        let keys: Vec<(u32, u64)> = self
             .pushes
             .range((index, 0)..=(index, u64::MAX))
             .map(|(k, _)| *k)
             .collect();
-        for key in orphaned {
-            match self.pushes.remove(&key) {
+        let mut orphaned: Vec<Push> = keys
+            .into_iter()
+            .filter_map(|k| self.pushes.remove(&k))
+            .collect();
+        if let Some(q) = self.queued_pushes.remove(&index) {
+            orphaned.extend(q.into_iter().map(|(_, kind)| kind));
+        }
+        for kind in orphaned {
+            match Some(kind) {
                 Some(Push::Connect { caller, req, .. }) => self.reply(
                     now,
                     caller,
@@ -1523,23 +1551,76 @@ impl Supernode {
         }
     }
 
+    /// Sends `body` to session `index`'s client, or queues it while the link has as many
+    /// requests out as it allows (a login's presence exchange with hundreds of online
+    /// contacts). A push that cannot be sent or queued is settled as unanswered.
     fn push(&mut self, now: Instant, index: u32, body: Request, kind: Push) {
         let Some(s) = self.sessions.get_mut(&index) else {
             return;
         };
-        // Ringing a callee must give up well before the caller's own request does, so an
-        // unresponsive callee costs the caller a mailbox fallback, not a reconnection.
-        let attempts = match kind {
-            Push::Connect { .. }
-            | Push::Ring { .. }
-            | Push::RemoteConnect { .. }
-            | Push::RemoteRing { .. } => CONNECT_PUSH_ATTEMPTS,
-            _ => u32::MAX,
-        };
-        if let Ok(id) = s.link.send_request_limited(now, body, attempts) {
-            self.pushes.insert((index, id), kind);
+        let queue = self.queued_pushes.get_mut(&index);
+        let queued = queue.as_ref().is_some_and(|q| !q.is_empty());
+        if queued || s.link.in_flight() >= s.link.config().max_in_flight {
+            let q = match queue {
+                Some(q) => q,
+                None => self.queued_pushes.entry(index).or_default(),
+            };
+            if q.len() < MAX_QUEUED_PUSHES {
+                q.push_back((body, kind));
+            } else {
+                self.stats.pushes_dropped += 1;
+                self.settle_push(now, index, kind, None);
+            }
+            return;
+        }
+        match s.link.send_request_limited(now, body, push_attempts(&kind)) {
+            Ok(id) => {
+                self.pushes.insert((index, id), kind);
+            }
+            Err(_) => {
+                self.stats.pushes_dropped += 1;
+                self.settle_push(now, index, kind, None);
+            }
         }
         self.flush(now, index);
+    }
+
+    /// Moves queued pushes of session `index` onto its link as answers free room.
+    fn pump_pushes(&mut self, now: Instant, index: u32) {
+        let mut sent = false;
+        loop {
+            let Some(s) = self.sessions.get_mut(&index) else {
+                self.queued_pushes.remove(&index);
+                return;
+            };
+            if s.link.in_flight() >= s.link.config().max_in_flight {
+                break;
+            }
+            let Some(q) = self.queued_pushes.get_mut(&index) else {
+                break;
+            };
+            let Some((body, kind)) = q.pop_front() else {
+                self.queued_pushes.remove(&index);
+                break;
+            };
+            if q.is_empty() {
+                self.queued_pushes.remove(&index);
+            }
+            match s.link.send_request_limited(now, body, push_attempts(&kind)) {
+                Ok(id) => {
+                    self.pushes.insert((index, id), kind);
+                    sent = true;
+                }
+                Err(_) => {
+                    self.stats.pushes_dropped += 1;
+                    self.settle_push(now, index, kind, None);
+                }
+            }
+        }
+        crate::mem::shrink_map(&mut self.queued_pushes);
+        if sent {
+            self.flush(now, index);
+        }
     }
 
     fn session_of(&self, user: &Username) -> Option<u32> {
@@ -2047,6 +2128,14 @@ impl Supernode {
         let Some(kind) = self.pushes.remove(&(index, id)) else {
             return;
         };
+        self.settle_push(now, index, kind, body);
+        if self.queued_pushes.contains_key(&index) {
+            self.pump_pushes(now, index);
+        }
+    }
+
+    /// Acts on a push's answer (`None`: it got none).
+    fn settle_push(&mut self, now: Instant, index: u32, kind: Push, body: Option<Response>) {
         match kind {
             Push::Info => {}
             Push::Ring { caller, req, key } => {

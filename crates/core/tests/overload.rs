@@ -612,3 +612,46 @@ mod arbitrary {
         }
     }
 }
+
+/// A user with more online contacts than a session has requests in flight (64) hears
+/// about every one of them at login: the pushes beyond the window wait their turn.
+#[test]
+fn a_login_hears_of_every_online_contact_beyond_the_push_window() {
+    use peerline_core::store::Store;
+    use peerline_wire::msg::ContactState;
+    const CONTACTS: usize = 200;
+    let mut w = Storm::new(Limits::default());
+    let me = Username::parse("new0000").unwrap();
+    let accepted = Some((ContactState::Accepted, ""));
+    for i in 1..=CONTACTS {
+        let peer = Username::parse(&format!("new{i:04}")).unwrap();
+        w.store
+            .set_contact_pair(&me, accepted, &peer, accepted)
+            .unwrap();
+        w.add_client(i);
+    }
+    for _ in 0..400 {
+        w.step();
+        if w.clients.iter().all(|(_, c)| c.is_online()) {
+            break;
+        }
+    }
+    assert_eq!(w.sn.online_count(), CONTACTS);
+    w.add_client(0);
+    for _ in 0..2000 {
+        w.step();
+    }
+    let me_index = CONTACTS;
+    assert!(w.clients[me_index].1.is_online());
+    let heard: std::collections::BTreeSet<Username> = w.events[me_index]
+        .iter()
+        .filter_map(|e| match e {
+            ClientEvent::Presence { user, presence } if *presence == Presence::Online => {
+                Some(user.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(heard.len(), CONTACTS, "heard of {} contacts", heard.len());
+    assert_eq!(w.sn.stats().pushes_dropped, 0);
+}

@@ -264,6 +264,12 @@ fn render_metrics(
         s.busy_sent,
     );
     m(
+        "pushes_dropped_total",
+        "counter",
+        "Pushes to clients neither sent nor queued (a session with 4,096 waiting); settled as unanswered.",
+        s.pushes_dropped,
+    );
+    m(
         "handshake_queue",
         "gauge",
         "Handshake initiations waiting for their Diffie-Hellman work.",
