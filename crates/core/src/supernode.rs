@@ -1087,6 +1087,9 @@ impl Supernode {
                 break;
             };
             if stale {
+                if let Ok(Packet::HandshakeInit { noise, .. }) = Packet::decode(&q.datagram) {
+                    self.forget_init(noise);
+                }
                 self.shed_handshake(now, q.from, q.sender);
                 continue;
             }
@@ -1097,6 +1100,13 @@ impl Supernode {
             }
         }
         self.admission.served(now, served);
+    }
+
+    /// A shed initiation was never processed: its client may send the very same datagram
+    /// again after the wait (no new handshake to compute), so it must not count as a
+    /// duplicate then.
+    fn forget_init(&mut self, noise: &[u8]) {
+        self.recent_inits.remove(&crate::client::first_32(noise));
     }
 
     /// Answers an initiation that will not be served soon with a `Busy` and a
@@ -1217,6 +1227,7 @@ impl Supernode {
         }
         // Storage fell behind while it waited: shed it, before any Diffie-Hellman work.
         if self.overloaded() {
+            self.forget_init(noise);
             self.shed_handshake(now, from, sender);
             return;
         }

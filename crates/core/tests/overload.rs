@@ -448,6 +448,17 @@ fn a_queued_initiation_its_client_gave_up_on_is_shed_without_diffie_hellman() {
     ));
     assert_eq!(w.sn.stats().noise_reads, 0);
     assert_eq!(w.sn.handshake_queue_len(), 0);
+    // The shed initiation was never processed: the same datagram, sent again after the
+    // wait, is served (not dropped as a duplicate).
+    let again = later + Duration::from_millis(300);
+    w.sn.handle_datagram(again, a, &t.payload);
+    let out = w.sn.poll_transmit().expect("served this time");
+    assert!(matches!(
+        Packet::decode(&out.payload),
+        Ok(Packet::HandshakeResponse { receiver, .. }) if receiver == sender
+    ));
+    assert_eq!(w.sn.stats().noise_reads, 1);
+    assert_eq!(w.sn.stats().drops_for(DropReason::Duplicate), 0);
 }
 
 /// The client's initiation index and bytes.

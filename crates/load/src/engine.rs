@@ -88,11 +88,24 @@ const F_AWAY: u8 = 2; // last presence sent was Away
 const F_EVER: u8 = 4; // has been online once
 const F_ANSWERED: u8 = 8; // got at least one answer (echo or response)
 
+/// A handshake in flight and the initiation that started it: a `Busy` answer means the
+/// supernode did not process it, so after the wait the same datagram goes out again
+/// (no new key exchange to compute: in a storm most clients are told `Busy` a few times).
+struct InFlight {
+    hs: Handshake,
+    init: Vec<u8>,
+    created_ms: u32,
+}
+
+/// A kept initiation is sent again only while its hello is this fresh (the supernode
+/// refuses hellos more than 300 s off its clock).
+const INIT_REUSE_MS: u32 = 120_000;
+
 /// One simulated client: about 72 bytes plus its session keys.
 #[derive(Default)]
 struct Client {
     transport: Option<Box<Transport>>,
-    hs: Option<Box<Handshake>>,
+    hs: Option<Box<InFlight>>,
     remote: u32,
     sched: u32,
     sent_us: u32,
@@ -176,6 +189,8 @@ pub struct Counters {
     pub cookies: AtomicU64,
     /// `Busy` rejects taken: the supernode shed the handshake and said when to retry.
     pub busy: AtomicU64,
+    /// Initiations sent again unchanged after a `Busy` (no new key exchange).
+    pub resent: AtomicU64,
     /// Other rejects of a handshake in flight (retried after the normal backoff).
     pub rejected: AtomicU64,
     /// Shards that have acted on the current phase.
@@ -403,13 +418,40 @@ impl Shard {
         let out = cookie::encode_init(slot as u32 + 1, &msg1, &self.macs, fresh.as_ref());
         self.sent_mac1
             .insert(slot as u32 + 1, cookie::mac1_of(&out));
+        self.send(out.clone());
+        let c = &mut self.clients[slot];
+        c.hs = Some(Box::new(InFlight {
+            hs,
+            init: out,
+            created_ms: now_ms,
+        }));
+        self.handshake_sent(slot, now_ms);
+    }
+
+    /// Sends a kept initiation again (after a `Busy`), if it is still fresh.
+    fn resend_handshake(&mut self, slot: usize, now_ms: u32) -> bool {
+        let Some(f) = self.clients[slot].hs.as_ref() else {
+            return false;
+        };
+        if now_ms.saturating_sub(f.created_ms) > INIT_REUSE_MS {
+            return false;
+        }
+        let out = f.init.clone();
+        self.sent_mac1
+            .insert(slot as u32 + 1, cookie::mac1_of(&out));
         self.send(out);
+        self.shared.counters.resent.fetch_add(1, Ordering::Relaxed);
+        self.handshake_sent(slot, now_ms);
+        true
+    }
+
+    /// Bookkeeping of an initiation just sent.
+    fn handshake_sent(&mut self, slot: usize, now_ms: u32) {
         let now_us = self.now_us() as u32;
         let c = &mut self.clients[slot];
         if c.state != HANDSHAKING {
             self.inflight += 1;
         }
-        c.hs = Some(Box::new(hs));
         c.state = HANDSHAKING;
         c.sent_us = now_us;
         c.hs_deadline = now_ms + HANDSHAKE_TIMEOUT_MS;
@@ -477,7 +519,9 @@ impl Shard {
                 if self.hs_started >= HANDSHAKE_BUDGET {
                     return false;
                 }
-                self.start_handshake(slot, now_ms);
+                if !self.resend_handshake(slot, now_ms) {
+                    self.start_handshake(slot, now_ms);
+                }
             }
             ONLINE => self.online_due(slot, now_ms),
             _ => {}
@@ -609,11 +653,11 @@ impl Shard {
                     self.shared.counters.stray.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                let Some(hs) = c.hs.take() else { return };
-                let done = hs
-                    .finish(noise)
-                    .ok()
-                    .filter(|(_, p)| Welcome::decode(p).is_ok());
+                let Some(f) = c.hs.take() else { return };
+                let done =
+                    f.hs.finish(noise)
+                        .ok()
+                        .filter(|(_, p)| Welcome::decode(p).is_ok());
                 self.inflight = self.inflight.saturating_sub(1);
                 let Some((t, _)) = done else {
                     // Not the answer to this handshake: try again after a backoff.
@@ -774,6 +818,7 @@ impl Shard {
                     return;
                 }
                 self.inflight = self.inflight.saturating_sub(1);
+                let busy = matches!(reason, RejectReason::Busy { .. });
                 let d = if let RejectReason::Busy { retry_after_ms } = reason {
                     // Told when to come back: not a failure, so no backoff step.
                     self.shared.counters.busy.fetch_add(1, Ordering::Relaxed);
@@ -790,7 +835,11 @@ impl Shard {
                     self.backoff_ms(attempt)
                 };
                 let c = &mut self.clients[slot];
-                c.hs = None;
+                if !busy {
+                    // Anything but Busy may mean the supernode saw this handshake: the
+                    // next attempt is a fresh one.
+                    c.hs = None;
+                }
                 c.state = BACKOFF;
                 c.hs_deadline = now_ms + d;
                 self.arm(slot as u32, now_ms + d);
@@ -1289,6 +1338,41 @@ mod tests {
         ));
         assert_eq!(p.shard.shared.counters.busy.load(Ordering::Relaxed), 1);
         assert_eq!(p.shard.shared.counters.stray.load(Ordering::Relaxed), 1);
+    }
+
+    /// After a Busy the client sends the very same initiation again (the supernode did not
+    /// process it): no new key exchange; once it is too old, a fresh handshake instead.
+    #[test]
+    fn a_busy_initiation_is_sent_again_unchanged_while_fresh() {
+        let mut p = DatagramProbe::new();
+        let kept = p.shard.clients[1].hs.as_ref().unwrap().init.clone();
+        p.feed(&reject(
+            2,
+            RejectReason::Busy {
+                retry_after_ms: 1000,
+            },
+        ));
+        let due = p.shard.clients[1].hs_deadline;
+        p.shard.out.clear();
+        assert!(p.shard.act(1, due));
+        assert_eq!(p.shard.clients[1].state, HANDSHAKING);
+        assert_eq!(p.shard.out, vec![kept.clone()], "the same datagram again");
+        assert_eq!(p.shard.shared.counters.resent.load(Ordering::Relaxed), 1);
+        // Told Busy again, and this time the retry comes after the reuse limit.
+        p.feed(&reject(
+            2,
+            RejectReason::Busy {
+                retry_after_ms: 1000,
+            },
+        ));
+        let created = p.shard.clients[1].hs.as_ref().unwrap().created_ms;
+        let late = created + INIT_REUSE_MS + 1;
+        p.shard.clients[1].hs_deadline = late;
+        p.shard.out.clear();
+        assert!(p.shard.act(1, late));
+        assert_eq!(p.shard.out.len(), 1);
+        assert_ne!(p.shard.out[0], kept, "a fresh handshake");
+        assert_eq!(p.shard.shared.counters.resent.load(Ordering::Relaxed), 1);
     }
 
     #[test]

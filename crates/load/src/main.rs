@@ -431,8 +431,8 @@ fn print_report(r: &Report) {
     }
     if let Some(st) = &r.storm {
         println!(
-            "storm: all back in {:.1} s (target {:.1} s), {} not back, max attempt {}, {} handshakes, {} timed out, {} told busy, peak RSS {:.1} MiB",
-            st.all_back_s, st.target_s, st.not_back, st.max_attempt, st.handshakes, st.handshake_timeouts, st.busy, mib(st.peak_rss)
+            "storm: all back in {:.1} s (target {:.1} s), {} not back, max attempt {}, {} handshakes, {} timed out, {} told busy ({} initiations sent again unchanged), peak RSS {:.1} MiB",
+            st.all_back_s, st.target_s, st.not_back, st.max_attempt, st.handshakes, st.handshake_timeouts, st.busy, st.resent, mib(st.peak_rss)
         );
     }
 }

@@ -140,6 +140,8 @@ pub struct StormFigures {
     pub handshake_timeouts: u64,
     /// Handshakes the supernode shed with a `Busy` (retry-later) answer.
     pub busy: u64,
+    /// Of the handshakes, initiations sent again unchanged after a `Busy`.
+    pub resent: u64,
     /// Peak supernode RSS during the storm, bytes.
     pub peak_rss: u64,
 }
@@ -222,6 +224,7 @@ struct Snapshot {
     handshakes: u64,
     timeouts: u64,
     busy: u64,
+    resent: u64,
 }
 
 fn snapshot(e: &Engine, pid: Option<u32>) -> Snapshot {
@@ -241,6 +244,7 @@ fn snapshot(e: &Engine, pid: Option<u32>) -> Snapshot {
         handshakes: r(&c.handshakes),
         timeouts: r(&c.handshake_timeouts),
         busy: r(&c.busy),
+        resent: r(&c.resent),
     }
 }
 
@@ -432,6 +436,7 @@ pub async fn run(dd: &DataDir, users: Arc<Users>, cfg: RunConfig) -> anyhow::Res
                 handshakes: b.handshakes - a.handshakes,
                 handshake_timeouts: b.timeouts - a.timeouts,
                 busy: b.busy - a.busy,
+                resent: b.resent - a.resent,
                 peak_rss: peak,
             });
             (a, b)
@@ -538,6 +543,7 @@ fn counters_json(e: &Engine) -> serde_json::Value {
         "handshakes": r(&c.handshakes),
         "handshake_timeouts": r(&c.handshake_timeouts),
         "busy": r(&c.busy),
+        "resent": r(&c.resent),
         "rejected": r(&c.rejected),
         "keepalives": r(&c.keepalives),
         "echoes": r(&c.echoes),
