@@ -666,3 +666,31 @@ fn a_login_hears_of_every_online_contact_beyond_the_push_window() {
     assert_eq!(heard.len(), CONTACTS, "heard of {} contacts", heard.len());
     assert_eq!(w.sn.stats().pushes_dropped, 0);
 }
+
+/// After a full receive batch (more datagrams waiting in the socket) the supernode serves
+/// only a few handshakes, so that reading keeps up; after a partial one, its full budget.
+#[test]
+fn a_backlogged_socket_gets_fewer_handshakes_per_batch() {
+    use peerline_core::supernode::BACKLOG_HANDSHAKE_BUDGET;
+    let mut w = Storm::with_budget(Limits::default(), 16);
+    for i in 0..40 {
+        w.add_client(i);
+    }
+    let inits: Vec<(SocketAddr, Vec<u8>)> = w
+        .clients
+        .iter_mut()
+        .map(|(a, c)| (*a, c.poll_transmit().unwrap().payload))
+        .collect();
+    w.sn.begin_batch();
+    for (a, p) in &inits {
+        w.sn.handle_datagram(w.now, *a, p);
+    }
+    w.sn.end_batch_backlogged(w.now);
+    assert_eq!(w.sn.stats().noise_reads, BACKLOG_HANDSHAKE_BUDGET as u64);
+    w.sn.begin_batch();
+    w.sn.end_batch(w.now);
+    assert_eq!(
+        w.sn.stats().noise_reads,
+        BACKLOG_HANDSHAKE_BUDGET as u64 + 16
+    );
+}

@@ -457,22 +457,30 @@ pub async fn run_supernode(
                     // Under a flood, read what is already queued before going back to the
                     // select: one wakeup per datagram would cost more than the datagram.
                     for _ in 0..BATCHES_PER_WAKEUP {
-                        match socket.try_io(tokio::io::Interest::READABLE, || rx.recv(&socket, false)) {
-                            Ok(_) => {}
+                        let full = match socket.try_io(tokio::io::Interest::READABLE, || rx.recv(&socket, false)) {
+                            Ok(n) => n == crate::batch::BATCH,
                             Err(e) => {
                                 if e.kind() != std::io::ErrorKind::WouldBlock {
                                     tracing::debug!(error = %e, "receive failed");
                                 }
                                 break;
                             }
-                        }
+                        };
                         // Transport packets first: the batch's keepalives and requests are
                         // answered and sent before its handshakes (a login's crypto is
                         // worth about 60 keepalives) get their bounded turn.
                         sn.begin_batch();
                         handle_batch(&mut sn, &rx, &mut tx, &socket, &mut panics, &mut timings);
                         send_all(&mut sn, &socket, &mut tx, &tcp_peers, &mut timings);
-                        guarded(&mut panics, "handshakes", || sn.end_batch(Instant::now()));
+                        // A full batch means more are waiting: few handshakes now, so that
+                        // reading keeps up and nothing is lost silently in the kernel.
+                        guarded(&mut panics, "handshakes", || {
+                            if full {
+                                sn.end_batch_backlogged(Instant::now())
+                            } else {
+                                sn.end_batch(Instant::now())
+                            }
+                        });
                         send_all(&mut sn, &socket, &mut tx, &tcp_peers, &mut timings);
                     }
                 }
