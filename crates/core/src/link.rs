@@ -700,6 +700,21 @@ mod tests {
         assert!(b.requests.is_none());
     }
 
+    /// Hands `a`'s next datagram to `b`, which must accept it.
+    fn deliver_next(a: &mut Link, b: &mut Link, now: Instant) {
+        let t = a.poll_transmit().unwrap();
+        let Ok(Packet::Transport {
+            counter,
+            ciphertext,
+            ..
+        }) = Packet::decode(&t.payload)
+        else {
+            panic!("not a transport packet");
+        };
+        b.handle_transport(now, a_addr(), counter, ciphertext)
+            .unwrap();
+    }
+
     /// A duplicate of a request whose cached answer expired is not executed again.
     #[test]
     fn request_delayed_past_its_answer_is_not_executed_twice() {
@@ -708,17 +723,7 @@ mod tests {
         let id = a
             .send_request(t0, Request::SetPresence(Presence::Away))
             .unwrap();
-        let first = a.poll_transmit().unwrap();
-        let Ok(Packet::Transport {
-            counter,
-            ciphertext,
-            ..
-        }) = Packet::decode(&first.payload)
-        else {
-            panic!("not a transport packet");
-        };
-        b.handle_transport(t0, a_addr(), counter, ciphertext)
-            .unwrap();
+        deliver_next(&mut a, &mut b, t0);
         assert_eq!(drain(&mut b).len(), 1);
         b.respond(t0, id, Response::Ok).unwrap();
         assert!(b.poll_transmit().is_some());
@@ -734,17 +739,7 @@ mod tests {
         .encode()
         .unwrap();
         a.seal(later, &late).unwrap();
-        let t = a.poll_transmit().unwrap();
-        let Ok(Packet::Transport {
-            counter,
-            ciphertext,
-            ..
-        }) = Packet::decode(&t.payload)
-        else {
-            panic!("not a transport packet");
-        };
-        b.handle_transport(later, a_addr(), counter, ciphertext)
-            .unwrap();
+        deliver_next(&mut a, &mut b, later);
         assert!(drain(&mut b).is_empty());
         assert!(b.poll_transmit().is_none());
     }
