@@ -1003,13 +1003,4 @@ mod tests {
             Err(StoreError::Backend(_))
         ));
     }
-
-    #[test]
-    fn prefix_successor_bounds() {
-        assert_eq!(prefix_successor("bo").as_deref(), Some("bp"));
-        assert_eq!(prefix_successor("a_").as_deref(), Some("a`"));
-        assert_eq!(prefix_successor("").as_deref(), None);
-        assert_eq!(prefix_successor("a\u{10FFFF}").as_deref(), Some("b"));
-        assert_eq!(prefix_successor("\u{D7FF}").as_deref(), Some("\u{E000}"));
-    }
 }
