@@ -620,27 +620,14 @@ fn contact_reply(
 mod tests {
     use super::*;
     use crate::memstore::MemoryStore;
-    use crate::store::{Account, Device, NewMessage};
+    use crate::store::NewMessage;
+    use crate::store_conformance::{account, device, user as name};
     use rand_chacha::rand_core::SeedableRng;
 
-    fn name(s: &str) -> Username {
-        Username::parse(s).unwrap()
-    }
-
     fn add(store: &mut MemoryStore, user: &str, key: u8) {
-        let account = Account {
-            username: name(user),
-            password_hash: String::new(),
-            created_at: 0,
-        };
-        let device = Device {
-            username: name(user),
-            device_id: [key; 16],
-            noise_key: [key; 32],
-            sign_key: [key; 32],
-            revoked: false,
-        };
-        store.create_account(&account, &device).unwrap();
+        store
+            .create_account(&account(user), &device(user, key))
+            .unwrap();
     }
 
     /// The login's single operation answers exactly what the three it replaced did.

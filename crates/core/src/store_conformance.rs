@@ -76,11 +76,11 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
     }
 }
 
-fn user(name: &str) -> Username {
+pub(crate) fn user(name: &str) -> Username {
     Username::parse(name).expect("test username")
 }
 
-fn account(name: &str) -> Account {
+pub(crate) fn account(name: &str) -> Account {
     Account {
         username: user(name),
         password_hash: format!("$argon2id$v=19$m=8,t=1,p=1$c2FsdA${name}"),
@@ -88,7 +88,7 @@ fn account(name: &str) -> Account {
     }
 }
 
-fn device(name: &str, key: u8) -> Device {
+pub(crate) fn device(name: &str, key: u8) -> Device {
     Device {
         username: user(name),
         device_id: [key; 16],
