@@ -3,6 +3,8 @@
 //! stranger that must not learn the victim's address.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -18,10 +20,10 @@ use peerline_core::supernode::{DropReason, Limits, Supernode, SupernodeConfig};
 use peerline_crypto::cookie::{self, MacKeys};
 use peerline_crypto::noise::Handshake;
 use peerline_crypto::{Authority, DeviceKeys};
-use peerline_wire::msg::{ContactAction, ErrorCode, Hello, Presence, Request, Response};
+use peerline_wire::msg::{ContactAction, ErrorCode, Presence, Request, Response};
 use peerline_wire::packet::{Packet, RejectReason};
 use peerline_wire::{Username, PROTOCOL_VERSION};
-use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 const UNIX_START_MS: u64 = 1_790_000_000_000;
@@ -251,25 +253,8 @@ impl World {
         keys: &DeviceKeys,
         unix_ms: u64,
     ) -> (Handshake, Vec<u8>, u32) {
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            unix_ms,
-            cert,
-            presence: Presence::Online,
-            relay_only: false,
-        };
-        let mut seed = [0u8; 32];
-        self.rng.fill_bytes(&mut seed);
-        let (hs, msg1) = Handshake::initiate(
-            &keys.noise_private(),
-            &self.sn_keys.noise_public(),
-            seed,
-            &hello.encode().unwrap(),
-        )
-        .unwrap();
-        let index = self.rng.next_u32() | 1;
-        let keys = MacKeys::new(&self.sn_keys.noise_public());
-        (hs, cookie::encode_init(index, &msg1, &keys, None), index)
+        let sn_public = self.sn_keys.noise_public();
+        support::initiation(&mut self.rng, keys, &sn_public, cert, unix_ms)
     }
 
     fn unix_ms(&self) -> u64 {

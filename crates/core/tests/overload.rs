@@ -4,6 +4,8 @@
 //! every client gets in without ever timing out.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -15,10 +17,8 @@ use peerline_core::memstore::MemoryStore;
 use peerline_core::ops::execute;
 use peerline_core::supernode::{DropReason, Limits, Supernode, SupernodeConfig};
 use peerline_crypto::cert::CertRequest;
-use peerline_crypto::cookie::{self, MacKeys};
-use peerline_crypto::noise::Handshake;
 use peerline_crypto::{Authority, DeviceKeys};
-use peerline_wire::msg::{Hello, Presence};
+use peerline_wire::msg::Presence;
 use peerline_wire::packet::{Packet, RejectReason};
 use peerline_wire::{Username, PROTOCOL_VERSION};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -132,25 +132,9 @@ impl Storm {
     fn add_raw(&mut self, i: usize) {
         let keys = DeviceKeys::generate(&mut self.rng);
         let cert = self.cert(&format!("old{i:04}"), &keys);
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            unix_ms: self.unix_ms(),
-            cert: Some(cert),
-            presence: Presence::Online,
-            relay_only: false,
-        };
-        let mut seed = [0u8; 32];
-        self.rng.fill_bytes(&mut seed);
-        let (hs, msg1) = Handshake::initiate(
-            &keys.noise_private(),
-            &self.sn_keys.noise_public(),
-            seed,
-            &hello.encode().unwrap(),
-        )
-        .unwrap();
-        let index = self.rng.next_u32() | 1;
-        let macs = MacKeys::new(&self.sn_keys.noise_public());
-        let p = cookie::encode_init(index, &msg1, &macs, None);
+        let (unix_ms, sn_public) = (self.unix_ms(), self.sn_keys.noise_public());
+        let (hs, p, index) =
+            support::initiation(&mut self.rng, &keys, &sn_public, Some(cert), unix_ms);
         let from = addr(i);
         self.sn.handle_datagram(self.now, from, &p);
         let t = self

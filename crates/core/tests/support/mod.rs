@@ -7,11 +7,45 @@ use std::time::{Duration, Instant};
 
 use peerline_core::call::{CallInfo, CallState};
 use peerline_core::client::{Client, ClientEvent, Command, CommandId, CommandResult};
-use peerline_wire::msg::ContactAction;
-use peerline_wire::Username;
+use peerline_crypto::cookie::{self, MacKeys};
+use peerline_crypto::noise::Handshake;
+use peerline_crypto::DeviceKeys;
+use peerline_wire::msg::{ContactAction, Hello, Presence};
+use peerline_wire::{Username, PROTOCOL_VERSION};
+use rand_chacha::rand_core::RngCore;
 
 pub fn user(s: &str) -> Username {
     Username::parse(s).unwrap()
+}
+
+/// A handshake initiation as a client would send it to the supernode whose Noise key is
+/// `sn_public`: the handshake, the datagram (with its mac1) and the initiator's index.
+pub fn initiation(
+    rng: &mut impl RngCore,
+    keys: &DeviceKeys,
+    sn_public: &[u8; 32],
+    cert: Option<Vec<u8>>,
+    unix_ms: u64,
+) -> (Handshake, Vec<u8>, u32) {
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        unix_ms,
+        cert,
+        presence: Presence::Online,
+        relay_only: false,
+    };
+    let mut seed = [0u8; 32];
+    rng.fill_bytes(&mut seed);
+    let (hs, msg1) = Handshake::initiate(
+        &keys.noise_private(),
+        sn_public,
+        seed,
+        &hello.encode().unwrap(),
+    )
+    .unwrap();
+    let index = rng.next_u32() | 1;
+    let macs = MacKeys::new(sn_public);
+    (hs, cookie::encode_init(index, &msg1, &macs, None), index)
 }
 
 /// A simulated world of clients (and supernodes) on virtual time.
