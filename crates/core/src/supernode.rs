@@ -1582,16 +1582,14 @@ impl Supernode {
     /// requests out as it allows (a login's presence exchange with hundreds of online
     /// contacts). A push that cannot be sent or queued is settled as unanswered.
     fn push(&mut self, now: Instant, index: u32, body: Request, kind: Push) {
-        let Some(s) = self.sessions.get_mut(&index) else {
+        let Some(s) = self.sessions.get(&index) else {
             return;
         };
-        let queue = self.queued_pushes.get_mut(&index);
-        let queued = queue.as_ref().is_some_and(|q| !q.is_empty());
-        if queued || s.link.in_flight() >= s.link.config().max_in_flight {
-            let q = match queue {
-                Some(q) => q,
-                None => self.queued_pushes.entry(index).or_default(),
-            };
+        let full = s.link.in_flight() >= s.link.config().max_in_flight;
+        // A session's queue exists only while pushes wait in it; later ones wait behind
+        // them, so they reach the client in order.
+        if full || self.queued_pushes.contains_key(&index) {
+            let q = self.queued_pushes.entry(index).or_default();
             if q.len() < MAX_QUEUED_PUSHES {
                 q.push_back((body, kind));
             } else {
@@ -1600,6 +1598,16 @@ impl Supernode {
             }
             return;
         }
+        self.send_push(now, index, body, kind);
+        self.flush(now, index);
+    }
+
+    /// Sends a push on session `index`'s link, which has room; one that cannot be sent is
+    /// settled as unanswered.
+    fn send_push(&mut self, now: Instant, index: u32, body: Request, kind: Push) {
+        let Some(s) = self.sessions.get_mut(&index) else {
+            return;
+        };
         match s.link.send_request_limited(now, body, push_attempts(&kind)) {
             Ok(id) => {
                 self.pushes.insert((index, id), kind);
@@ -1609,40 +1617,29 @@ impl Supernode {
                 self.settle_push(now, index, kind, None);
             }
         }
-        self.flush(now, index);
     }
 
-    /// Moves queued pushes of session `index` onto its link as answers free room.
+    /// Moves queued pushes of session `index` onto its link as answers free room. (A
+    /// session's removal settles its queue: `orphan_pushes`.)
     fn pump_pushes(&mut self, now: Instant, index: u32) {
         let mut sent = false;
-        loop {
-            let Some(s) = self.sessions.get_mut(&index) else {
-                self.queued_pushes.remove(&index);
-                return;
-            };
-            if s.link.in_flight() >= s.link.config().max_in_flight {
-                break;
-            }
+        while self
+            .sessions
+            .get(&index)
+            .is_some_and(|s| s.link.in_flight() < s.link.config().max_in_flight)
+        {
             let Some(q) = self.queued_pushes.get_mut(&index) else {
                 break;
             };
-            let Some((body, kind)) = q.pop_front() else {
-                self.queued_pushes.remove(&index);
-                break;
-            };
+            let next = q.pop_front();
             if q.is_empty() {
                 self.queued_pushes.remove(&index);
             }
-            match s.link.send_request_limited(now, body, push_attempts(&kind)) {
-                Ok(id) => {
-                    self.pushes.insert((index, id), kind);
-                    sent = true;
-                }
-                Err(_) => {
-                    self.stats.pushes_dropped += 1;
-                    self.settle_push(now, index, kind, None);
-                }
-            }
+            let Some((body, kind)) = next else {
+                break;
+            };
+            self.send_push(now, index, body, kind);
+            sent = true;
         }
         crate::mem::shrink_map(&mut self.queued_pushes);
         if sent {
