@@ -2,7 +2,6 @@
 //! `peerline-load steady` and held for 10 s with keepalives and the request mix.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,11 +23,7 @@ fn peerlined_bin() -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    peerline_net::ports::free_loopback_port().expect("a free loopback port")
 }
 
 struct Daemon(Child);

@@ -14,6 +14,7 @@ pub mod client;
 pub mod files;
 pub mod fleet;
 pub mod fleet_link;
+pub mod ports;
 pub mod relay;
 pub mod supernode;
 pub mod tcp;

@@ -110,14 +110,10 @@ async fn wait_received(u: &User, from: &str, text: &str) -> anyhow::Result<Strin
     }
 }
 
-fn free_udp_port() -> anyhow::Result<u16> {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("cannot bind a loopback UDP port")?;
-    Ok(s.local_addr()?.port())
-}
-
 async fn demo(t: &mut Transcript, root: &Path) -> anyhow::Result<()> {
     // The supernode, with its authority and SQLite store, on a free loopback port.
-    let port = free_udp_port()?;
+    let port = peerline_net::ports::free_loopback_port()
+        .context("cannot find a free loopback port for the demo's supernode")?;
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let node = DeviceKeys::generate(&mut rand_core::OsRng);
     let authority = Authority::generate(&mut rand_core::OsRng);

@@ -223,10 +223,7 @@ fn clear_errors_without_an_agent_or_a_supernode() {
 fn a_client_without_udp_to_the_supernode_falls_back_to_tcp() {
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("supernode");
-    let (udp, tcp) = (free_port(), {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
+    let (udp, tcp) = (free_port(), free_port());
     let out = Command::new(peerlined_bin())
         .args(["init", "--data"])
         .arg(&data)

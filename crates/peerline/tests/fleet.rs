@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
-use common::{free_tcp_port, Supernode, User};
+use common::{free_port, Supernode, User};
 
 use std::path::Path;
 use std::process::Command;
@@ -69,7 +69,7 @@ struct Fleet<'a> {
 }
 
 fn member(f: &Fleet, name: &str, id: u32, join: Option<&Path>) -> Supernode {
-    let fleet_listen = format!("127.0.0.1:{}", free_tcp_port());
+    let fleet_listen = format!("127.0.0.1:{}", free_port());
     let id = id.to_string();
     let mut args = vec![
         "--node-id",

@@ -25,11 +25,7 @@ fn a_standard_stun_client_learns_its_address_from_the_supernode() {
 
     let root = tempfile::tempdir().unwrap();
     let data = root.path().join("sn");
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = peerline_net::ports::free_loopback_port().unwrap();
     let init = Command::new(peerlined_bin())
         .args(["init", "--data"])
         .arg(&data)

@@ -29,11 +29,7 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    peerline_net::ports::free_loopback_port().expect("a free loopback port")
 }
 
 /// The daemon under test: this build's, or the one `PEERLINED_BIN` names (for example a

@@ -2,7 +2,6 @@
 //! loopback port, a supernode process and a user driven through the CLI.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -23,12 +22,9 @@ pub fn peerlined_bin() -> PathBuf {
     p
 }
 
+/// A loopback port free for UDP and TCP (a supernode listens on both).
 pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    peerline_net::ports::free_loopback_port().expect("a free loopback port")
 }
 
 pub struct Supernode {
@@ -239,13 +235,4 @@ impl Drop for User {
     fn drop(&mut self) {
         let _ = self.run(&["down"]);
     }
-}
-
-/// A free loopback TCP port.
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
