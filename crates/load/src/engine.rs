@@ -45,6 +45,9 @@ pub mod phase {
     pub const STORM: u8 = 3;
     /// Stop.
     pub const STOP: u8 = 4;
+    /// Keepalives, while every client computes the initiation of its next login ahead of
+    /// the storm (a real client does that on its own machine, not on the supernode's).
+    pub const PREPARE: u8 = 5;
 }
 
 /// Operations whose latency is reported.
@@ -77,6 +80,8 @@ const REQUEST_TRANSMISSIONS: u8 = 6;
 /// reading its socket during a storm.
 const WORK_BUDGET: usize = 4096;
 const HANDSHAKE_BUDGET: usize = 24;
+/// Initiations prepared per shard per tick ahead of a storm (keepalives go on meanwhile).
+const PREPARE_BUDGET: usize = 48;
 
 const IDLE: u8 = 0;
 const HANDSHAKING: u8 = 1;
@@ -106,6 +111,8 @@ const INIT_REUSE_MS: u32 = 120_000;
 struct Client {
     transport: Option<Box<Transport>>,
     hs: Option<Box<InFlight>>,
+    /// The next login's initiation, computed ahead of a storm.
+    prepared: Option<Box<InFlight>>,
     remote: u32,
     sched: u32,
     sent_us: u32,
@@ -191,6 +198,8 @@ pub struct Counters {
     pub busy: AtomicU64,
     /// Initiations sent again unchanged after a `Busy` (no new key exchange).
     pub resent: AtomicU64,
+    /// Initiations computed ahead of a storm.
+    pub prepared: AtomicU64,
     /// Other rejects of a handshake in flight (retried after the normal backoff).
     pub rejected: AtomicU64,
     /// Shards that have acted on the current phase.
@@ -250,6 +259,8 @@ struct Shard {
     out: Vec<Vec<u8>>,
     rng: rand_chacha::ChaCha8Rng,
     cursor: usize,
+    /// Next client to prepare an initiation for, ahead of a storm.
+    prep_cursor: usize,
     inflight: usize,
     window: usize,
     tokens: [f64; 3],
@@ -286,7 +297,10 @@ impl Shard {
     }
 
     fn phase_index(&self) -> usize {
-        (self.seen_phase as usize).min(3)
+        match self.seen_phase {
+            phase::PREPARE => phase::HOLD as usize,
+            p => (p as usize).min(3),
+        }
     }
 
     fn record(&mut self, op: Op, us: u64) {
@@ -391,6 +405,22 @@ impl Shard {
     }
 
     fn start_handshake(&mut self, slot: usize, now_ms: u32) {
+        let ready = self.clients[slot]
+            .prepared
+            .take()
+            .filter(|p| now_ms.saturating_sub(p.created_ms) <= INIT_REUSE_MS);
+        let Some(f) = ready.or_else(|| self.initiation(slot, now_ms)) else {
+            return;
+        };
+        self.sent_mac1
+            .insert(slot as u32 + 1, cookie::mac1_of(&f.init));
+        self.send(f.init.clone());
+        self.clients[slot].hs = Some(f);
+        self.handshake_sent(slot, now_ms);
+    }
+
+    /// A new initiation for the client in `slot` (its key exchange computed now).
+    fn initiation(&mut self, slot: usize, now_ms: u32) -> Option<Box<InFlight>> {
         let uid = self.user(slot);
         self.last_hello_ms = wall_ms().max(self.last_hello_ms + 1);
         let hello = Hello {
@@ -400,32 +430,46 @@ impl Shard {
             presence: Presence::Online,
             relay_only: false,
         };
-        let Ok(payload) = hello.encode() else { return };
+        let payload = hello.encode().ok()?;
         let mut seed = [0u8; 32];
         self.rng.fill(&mut seed);
-        let Ok((hs, msg1)) = Handshake::initiate(
+        let (hs, msg1) = Handshake::initiate(
             &self.users.noise_private(uid),
             &self.cfg.node_key,
             seed,
             &payload,
-        ) else {
-            return;
-        };
+        )
+        .ok()?;
         let fresh = self
             .cookie
             .filter(|(_, at)| now_ms.saturating_sub(*at) < COOKIE_USE_S as u32 * 1000)
             .map(|(c, _)| c);
-        let out = cookie::encode_init(slot as u32 + 1, &msg1, &self.macs, fresh.as_ref());
-        self.sent_mac1
-            .insert(slot as u32 + 1, cookie::mac1_of(&out));
-        self.send(out.clone());
-        let c = &mut self.clients[slot];
-        c.hs = Some(Box::new(InFlight {
+        let init = cookie::encode_init(slot as u32 + 1, &msg1, &self.macs, fresh.as_ref());
+        Some(Box::new(InFlight {
             hs,
-            init: out,
+            init,
             created_ms: now_ms,
-        }));
-        self.handshake_sent(slot, now_ms);
+        }))
+    }
+
+    /// Computes the next login's initiation of up to [`PREPARE_BUDGET`] clients.
+    fn prepare(&mut self, now_ms: u32) {
+        let mut n = 0;
+        while n < PREPARE_BUDGET && self.prep_cursor < self.clients.len() {
+            let slot = self.prep_cursor;
+            self.prep_cursor += 1;
+            if self.clients[slot].prepared.is_some() {
+                continue;
+            }
+            n += 1;
+            if let Some(f) = self.initiation(slot, now_ms) {
+                self.clients[slot].prepared = Some(f);
+                self.shared
+                    .counters
+                    .prepared
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Sends a kept initiation again (after a `Busy`), if it is still fresh.
@@ -873,6 +917,9 @@ impl Shard {
             }
             self.shared.counters.acks.fetch_add(1, Ordering::Relaxed);
         }
+        if phase == phase::PREPARE {
+            self.prepare(now_ms);
+        }
         if phase == phase::LOGIN {
             while self.inflight < self.window
                 && self.cursor < self.clients.len()
@@ -1056,6 +1103,7 @@ impl Engine {
                     cfg.seed ^ (no as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 ),
                 cursor: 0,
+                prep_cursor: 0,
                 inflight: 0,
                 window,
                 // A random start spreads low rates over the shards fairly (each shard's
@@ -1178,6 +1226,7 @@ impl DatagramProbe {
             out: Vec::new(),
             rng: rand_chacha::ChaCha8Rng::seed_from_u64(5),
             cursor: 2,
+            prep_cursor: 0,
             inflight: 0,
             window: 2,
             tokens: [0.0; 3],
@@ -1373,6 +1422,30 @@ mod tests {
         assert_eq!(p.shard.out.len(), 1);
         assert_ne!(p.shard.out[0], kept, "a fresh handshake");
         assert_eq!(p.shard.shared.counters.resent.load(Ordering::Relaxed), 1);
+    }
+
+    /// Ahead of a storm each client computes its next initiation; the storm then sends
+    /// exactly that datagram, once, and a stale one is replaced by a fresh handshake.
+    #[test]
+    fn a_prepared_initiation_is_what_the_storm_sends() {
+        let mut p = DatagramProbe::new();
+        p.shard.prepare(0);
+        assert_eq!(p.shard.shared.counters.prepared.load(Ordering::Relaxed), 2);
+        let ready = p.shard.clients[0].prepared.as_ref().unwrap().init.clone();
+        p.shard.out.clear();
+        p.shard.drop_session(0, 10, 0);
+        assert!(p.shard.act(0, 10));
+        assert_eq!(p.shard.out, vec![ready.clone()]);
+        assert!(p.shard.clients[0].prepared.is_none(), "used once");
+        // Client 1's was prepared too long before its turn.
+        let late = INIT_REUSE_MS + 1;
+        let stale = p.shard.clients[1].prepared.as_ref().unwrap().init.clone();
+        p.shard.out.clear();
+        p.shard.drop_session(1, late, 0);
+        assert!(p.shard.act(1, late));
+        assert_eq!(p.shard.out.len(), 1);
+        assert_ne!(p.shard.out[0], stale, "a fresh handshake");
+        assert_ne!(p.shard.out[0], ready);
     }
 
     #[test]

@@ -206,6 +206,7 @@ fn phase_name(p: u8) -> &'static str {
         phase::HOLD => "hold",
         phase::MIX => "steady",
         phase::STORM => "storm",
+        phase::PREPARE => "prepare",
         _ => "stop",
     }
 }
@@ -317,8 +318,15 @@ fn spawn_sampler(
                 cpu_s: cpu,
             };
             bar.set_position(online.max(0) as u64);
+            let prepared = match shared.phase.load(Ordering::Relaxed) {
+                phase::PREPARE => format!(
+                    " ({} initiations ready)",
+                    c.prepared.load(Ordering::Relaxed)
+                ),
+                _ => String::new(),
+            };
             bar.set_message(format!(
-                "{} | {} logins/s | {} answers/s | p99 {:.1} ms | supernode {:.0} MiB, {:.0}% CPU",
+                "{}{prepared} | {} logins/s | {} answers/s | p99 {:.1} ms | supernode {:.0} MiB, {:.0}% CPU",
                 s.phase,
                 s.logins,
                 s.answers,
@@ -410,6 +418,15 @@ pub async fn run(dd: &DataDir, users: Arc<Users>, cfg: RunConfig) -> anyhow::Res
             (a, b)
         }
         Scenario::Storm => {
+            // Clients compute their next initiation before the storm: on a real network
+            // each does so on its own machine, and here it would take the supernode's CPU.
+            engine.set_phase(phase::PREPARE).await;
+            let counted = &engine.shared.counters.prepared;
+            let until = Instant::now() + Duration::from_secs(60) + Duration::from_millis(n as u64);
+            while (counted.load(Ordering::Relaxed) as usize) < n && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            engine.set_phase(phase::HOLD).await;
             let a = snapshot(&engine, pid);
             let t0 = Instant::now();
             engine.set_phase(phase::STORM).await;
@@ -544,6 +561,7 @@ fn counters_json(e: &Engine) -> serde_json::Value {
         "handshake_timeouts": r(&c.handshake_timeouts),
         "busy": r(&c.busy),
         "resent": r(&c.resent),
+        "prepared": r(&c.prepared),
         "rejected": r(&c.rejected),
         "keepalives": r(&c.keepalives),
         "echoes": r(&c.echoes),
