@@ -96,11 +96,23 @@ const F_ANSWERED: u8 = 8; // got at least one answer (echo or response)
 /// A handshake in flight and the initiation that started it: a `Busy` answer means the
 /// supernode did not process it, so after the wait the same datagram goes out again
 /// (no new key exchange to compute: in a storm most clients are told `Busy` a few times).
+///
+/// After a timeout it goes out again unchanged too, up to [`TIMEOUT_RESENDS`] times: in a
+/// storm the kernel drops initiations from the supernode's full socket buffer, and the
+/// supernode never saw them. If it did process one and its answer was lost, the supernode
+/// drops the exact repeat as a duplicate and the client times out again, then computes a
+/// new one. A real client computes a new one at once, on its own CPU; here that CPU is the
+/// supernode's.
 struct InFlight {
     hs: Handshake,
     init: Vec<u8>,
     created_ms: u32,
+    /// Times sent again after a timeout.
+    timeouts: u8,
 }
+
+/// Times an initiation is sent again unchanged after a timeout.
+const TIMEOUT_RESENDS: u8 = 2;
 
 /// A kept initiation is sent again only while its hello is this fresh (the supernode
 /// refuses hellos more than 300 s off its clock).
@@ -196,7 +208,7 @@ pub struct Counters {
     pub cookies: AtomicU64,
     /// `Busy` rejects taken: the supernode shed the handshake and said when to retry.
     pub busy: AtomicU64,
-    /// Initiations sent again unchanged after a `Busy` (no new key exchange).
+    /// Initiations sent again unchanged after a `Busy` or a timeout (no new key exchange).
     pub resent: AtomicU64,
     /// Initiations computed ahead of a storm.
     pub prepared: AtomicU64,
@@ -449,6 +461,7 @@ impl Shard {
             hs,
             init,
             created_ms: now_ms,
+            timeouts: 0,
         }))
     }
 
@@ -550,7 +563,10 @@ impl Shard {
                     .fetch_add(1, Ordering::Relaxed);
                 self.inflight = self.inflight.saturating_sub(1);
                 let c = &mut self.clients[slot];
-                c.hs = None;
+                match c.hs.as_mut() {
+                    Some(f) if f.timeouts < TIMEOUT_RESENDS => f.timeouts += 1,
+                    _ => c.hs = None,
+                }
                 c.attempt = c.attempt.saturating_add(1);
                 let attempt = c.attempt;
                 let d = self.backoff_ms(attempt);
@@ -883,6 +899,9 @@ impl Shard {
                     // Anything but Busy may mean the supernode saw this handshake: the
                     // next attempt is a fresh one.
                     c.hs = None;
+                } else if let Some(f) = c.hs.as_mut() {
+                    // Busy: the supernode forgot it, so a later timeout may resend it.
+                    f.timeouts = 0;
                 }
                 c.state = BACKOFF;
                 c.hs_deadline = now_ms + d;
@@ -1446,6 +1465,37 @@ mod tests {
         assert_eq!(p.shard.out.len(), 1);
         assert_ne!(p.shard.out[0], stale, "a fresh handshake");
         assert_ne!(p.shard.out[0], ready);
+    }
+
+    /// A timed-out initiation goes out again unchanged (the kernel may have dropped it
+    /// unseen), up to [`TIMEOUT_RESENDS`] times; then the next one is a fresh handshake.
+    #[test]
+    fn a_timed_out_initiation_is_resent_once_then_replaced() {
+        let mut p = DatagramProbe::new();
+        let first = p.shard.clients[1].hs.as_ref().unwrap().init.clone();
+        let mut now = p.shard.clients[1].hs_deadline;
+        let mut sent = Vec::new();
+        for _ in 0..=TIMEOUT_RESENDS {
+            assert!(p.shard.act(1, now), "the timeout");
+            assert_eq!(p.shard.clients[1].state, BACKOFF);
+            now = p.shard.clients[1].hs_deadline;
+            p.shard.out.clear();
+            assert!(p.shard.act(1, now), "the retry");
+            assert_eq!(p.shard.out.len(), 1);
+            sent.push(p.shard.out[0].clone());
+            now = p.shard.clients[1].hs_deadline;
+        }
+        let n = TIMEOUT_RESENDS as usize;
+        assert!(sent[..n].iter().all(|s| *s == first), "resent unchanged");
+        assert_ne!(sent[n], first, "a fresh handshake after that");
+        let c = &p.shard.shared.counters;
+        assert_eq!(c.handshake_timeouts.load(Ordering::Relaxed), n as u64 + 1);
+        assert_eq!(c.resent.load(Ordering::Relaxed), n as u64);
+        assert_eq!(
+            p.shard.clients[1].attempt,
+            n as u8 + 1,
+            "timeouts still back off"
+        );
     }
 
     #[test]

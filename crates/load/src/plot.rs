@@ -189,6 +189,7 @@ mod tests {
                 p99_us: 1500,
                 rss_bytes: 0,
                 cpu_s: 0.1,
+                load_cpu_s: 0.1,
             })
             .collect();
         let s = svg("a <run>", &samples);

@@ -64,6 +64,8 @@ pub struct Sample {
     pub rss_bytes: u64,
     /// Supernode CPU seconds used in this second.
     pub cpu_s: f64,
+    /// The load generator's own CPU seconds in this second (it shares the box).
+    pub load_cpu_s: f64,
 }
 
 /// Latency of one operation in one phase.
@@ -283,7 +285,9 @@ fn spawn_sampler(
         };
         let mut out = Vec::new();
         let c = &shared.counters;
+        let me = std::process::id();
         let mut last = (0u64, 0u64, pid.and_then(procstat::sample));
+        let mut last_me = procstat::sample(me);
         let mut t = 0u32;
         let mut iv = tokio::time::interval(Duration::from_secs(1));
         iv.tick().await;
@@ -307,6 +311,12 @@ fn spawn_sampler(
                 (Some(a), Some(b)) => b.cpu_s - a.cpu_s,
                 _ => 0.0,
             };
+            let p_me = procstat::sample(me);
+            let load_cpu = match (last_me, p_me) {
+                (Some(a), Some(b)) => b.cpu_s - a.cpu_s,
+                _ => 0.0,
+            };
+            last_me = p_me;
             let s = Sample {
                 t,
                 phase: phase_name(shared.phase.load(Ordering::Relaxed)),
@@ -316,6 +326,7 @@ fn spawn_sampler(
                 p99_us: p99,
                 rss_bytes: p.map_or(0, |p| p.rss_bytes),
                 cpu_s: cpu,
+                load_cpu_s: load_cpu,
             };
             bar.set_position(online.max(0) as u64);
             let prepared = match shared.phase.load(Ordering::Relaxed) {
@@ -326,13 +337,14 @@ fn spawn_sampler(
                 _ => String::new(),
             };
             bar.set_message(format!(
-                "{}{prepared} | {} logins/s | {} answers/s | p99 {:.1} ms | supernode {:.0} MiB, {:.0}% CPU",
+                "{}{prepared} | {} logins/s | {} answers/s | p99 {:.1} ms | supernode {:.0} MiB, {:.0}% CPU | generator {:.0}% CPU",
                 s.phase,
                 s.logins,
                 s.answers,
                 s.p99_us as f64 / 1000.0,
                 s.rss_bytes as f64 / 1048576.0,
-                cpu * 100.0
+                cpu * 100.0,
+                load_cpu * 100.0
             ));
             out.push(s);
             last = (logins, answers, p);

@@ -77,8 +77,16 @@ impl Drop for AbortOnDrop {
 
 /// `recvmmsg` batches read after one wakeup, before timers and storage get their turn.
 const BATCHES_PER_WAKEUP: usize = 8;
-/// Storage results handled per wakeup at most (the results channel holds 1,024).
-const RESULTS_PER_WAKEUP: usize = 1024;
+/// Storage results handled per wakeup at most (the results channel holds 1,024). A login's
+/// result fans out presence to its contacts, so a full channel at once would hold the
+/// socket unread for tens of milliseconds; other branches get their turn in between.
+const RESULTS_PER_WAKEUP: usize = 128;
+/// Longest run of loop turns without handing control back to the runtime. While the socket
+/// always has datagrams (a storm), some branch is always ready and the loop would run
+/// until tokio's cooperative budget ran out, a hundred turns of up to tens of milliseconds
+/// each: the timers' driver went unpolled for seconds (core timers late, restart hints and
+/// the metrics text stale).
+const YIELD_EVERY: Duration = Duration::from_millis(5);
 
 /// Socket buffers asked for: a few milliseconds without the CPU at tens of thousands of
 /// datagrams per second overflow the system default (208 KiB), and every keepalive lost
@@ -414,7 +422,12 @@ pub async fn run_supernode(
     let mut stopping: Option<Instant> = None;
     tokio::pin!(shutdown);
 
+    let mut last_yield = Instant::now();
     loop {
+        if last_yield.elapsed() >= YIELD_EVERY {
+            tokio::task::yield_now().await;
+            last_yield = Instant::now();
+        }
         // Perform everything the core asked for.
         send_all(&mut sn, &socket, &mut tx, &tcp_peers, &mut timings);
         while let Some(op) = sn.poll_op() {

@@ -23,8 +23,17 @@ use std::time::{Duration, Instant};
 const INITIAL_RATE: f64 = 2_000.0;
 /// Lowest rate the estimate may fall to (a stalled sample must not shed everyone).
 const MIN_RATE: f64 = 50.0;
-/// Length of one rate sample while backlogged.
-const SAMPLE: Duration = Duration::from_millis(100);
+/// Length of one rate sample while backlogged: a few thousand handshakes, so that batch
+/// boundaries do not make it noisy (a noisy sample, weighed as below, biases the
+/// estimate upwards).
+const SAMPLE: Duration = Duration::from_millis(500);
+/// Weight of a sample below the estimate. A storm's first second buries the supernode in
+/// initiations to read and shed, and the handshakes it serves meanwhile understate what
+/// it can do once that burst is read; appointments booked at that dip would keep it
+/// underfed for the rest of the storm (an idle supernode costs a whole storm, an
+/// overbooked client one more `Busy`). So the estimate falls slowly (a time constant of
+/// about 3 s) and rises fast.
+const FALL_WEIGHT: f64 = 0.15;
 /// Shortest wait a Busy asks for: less would bring the client back into the same queue.
 pub(super) const MIN_RETRY: Duration = Duration::from_millis(250);
 /// A client gives up on a handshake after 1 s (protocol 7.10): an initiation served
@@ -181,7 +190,8 @@ impl Admission {
                 let dt = now.saturating_duration_since(t0);
                 if dt >= SAMPLE {
                     let r = (n as f64 / dt.as_secs_f64()).max(MIN_RATE);
-                    self.rate = 0.5 * self.rate + 0.5 * r;
+                    let w = if r < self.rate { FALL_WEIGHT } else { 0.5 };
+                    self.rate += w * (r - self.rate);
                     self.sample = Some((now, 0));
                 } else {
                     self.sample = Some((t0, n));
@@ -278,13 +288,38 @@ mod tests {
         for _ in 0..100 {
             a.push(queued(t));
         }
-        // Backlogged: 10 handshakes every 10 ms is 1,000 a second.
+        // Backlogged: 30 handshakes every 10 ms is 3,000 a second.
         let mut now = t;
-        for _ in 0..300 {
+        for _ in 0..1000 {
             now += Duration::from_millis(10);
-            a.served(now, 10);
+            a.served(now, 30);
         }
-        assert!((a.rate() - 1000.0).abs() < 1.0, "{}", a.rate());
+        assert!((a.rate() - 3000.0).abs() < 1.0, "{}", a.rate());
+    }
+
+    #[test]
+    fn the_rate_rises_fast_and_a_short_dip_barely_lowers_it() {
+        let t = Instant::now();
+        let mut a = Admission::new(1000, Duration::from_secs(10), 100, t);
+        for _ in 0..100 {
+            a.push(queued(t));
+        }
+        let mut now = t;
+        let mut pass = |a: &mut Admission, per_10ms: u32, ms: u64| {
+            for _ in 0..ms / 10 {
+                now += Duration::from_millis(10);
+                a.served(now, per_10ms);
+            }
+        };
+        // 4,000 a second is nearly reached within two and a half seconds.
+        pass(&mut a, 40, 2_500);
+        assert!(a.rate() > 3_800.0, "{}", a.rate());
+        // A second at 1,500 a second (a burst to read): still above 3,000.
+        pass(&mut a, 15, 1_000);
+        assert!(a.rate() > 3_000.0, "{}", a.rate());
+        // A lasting drop is followed, within ten seconds.
+        pass(&mut a, 15, 10_000);
+        assert!(a.rate() < 1_700.0, "{}", a.rate());
     }
 
     #[test]
