@@ -316,6 +316,11 @@ impl Shard {
     }
 
     fn record(&mut self, op: Op, us: u64) {
+        // While clients prepare a storm's initiations the generator takes both cores: the
+        // latencies it would measure are its own.
+        if self.seen_phase == phase::PREPARE {
+            return;
+        }
         let us = us.max(1);
         let p = self.phase_index();
         let _ = self.hists[p][op as usize].record(us);
