@@ -116,7 +116,7 @@ const TIMEOUT_RESENDS: u8 = 2;
 
 /// A kept initiation is sent again only while its hello is this fresh (the supernode
 /// refuses hellos more than 300 s off its clock).
-const INIT_REUSE_MS: u32 = 120_000;
+const INIT_REUSE_MS: u32 = 240_000;
 
 /// One simulated client: about 72 bytes plus its session keys.
 #[derive(Default)]
