@@ -138,6 +138,15 @@ impl Store for MemoryStore {
         }
     }
 
+    fn devices_of(&mut self, username: &Username) -> Result<Vec<Device>, StoreError> {
+        Ok(self
+            .devices
+            .values()
+            .filter(|d| d.username == *username)
+            .cloned()
+            .collect())
+    }
+
     fn next_serial(&mut self) -> Result<u64, StoreError> {
         let next = self
             .last_serial

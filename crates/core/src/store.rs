@@ -116,6 +116,9 @@ pub trait Store: Send {
     fn device_by_noise_key(&mut self, noise_key: &[u8; 32]) -> Result<Option<Device>, StoreError>;
     /// Marks a device revoked (`Err(NotFound)` if unknown).
     fn revoke_device(&mut self, noise_key: &[u8; 32]) -> Result<(), StoreError>;
+    /// Every device of an account, revoked ones included, ordered by Noise key (empty if
+    /// the account does not exist).
+    fn devices_of(&mut self, username: &Username) -> Result<Vec<Device>, StoreError>;
     /// Returns a fresh certificate serial, never returned before (survives restarts).
     fn next_serial(&mut self) -> Result<u64, StoreError>;
     /// Usernames starting with `prefix` (already lowercase), sorted, at most `limit`.

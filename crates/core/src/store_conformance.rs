@@ -34,6 +34,10 @@ pub fn run_all(make: &mut dyn FnMut() -> Box<dyn Store>) {
         ),
         ("device_by_noise_key", device_by_noise_key),
         ("revoke_device", revoke_device),
+        (
+            "devices_of_lists_an_accounts_devices",
+            devices_of_lists_an_accounts_devices,
+        ),
         ("next_serial_increases", next_serial_increases),
         ("search_prefix_sorted_bounded", search_prefix_sorted_bounded),
         ("search_prefix_is_literal", search_prefix_is_literal),
@@ -259,6 +263,30 @@ fn revoke_device(s: &mut dyn Store) {
         s.revoke_device(&[9; 32]),
         Err(StoreError::NotFound),
         "revoking an unknown key must be Err(NotFound)"
+    );
+}
+
+fn devices_of_lists_an_accounts_devices(s: &mut dyn Store) {
+    register(s, "alice", 3);
+    s.add_device(&device("alice", 1)).unwrap();
+    register(s, "bob", 2);
+    s.revoke_device(&[3; 32]).unwrap();
+    let alice = s.devices_of(&user("alice")).unwrap();
+    assert_eq!(
+        alice.iter().map(|d| d.noise_key[0]).collect::<Vec<_>>(),
+        vec![1, 3],
+        "alice's two devices, ordered by Noise key"
+    );
+    assert_eq!(alice[1], {
+        let mut d = device("alice", 3);
+        d.revoked = true;
+        d
+    });
+    assert!(!alice[0].revoked);
+    assert_eq!(s.devices_of(&user("bob")).unwrap().len(), 1);
+    assert!(
+        s.devices_of(&user("carol")).unwrap().is_empty(),
+        "no account: no devices"
     );
 }
 

@@ -758,6 +758,17 @@ impl Store for PgStore {
         })
     }
 
+    fn devices_of(&mut self, username: &Username) -> Result<Vec<Device>, StoreError> {
+        self.run(|c| {
+            let st = c.stmt(
+                "SELECT username, device_id, noise_key, sign_key, revoked
+                 FROM devices WHERE username = $1 ORDER BY noise_key",
+            )?;
+            let rows = c.client.query(&st, &[&username.as_str()]).map_err(pg)?;
+            rows.iter().map(device_from_row).collect()
+        })
+    }
+
     fn next_serial(&mut self) -> Result<u64, StoreError> {
         self.run(|c| {
             // In a transaction of its own: nextval takes a transaction id, so the commit

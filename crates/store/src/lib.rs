@@ -480,6 +480,23 @@ impl Store for SqliteStore {
         tx.commit().map_err(backend)
     }
 
+    fn devices_of(&mut self, username: &Username) -> Result<Vec<Device>, StoreError> {
+        let rows = self
+            .conn
+            .prepare_cached(
+                "SELECT username, device_id, noise_key, sign_key, revoked
+                 FROM devices WHERE username = ?1 ORDER BY noise_key",
+            )
+            .and_then(|mut st| {
+                st.query_map(params![username.as_str()], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()
+            })
+            .map_err(backend)?;
+        rows.into_iter().map(device_from_cols).collect()
+    }
+
     fn next_serial(&mut self) -> Result<u64, StoreError> {
         let tx = self.write()?;
         let serial: i64 = tx
