@@ -451,24 +451,35 @@ fn agent_running(profile: &Profile) -> bool {
 }
 
 fn status_value(profile: &Profile) -> anyhow::Result<Value> {
-    match call(
+    let cert = profile
+        .cert()
+        .ok()
+        .flatten()
+        .and_then(|c| peerline_wire::cert::CertRepr::decode(&c).ok());
+    // The device's Noise key: what an operator needs to revoke it (`peerlined revoke`).
+    let device = cert.as_ref().map(|c| {
+        c.noise_key
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+    let mut v = match call(
         &profile.socket_path(),
         &ControlRequest::Status,
         Duration::from_secs(5),
     ) {
-        Ok(v) => Ok(v),
+        Ok(v) => v,
         Err(ControlError::NotRunning) => {
             let server = profile.server().map(|b| b.host).ok();
-            let user = profile
-                .cert()
-                .ok()
-                .flatten()
-                .and_then(|c| peerline_wire::cert::CertRepr::decode(&c).ok())
-                .map(|c| c.username.to_string());
-            Ok(json!({"online": false, "user": user, "supernode": server, "agent": "stopped"}))
+            let user = cert.as_ref().map(|c| c.username.to_string());
+            json!({"online": false, "user": user, "supernode": server, "agent": "stopped"})
         }
-        Err(e) => Err(anyhow!(e)),
+        Err(e) => return Err(anyhow!(e)),
+    };
+    if let Some(o) = v.as_object_mut() {
+        o.insert("device".into(), json!(device));
     }
+    Ok(v)
 }
 
 fn up(profile: &Profile, json_out: bool) -> anyhow::Result<()> {

@@ -604,3 +604,67 @@ fn a_ten_second_call_carries_each_sides_audio_directly() {
         "the supernode received {sn_during} datagrams during the call"
     );
 }
+
+/// A user lost a device: `peerline status` names the device's key, the operator finds it
+/// with `peerlined devices` and revokes it, and the device's next login is refused with
+/// the reason while the user's other accounts and devices are untouched.
+#[test]
+fn an_operator_revokes_a_lost_device_and_its_next_login_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let sn = Supernode::init(root.path());
+    let bootstrap = sn.bootstrap();
+    let alice = User {
+        name: "alice",
+        profile: root.path().join("alice"),
+    };
+    alice.ok(&["register", "alice", "--server", &bootstrap]);
+    assert_eq!(alice.json(&["up", "--json"])["online"], true);
+    let key = alice.json(&["status", "--json"])["device"]
+        .as_str()
+        .expect("status names the device")
+        .to_string();
+    assert_eq!(key.len(), 64);
+
+    let operator = |args: &[&str]| {
+        let out = Command::new(peerlined_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let data = sn.data.to_str().unwrap().to_string();
+    let listed = operator(&["devices", "--data", &data, "alice", "--json"]);
+    assert_eq!(listed["devices"][0]["noise_key"], key.as_str());
+    assert_eq!(listed["devices"][0]["revoked"], false);
+    let revoked = operator(&["revoke", "--data", &data, &key, "--json"]);
+    assert_eq!(revoked["user"], "alice");
+
+    // The device logs in again (as after losing its connection) and is refused.
+    alice.ok(&["down"]);
+    let mut up = Command::new(peerline_bin())
+        .arg("--profile")
+        .arg(&alice.profile)
+        .args(["up", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let reason = loop {
+        let v = alice.json(&["status", "--json"]);
+        assert_ne!(v["online"], true, "a revoked device logged in");
+        if let Some(r) = v["reason"].as_str().filter(|r| r.contains("revoked")) {
+            break r.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no refusal reason: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(reason, "this device was revoked: enrol it again");
+    let _ = up.kill();
+    let _ = up.wait();
+}

@@ -21,8 +21,8 @@ use peerline_net::admin::MetricsText;
 use peerline_net::relay::RelayServer;
 use peerline_net::supernode::{run_supernode, SupernodeRuntime};
 use peerlined::{
-    ensure_relay_secret, init_with_store, load, load_config, read_relay_secret, StoreUrl,
-    BOOTSTRAP_FILE, CONFIG_FILE, PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE,
+    ensure_relay_secret, init_with_store, load, load_config, parse_device_key, read_relay_secret,
+    to_hex, StoreUrl, BOOTSTRAP_FILE, CONFIG_FILE, PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE,
 };
 use tokio::sync::watch;
 
@@ -109,6 +109,41 @@ enum Cmd {
         #[arg(long)]
         data: PathBuf,
     },
+    /// List an account's devices (Noise key, device id, whether revoked) from the store
+    /// of a data dir. Safe while the supernode runs.
+    Devices {
+        /// Data directory made by `init`.
+        #[arg(long)]
+        data: PathBuf,
+        /// The account's username.
+        user: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a device (a lost or stolen one): its next login is refused with "this device
+    /// was revoked", and it can no longer renew its certificate. A session it has now ends
+    /// when it next logs in or goes idle. Safe while the supernode runs.
+    Revoke {
+        /// Data directory made by `init`.
+        #[arg(long)]
+        data: PathBuf,
+        /// The device's Noise key, as `peerlined devices` lists it (64 hex digits).
+        device: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Opens the store a data dir's config names (before any async runtime: the PostgreSQL
+/// client blocks).
+fn open_store(data: &std::path::Path, url: &StoreUrl) -> anyhow::Result<Box<dyn Store>> {
+    Ok(match url {
+        // `join` keeps an absolute path as it is.
+        StoreUrl::Sqlite(path) => Box::new(peerline_store::SqliteStore::open(&data.join(path))?),
+        StoreUrl::Postgres(url) => Box::new(peerline_store_pg::PgStore::open(url)?),
+    })
 }
 
 fn logging(format: &str) {
@@ -205,6 +240,82 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Devices { data, user, json } => {
+            let cfg = load_config(&data)?;
+            let name = peerline_wire::name::Username::parse(&user)
+                .map_err(|e| anyhow::anyhow!("{user:?} is not a username: {e}"))?;
+            let mut store = open_store(&data, &cfg.store.url)?;
+            if store.account(&name)?.is_none() {
+                anyhow::bail!("there is no account {name} in this supernode's store");
+            }
+            let devices = store.devices_of(&name)?;
+            if json {
+                let list: Vec<_> = devices
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({
+                            "noise_key": to_hex(&d.noise_key),
+                            "device_id": to_hex(&d.device_id),
+                            "revoked": d.revoked,
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "user": name.as_str(), "devices": list })
+                );
+            } else {
+                println!("{:<64}  {:<32}  STATUS", "DEVICE (NOISE KEY)", "DEVICE ID");
+                for d in &devices {
+                    println!(
+                        "{}  {}  {}",
+                        to_hex(&d.noise_key),
+                        to_hex(&d.device_id),
+                        if d.revoked { "revoked" } else { "active" }
+                    );
+                }
+            }
+            Ok(())
+        }
+        Cmd::Revoke { data, device, json } => {
+            let cfg = load_config(&data)?;
+            let key = parse_device_key(&device)?;
+            let mut store = open_store(&data, &cfg.store.url)?;
+            let Some(found) = store.device_by_noise_key(&key)? else {
+                anyhow::bail!(
+                    "no device has the Noise key {}: list an account's devices with \
+                     `peerlined devices --data {} USER`",
+                    to_hex(&key),
+                    data.display()
+                );
+            };
+            let already = found.revoked;
+            store.revoke_device(&key)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "user": found.username.as_str(),
+                        "noise_key": to_hex(&key),
+                        "revoked": true,
+                        "already_revoked": already,
+                    })
+                );
+            } else if already {
+                println!(
+                    "device {} of {} was already revoked",
+                    to_hex(&key),
+                    found.username
+                );
+            } else {
+                println!(
+                    "revoked device {} of {}: its next login is refused",
+                    to_hex(&key),
+                    found.username
+                );
+            }
+            Ok(())
+        }
         Cmd::Bootstrap { data } => {
             let p = data.join(BOOTSTRAP_FILE);
             let b = std::fs::read_to_string(&p)
@@ -279,21 +390,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let fleet_settings = cfg.fleet_settings()?;
             let drain_timeout = Duration::from_secs(cfg.fleet.drain_timeout_secs);
-            // Opened before the async runtime starts: the PostgreSQL client blocks.
-            let store: Box<dyn Store> = match &cfg.store.url {
-                // `join` keeps an absolute path as it is.
-                StoreUrl::Sqlite(path) => {
-                    Box::new(peerline_store::SqliteStore::open(&data.join(path))?)
-                }
-                StoreUrl::Postgres(url) => {
-                    let store = peerline_store_pg::PgStore::open(url)?;
-                    tracing::info!(
-                        store = %peerline_store_pg::redact(url),
-                        "store on PostgreSQL"
-                    );
-                    Box::new(store)
-                }
-            };
+            let store = open_store(&data, &cfg.store.url)?;
+            if let StoreUrl::Postgres(url) = &cfg.store.url {
+                tracing::info!(store = %peerline_store_pg::redact(url), "store on PostgreSQL");
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
