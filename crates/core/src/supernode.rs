@@ -413,6 +413,8 @@ enum Waiting {
     Reply { session: u32, req: u64 },
     /// A login's revocation check, contacts and mailbox.
     Login { session: u32 },
+    /// An operator asked to check a logged-in device again (it may have been revoked).
+    Recheck { session: u32 },
     /// Certificate issuance (register, enrol, renew).
     Certify {
         session: u32,
@@ -1417,6 +1419,31 @@ impl Supernode {
                 Waiting::Login { session: index },
             );
         }
+    }
+
+    /// An operator revoked a device of `user` (in the store, outside the supernode): if
+    /// the user is logged in here with that device, check it again now instead of at its
+    /// next login. A revoked device is then logged out (its contacts see it go offline)
+    /// and told so, as at login. Anything else (not online here, another device, a
+    /// device not revoked) changes nothing, so asking is harmless. Returns whether a
+    /// check was started.
+    pub fn recheck_device(&mut self, user: &Username, noise_key: &[u8; 32]) -> bool {
+        let Some(index) = self.session_of(user) else {
+            return false;
+        };
+        let same = self
+            .sessions
+            .get(&index)
+            .is_some_and(|s| s.link.remote_static() == noise_key);
+        if same {
+            self.op(
+                Op::CheckDevice {
+                    noise_key: *noise_key,
+                },
+                Waiting::Recheck { session: index },
+            );
+        }
+        same
     }
 
     /// The login's revocation check came back: only a revoked device is refused (a
@@ -2692,6 +2719,9 @@ impl Supernode {
                     Err(_) => tracing::warn!("login mailbox lookup failed"),
                 }
             }
+            (Waiting::Recheck { session }, OpResult::Done(r)) => {
+                self.on_revocation_check(now, session, r);
+            }
             (Waiting::Pending { .. } | Waiting::Login { .. }, _) => {
                 tracing::warn!("login fan-out lookup failed");
             }
@@ -2701,6 +2731,7 @@ impl Supernode {
                     Waiting::Reply { .. } => "reply",
                     Waiting::Certify { .. } => "certify",
                     Waiting::Login { .. } => "login",
+                    Waiting::Recheck { .. } => "recheck",
                     Waiting::Contact { .. } => "contact",
                     Waiting::Connect { .. } => "connect",
                     Waiting::Call { .. } => "call",

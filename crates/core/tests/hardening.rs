@@ -549,6 +549,37 @@ fn a_revoked_device_cannot_log_in_with_a_valid_certificate() {
         .any(|e| matches!(e, ClientEvent::Offline { reason } if reason.contains("revoked"))));
 }
 
+/// Revoked while logged in: the operator's recheck logs the device out at once and tells
+/// it why; a recheck of a device that is not revoked, or of another device, changes nothing.
+#[test]
+fn a_device_revoked_while_online_is_logged_out_when_the_operator_asks() {
+    let mut w = World::new(Limits::default());
+    let mut rng = ChaCha20Rng::seed_from_u64(10);
+    let keys = DeviceKeys::generate(&mut rng);
+    let addr: SocketAddr = "198.51.100.21:5000".parse().unwrap();
+    let b = w.add_client_at(addr, None, Some(keys.clone()), 0, false);
+    w.register(b, "bob");
+    w.run_for(Duration::from_secs(1));
+    assert!(w.clients[b].1.is_online());
+    let key = keys.noise_public();
+    // Not revoked yet, and a key that is not bob's: nothing happens.
+    assert!(w.sn.recheck_device(&user("bob"), &key));
+    assert!(!w.sn.recheck_device(&user("bob"), &[7; 32]));
+    assert!(!w.sn.recheck_device(&user("nobody"), &key));
+    w.run_for(Duration::from_secs(1));
+    assert!(w.clients[b].1.is_online());
+    assert_eq!(w.sn.online_count(), 1);
+
+    w.store.revoke_device(&key).unwrap();
+    assert!(w.sn.recheck_device(&user("bob"), &key));
+    w.run_for(Duration::from_secs(1));
+    assert_eq!(w.sn.online_count(), 0);
+    assert!(!w.clients[b].1.is_online());
+    assert!(w.events[b]
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Offline { reason } if reason.contains("revoked"))));
+}
+
 #[test]
 fn wrong_passwords_back_off_per_account_without_hashing() {
     let mut w = World::new(Limits {
