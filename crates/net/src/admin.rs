@@ -1,12 +1,17 @@
-//! A minimal admin HTTP endpoint serving Prometheus text metrics at `/metrics`.
+//! A minimal admin HTTP endpoint: Prometheus text metrics at `GET /metrics`, `GET
+//! /health`, and `POST /devices/recheck?user=NAME&key=HEX`, by which `peerlined revoke`
+//! asks the running supernode to check a logged-in device again (it logs the device out
+//! if, and only if, the store says it is revoked, so the call is harmless to anyone who
+//! can reach the endpoint).
 //!
-//! Hand-written rather than pulling an HTTP stack: it answers one GET with a text body
-//! and is bound to loopback by default.
+//! Hand-written rather than pulling an HTTP stack: it answers one request line per
+//! connection with a text body and is bound to loopback by default.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use peerline_wire::name::Username;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -37,12 +42,105 @@ impl MetricsText {
     }
 }
 
-/// Serves `/metrics` on `addr` until the task is dropped.
-pub async fn serve(addr: SocketAddr, metrics: MetricsText) -> std::io::Result<()> {
+/// Devices to check again, from the admin endpoint to the supernode loop (which takes
+/// them on its timer tick).
+#[derive(Debug, Default, Clone)]
+pub struct Rechecks(Arc<Mutex<VecDeque<Recheck>>>);
+
+/// A user and the Noise key of the device to check.
+pub type Recheck = (Username, [u8; 32]);
+
+/// Most rechecks waiting for the supernode loop; more are refused with 503.
+const MAX_RECHECKS: usize = 1024;
+
+impl Rechecks {
+    /// Queues a recheck; false when the queue is full.
+    pub fn push(&self, user: Username, key: [u8; 32]) -> bool {
+        match self.0.lock() {
+            Ok(mut q) if q.len() < MAX_RECHECKS => {
+                q.push_back((user, key));
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes every queued recheck.
+    pub fn take(&self) -> Vec<Recheck> {
+        self.0
+            .lock()
+            .map(|mut q| q.drain(..).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The path and query of the endpoint that asks for a recheck.
+pub const RECHECK_PATH: &str = "/devices/recheck";
+
+/// Parses `user=NAME&key=HEX` (either order).
+fn recheck_query(query: &str) -> Result<Recheck, &'static str> {
+    let (mut user, mut key) = (None, None);
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("user", v)) => user = Username::parse(v).ok(),
+            Some(("key", v)) => key = parse_key(v),
+            _ => {}
+        }
+    }
+    match (user, key) {
+        (Some(u), Some(k)) => Ok((u, k)),
+        (None, _) => Err("user= is missing or not a username"),
+        (_, None) => Err("key= is missing or not 64 hex digits"),
+    }
+}
+
+fn parse_key(v: &str) -> Option<[u8; 32]> {
+    if v.len() != 64 || !v.is_ascii() {
+        return None;
+    }
+    let mut k = [0u8; 32];
+    for (i, b) in k.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(k)
+}
+
+/// The status and body for one request line.
+fn answer(line: &str, metrics: &MetricsText, rechecks: &Rechecks) -> (&'static str, String) {
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match (method, path) {
+        ("GET", "/metrics") => ("200 OK", metrics.get()),
+        ("GET", "/health") => ("200 OK", "ok\n".to_string()),
+        ("POST", RECHECK_PATH) => match recheck_query(query) {
+            Ok((user, key)) => {
+                if rechecks.push(user, key) {
+                    ("202 Accepted", "checking the device again\n".to_string())
+                } else {
+                    (
+                        "503 Service Unavailable",
+                        "too many rechecks waiting\n".to_string(),
+                    )
+                }
+            }
+            Err(why) => ("400 Bad Request", format!("{why}\n")),
+        },
+        _ => ("404 Not Found", "try /metrics\n".to_string()),
+    }
+}
+
+/// Serves the endpoint on `addr` until the task is dropped.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: MetricsText,
+    rechecks: Rechecks,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     loop {
         let (mut s, _) = listener.accept().await?;
         let m = metrics.clone();
+        let r = rechecks.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let n = match tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
@@ -52,13 +150,8 @@ pub async fn serve(addr: SocketAddr, metrics: MetricsText) -> std::io::Result<()
                 _ => return,
             };
             let req = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if req.starts_with("GET /metrics") {
-                ("200 OK", m.get())
-            } else if req.starts_with("GET /health") {
-                ("200 OK", "ok\n".to_string())
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
+            let line = req.lines().next().unwrap_or("");
+            let (status, body) = answer(line, &m, &r);
             let resp = format!(
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
@@ -131,6 +224,51 @@ impl Histogram {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recheck_is_queued_only_when_well_formed() {
+        let (m, r) = (MetricsText::default(), Rechecks::default());
+        let key = "ab".repeat(32);
+        let ok = format!("POST {RECHECK_PATH}?user=alice&key={key} HTTP/1.1");
+        assert_eq!(answer(&ok, &m, &r).0, "202 Accepted");
+        let q = r.take();
+        assert_eq!(q.len(), 1);
+        assert_eq!(q[0].0.as_str(), "alice");
+        assert_eq!(q[0].1, [0xab; 32]);
+        for bad in [
+            format!("POST {RECHECK_PATH}?user=alice HTTP/1.1"),
+            format!("POST {RECHECK_PATH}?user=a&key={key} HTTP/1.1"),
+            format!("POST {RECHECK_PATH}?user=alice&key=zz HTTP/1.1"),
+        ] {
+            assert_eq!(answer(&bad, &m, &r).0, "400 Bad Request", "{bad}");
+        }
+        // A GET does not queue anything; neither does another path.
+        assert_eq!(
+            answer(&format!("GET {RECHECK_PATH}?user=alice&key={key}"), &m, &r).0,
+            "404 Not Found"
+        );
+        assert!(r.take().is_empty());
+        assert_eq!(answer("GET /health HTTP/1.0", &m, &r).1, "ok\n");
+    }
+
+    #[test]
+    fn the_recheck_queue_is_bounded() {
+        let r = Rechecks::default();
+        let u = Username::parse("alice").unwrap();
+        for _ in 0..MAX_RECHECKS {
+            assert!(r.push(u.clone(), [1; 32]));
+        }
+        assert!(!r.push(u, [1; 32]));
+        assert_eq!(r.take().len(), MAX_RECHECKS);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_request_line_gets_an_answer_without_panicking(line in ".{0,300}") {
+            let (m, r) = (MetricsText::default(), Rechecks::default());
+            let _ = answer(&line, &m, &r);
+        }
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_count_everything() {

@@ -35,6 +35,8 @@ pub struct SupernodeRuntime {
     pub snapshot_path: Option<PathBuf>,
     /// Metrics text for the admin endpoint.
     pub metrics: MetricsText,
+    /// Devices the admin endpoint asks to check again (`peerlined revoke`).
+    pub rechecks: crate::admin::Rechecks,
     /// Membership of a fleet (None: a single supernode).
     pub fleet: Option<FleetRuntime>,
     /// At shutdown, how long a fleet member waits for its users to move elsewhere.
@@ -544,6 +546,11 @@ pub async fn run_supernode(
                 guarded(&mut panics, "timer", || sn.handle_timeout(Instant::now()))
             }
             _ = tick.tick() => {
+                for (user, key) in rt.rechecks.take() {
+                    let mut online = false;
+                    guarded(&mut panics, "recheck", || online = sn.recheck_device(&user, &key));
+                    tracing::info!(user = %user, online_here = online, "device check asked by the operator");
+                }
                 for _ in 0..HINTS_PER_TICK {
                     let Some((i, a)) = hints.pop_front() else { break };
                     sn.send_reset_hint(i, a);

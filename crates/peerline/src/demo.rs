@@ -135,6 +135,7 @@ async fn demo(t: &mut Transcript, root: &Path) -> anyhow::Result<()> {
             config: SupernodeConfig::default(),
             snapshot_path: None,
             metrics: MetricsText::default(),
+            rechecks: Default::default(),
             fleet: None,
             drain_timeout: std::time::Duration::ZERO,
         },

@@ -136,6 +136,29 @@ enum Cmd {
     },
 }
 
+/// Asks the supernode behind admin address `admin` to check `user`'s device `key` again;
+/// whether it took the request.
+fn ask_recheck(admin: SocketAddr, user: &str, key: &[u8; 32]) -> bool {
+    use std::io::{Read, Write};
+    let mut to = admin;
+    if to.ip().is_unspecified() {
+        to.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = format!(
+        "POST {}?user={user}&key={} HTTP/1.0\r\n\r\n",
+        peerline_net::admin::RECHECK_PATH,
+        to_hex(key)
+    );
+    let mut resp = String::new();
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_to_string(&mut resp).is_ok()
+        && resp.starts_with("HTTP/1.1 202")
+}
+
 /// Opens the store a data dir's config names (before any async runtime: the PostgreSQL
 /// client blocks).
 fn open_store(data: &std::path::Path, url: &StoreUrl) -> anyhow::Result<Box<dyn Store>> {
@@ -291,6 +314,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let already = found.revoked;
             store.revoke_device(&key)?;
+            // A session the device holds now: the running supernode checks it again and
+            // logs it out (it acts only on what the store says, so the call is harmless).
+            let asked = cfg
+                .admin
+                .is_some_and(|a| ask_recheck(a, found.username.as_str(), &key));
             if json {
                 println!(
                     "{}",
@@ -299,20 +327,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         "noise_key": to_hex(&key),
                         "revoked": true,
                         "already_revoked": already,
+                        "supernode_asked": asked,
                     })
                 );
-            } else if already {
-                println!(
-                    "device {} of {} was already revoked",
-                    to_hex(&key),
-                    found.username
-                );
             } else {
-                println!(
-                    "revoked device {} of {}: its next login is refused",
-                    to_hex(&key),
-                    found.username
-                );
+                if already {
+                    println!(
+                        "device {} of {} was already revoked",
+                        to_hex(&key),
+                        found.username
+                    );
+                } else {
+                    println!(
+                        "revoked device {} of {}: its logins are refused",
+                        to_hex(&key),
+                        found.username
+                    );
+                }
+                if asked {
+                    println!("the running supernode logs it out now if it is online there");
+                } else {
+                    println!(
+                        "the supernode's admin endpoint did not answer (not running?): a \
+                         session the device holds ends at its next login"
+                    );
+                }
             }
             Ok(())
         }
@@ -432,12 +471,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             std::fs::write(&pid_path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write {}", pid_path.display()))?;
             let metrics = MetricsText::default();
+            let rechecks = peerline_net::admin::Rechecks::default();
             let result = rt.block_on(async {
                 let (raise_stop, stop) = shutdown_on_signals();
                 if let Some(a) = cfg.admin {
-                    let m = metrics.clone();
+                    let (m, r) = (metrics.clone(), rechecks.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = peerline_net::admin::serve(a, m).await {
+                        if let Err(e) = peerline_net::admin::serve(a, m, r).await {
                             tracing::warn!(error = %e, admin = %a, "admin endpoint failed");
                         }
                     });
@@ -492,6 +532,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     config: cfg.supernode(offer),
                     snapshot_path: Some(data.join(SNAPSHOT_FILE)),
                     metrics,
+                    rechecks,
                     fleet,
                     drain_timeout,
                 };

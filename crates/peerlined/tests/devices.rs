@@ -71,6 +71,10 @@ fn an_operator_lists_and_revokes_a_users_device() {
     let revoked = json(&peerlined(&["revoke", "--data", d, &lost, "--json"]));
     assert_eq!(revoked["user"], "alice");
     assert_eq!(revoked["already_revoked"], false);
+    assert_eq!(
+        revoked["supernode_asked"], false,
+        "no supernode runs on this data dir"
+    );
 
     let listed = json(&peerlined(&["devices", "--data", d, "alice", "--json"]));
     let devices = listed["devices"].as_array().unwrap();
