@@ -524,14 +524,20 @@ fn another_versions_handshake_gets_a_reject_naming_ours() {
     );
 }
 
-#[test]
-fn a_revoked_device_cannot_log_in_with_a_valid_certificate() {
+/// A world with bob registered from `addr` with device keys of his own (returned, with
+/// his client's index), for the revocation tests.
+fn bob_with_keys(addr: SocketAddr) -> (World, usize, DeviceKeys) {
     let mut w = World::new(Limits::default());
-    let mut rng = ChaCha20Rng::seed_from_u64(9);
-    let keys = DeviceKeys::generate(&mut rng);
-    let addr: SocketAddr = "198.51.100.20:5000".parse().unwrap();
+    let keys = DeviceKeys::generate(&mut ChaCha20Rng::seed_from_u64(9));
     let b = w.add_client_at(addr, None, Some(keys.clone()), 0, false);
     w.register(b, "bob");
+    (w, b, keys)
+}
+
+#[test]
+fn a_revoked_device_cannot_log_in_with_a_valid_certificate() {
+    let addr: SocketAddr = "198.51.100.20:5000".parse().unwrap();
+    let (mut w, b, keys) = bob_with_keys(addr);
     let cert = w.clients[b].1.certificate().unwrap().to_bytes();
     let now = w.now;
     w.clients[b].1.shutdown(now);
@@ -553,12 +559,7 @@ fn a_revoked_device_cannot_log_in_with_a_valid_certificate() {
 /// it why; a recheck of a device that is not revoked, or of another device, changes nothing.
 #[test]
 fn a_device_revoked_while_online_is_logged_out_when_the_operator_asks() {
-    let mut w = World::new(Limits::default());
-    let mut rng = ChaCha20Rng::seed_from_u64(10);
-    let keys = DeviceKeys::generate(&mut rng);
-    let addr: SocketAddr = "198.51.100.21:5000".parse().unwrap();
-    let b = w.add_client_at(addr, None, Some(keys.clone()), 0, false);
-    w.register(b, "bob");
+    let (mut w, b, keys) = bob_with_keys("198.51.100.21:5000".parse().unwrap());
     w.run_for(Duration::from_secs(1));
     assert!(w.clients[b].1.is_online());
     let key = keys.noise_public();
