@@ -737,27 +737,6 @@ impl Welcome {
 }
 
 #[cfg(test)]
-mod kind_tests {
-    use super::*;
-
-    #[test]
-    fn kind_is_the_wire_variant_index() {
-        let samples = [
-            Request::RenewCert,
-            Request::SetPresence(Presence::Away),
-            Request::RelayCredentials,
-            Request::SetCallPolicy { anyone: true },
-            Request::Hosts { hosts: Vec::new() },
-            Request::Redirect { hosts: Vec::new() },
-        ];
-        for r in samples {
-            let b = postcard::to_allocvec(&r).unwrap();
-            assert_eq!(usize::from(b[0]), r.kind(), "{}", REQUEST_KINDS[r.kind()]);
-        }
-    }
-}
-
-#[cfg(test)]
 mod tests {
     #[test]
     fn a_full_media_datagram_fits_one_transport_packet_and_a_larger_one_is_refused() {
@@ -911,6 +890,32 @@ mod tests {
                 }),
         );
         out
+    }
+
+    /// `kind` is the variant's wire index, for every variant (the samples, with the two
+    /// fleet host lists, cover all of them).
+    #[test]
+    fn kind_is_the_wire_variant_index_of_every_request() {
+        let mut reqs: Vec<Request> = samples()
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::Request { body, .. } => Some(body),
+                _ => None,
+            })
+            .collect();
+        reqs.push(Request::Hosts { hosts: Vec::new() });
+        reqs.push(Request::Redirect { hosts: Vec::new() });
+        let mut seen = vec![false; REQUEST_KINDS.len()];
+        for r in &reqs {
+            let b = postcard::to_allocvec(r).unwrap();
+            assert_eq!(usize::from(b[0]), r.kind(), "{}", REQUEST_KINDS[r.kind()]);
+            seen[r.kind()] = true;
+        }
+        let missing: Vec<_> = (0..seen.len())
+            .filter(|&k| !seen[k])
+            .map(|k| REQUEST_KINDS[k])
+            .collect();
+        assert!(missing.is_empty(), "no sample of {missing:?}");
     }
 
     #[test]
