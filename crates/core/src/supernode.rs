@@ -1424,10 +1424,22 @@ impl Supernode {
     /// An operator revoked a device of `user` (in the store, outside the supernode): if
     /// the user is logged in here with that device, check it again now instead of at its
     /// next login. A revoked device is then logged out (its contacts see it go offline)
-    /// and told so, as at login. Anything else (not online here, another device, a
-    /// device not revoked) changes nothing, so asking is harmless. Returns whether a
-    /// check was started.
+    /// and told so, as at login. Anything else (another device, a device not revoked)
+    /// changes nothing, so asking is harmless. In a fleet, a user not online here is
+    /// asked after on their home supernode. Returns whether a check was started here.
     pub fn recheck_device(&mut self, user: &Username, noise_key: &[u8; 32]) -> bool {
+        if self.cfg.fleet && self.session_of(user).is_none() {
+            self.forward(NodeMsg::Recheck {
+                user: user.clone(),
+                key: *noise_key,
+            });
+            return false;
+        }
+        self.recheck_here(user, noise_key)
+    }
+
+    /// [`Supernode::recheck_device`] for a session on this supernode only.
+    fn recheck_here(&mut self, user: &Username, noise_key: &[u8; 32]) -> bool {
         let Some(index) = self.session_of(user) else {
             return false;
         };

@@ -16,6 +16,7 @@ use peerline_core::link::Transmit;
 use peerline_core::memstore::MemoryStore;
 use peerline_core::ops::execute;
 use peerline_core::sim::Net;
+use peerline_core::store::Store as _;
 use peerline_core::supernode::{NodeDest, Supernode, SupernodeConfig, SupernodeEvent};
 use peerline_crypto::{Authority, DeviceKeys};
 use peerline_wire::msg::{ContactAction, ContactState, ErrorCode, Presence};
@@ -83,6 +84,7 @@ fn kind(m: &NodeMsg) -> &'static str {
         NodeMsg::Mail { .. } => "mail",
         NodeMsg::Kick { .. } => "kick",
         NodeMsg::Answer { .. } => "answer",
+        NodeMsg::Recheck { .. } => "recheck",
     }
 }
 
@@ -537,6 +539,28 @@ fn a_login_elsewhere_kicks_the_old_session_quietly() {
         })
         .count();
     assert_eq!(blips, 0, "contacts saw no offline blip");
+}
+
+/// An operator revokes bob's device with the data dir of a supernode bob is not on: the
+/// recheck goes to bob's supernode, which logs him out (alice sees him go offline) and
+/// tells his device why.
+#[test]
+fn a_device_revoked_elsewhere_in_the_fleet_is_logged_out_on_its_supernode() {
+    let (mut f, a, b) = alice_and_bob(8, 2, perfect());
+    let key = f.keys[b].noise_public();
+    f.store.revoke_device(&key).unwrap();
+    assert!(
+        !f.nodes[0].recheck_device(&user("bob"), &key),
+        "bob is not on 0"
+    );
+    f.run_for(Duration::from_secs(2));
+    assert!(f.carried.contains(&"recheck"));
+    assert_eq!(f.nodes[1].online_count(), 0, "bob was logged out on 1");
+    f.wait_presence(a, "bob", Presence::Offline);
+    assert!(f.saw(
+        b,
+        |e| matches!(e, ClientEvent::Offline { reason } if reason.contains("revoked"))
+    ));
 }
 
 /// Supernodes hand their users the others' addresses (paced, on a change), so a user

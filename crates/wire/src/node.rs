@@ -103,6 +103,14 @@ pub enum NodeMsg {
         /// What the callee's supernode answers.
         answer: Response,
     },
+    /// An operator revoked `user`'s device `key` (`peerlined revoke` on the sender): if the
+    /// receiver has that device logged in, it checks it against the store again.
+    Recheck {
+        /// The user.
+        user: Username,
+        /// The device's Noise key.
+        key: [u8; 32],
+    },
 }
 
 impl NodeMsg {
@@ -121,7 +129,8 @@ impl NodeMsg {
             | NodeMsg::Ring { .. }
             | NodeMsg::Signal { .. }
             | NodeMsg::Mail { .. }
-            | NodeMsg::Kick { .. } => Ok(()),
+            | NodeMsg::Kick { .. }
+            | NodeMsg::Recheck { .. } => Ok(()),
         }
     }
 
@@ -195,6 +204,10 @@ mod tests {
                     code: ErrorCode::Offline,
                     detail: "gone".into(),
                 },
+            },
+            NodeMsg::Recheck {
+                user: user("alice"),
+                key: [9; 32],
             },
         ]
     }

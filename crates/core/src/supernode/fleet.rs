@@ -156,7 +156,7 @@ impl Supernode {
             | NodeMsg::Ring { to, .. }
             | NodeMsg::Signal { to, .. }
             | NodeMsg::Mail { to } => to.clone(),
-            NodeMsg::Kick { user } => user.clone(),
+            NodeMsg::Kick { user } | NodeMsg::Recheck { user, .. } => user.clone(),
             NodeMsg::Answer { .. } => return,
         };
         self.node_out.push_back(NodeTransmit {
@@ -460,6 +460,9 @@ impl Supernode {
                 }
             }
             NodeMsg::Kick { user } => self.kick(now, &user),
+            NodeMsg::Recheck { user, key } => {
+                self.recheck_here(&user, &key);
+            }
             NodeMsg::Answer { token, answer } => {
                 if let Some(w) = self.remote_waits.remove(&token) {
                     self.finish_remote(now, w, answer);
