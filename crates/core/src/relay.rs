@@ -1150,11 +1150,7 @@ impl Relay {
             .unix_now(now)
             .saturating_add(self.config.nonce_lifetime.as_secs().max(1));
         let mac = self.nonce_mac(expiry, from);
-        let mut s = format!("{expiry:x}.");
-        for b in &mac[..10] {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        format!("{expiry:x}.{}", hex::encode(&mac[..10]))
     }
 
     fn nonce_mac(&self, expiry: u64, from: SocketAddr) -> [u8; 20] {

@@ -95,13 +95,8 @@ fn recheck_query(query: &str) -> Result<Recheck, &'static str> {
 }
 
 fn parse_key(v: &str) -> Option<[u8; 32]> {
-    if v.len() != 64 || !v.is_ascii() {
-        return None;
-    }
     let mut k = [0u8; 32];
-    for (i, b) in k.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&v[2 * i..2 * i + 2], 16).ok()?;
-    }
+    hex::decode_to_slice(v, &mut k).ok()?;
     Some(k)
 }
 

@@ -457,12 +457,7 @@ fn status_value(profile: &Profile) -> anyhow::Result<Value> {
         .flatten()
         .and_then(|c| peerline_wire::cert::CertRepr::decode(&c).ok());
     // The device's Noise key: what an operator needs to revoke it (`peerlined revoke`).
-    let device = cert.as_ref().map(|c| {
-        c.noise_key
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    });
+    let device = cert.as_ref().map(|c| hex::encode(c.noise_key));
     let mut v = match call(
         &profile.socket_path(),
         &ControlRequest::Status,

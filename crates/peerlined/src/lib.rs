@@ -820,27 +820,15 @@ pub fn load(data: &Path) -> Result<Loaded, DaemonError> {
     })
 }
 
-/// Bytes as lowercase hex: how operators see device keys (64 digits) and device ids.
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A device key given on the command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{0:?} is not a device key: give the 64 hex digits `peerlined devices` lists")]
 pub struct BadDeviceKey(pub String);
 
-/// Parses a device key as [`to_hex`] writes it (either case).
+/// Parses a device key as `peerlined devices` lists it (64 hex digits, either case).
 pub fn parse_device_key(s: &str) -> Result<[u8; 32], BadDeviceKey> {
-    let bad = || BadDeviceKey(s.to_string());
-    let t = s.trim();
-    if t.len() != 64 || !t.is_ascii() {
-        return Err(bad());
-    }
     let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
+    hex::decode_to_slice(s.trim(), &mut key).map_err(|_| BadDeviceKey(s.to_string()))?;
     Ok(key)
 }
 
@@ -852,7 +840,7 @@ mod device_key_tests {
     proptest! {
         #[test]
         fn device_keys_round_trip(key in any::<[u8; 32]>()) {
-            let hex = to_hex(&key);
+            let hex = hex::encode(key);
             prop_assert_eq!(hex.len(), 64);
             prop_assert_eq!(parse_device_key(&hex), Ok(key));
             prop_assert_eq!(parse_device_key(&hex.to_uppercase()), Ok(key));
@@ -861,7 +849,7 @@ mod device_key_tests {
         #[test]
         fn anything_else_is_refused_without_panicking(s in ".{0,80}") {
             if let Ok(k) = parse_device_key(&s) {
-                prop_assert_eq!(to_hex(&k), s.trim().to_lowercase());
+                prop_assert_eq!(hex::encode(k), s.trim().to_lowercase());
             }
         }
     }

@@ -22,7 +22,7 @@ use peerline_net::relay::RelayServer;
 use peerline_net::supernode::{run_supernode, SupernodeRuntime};
 use peerlined::{
     ensure_relay_secret, init_with_store, load, load_config, parse_device_key, read_relay_secret,
-    to_hex, StoreUrl, BOOTSTRAP_FILE, CONFIG_FILE, PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE,
+    StoreUrl, BOOTSTRAP_FILE, CONFIG_FILE, PID_FILE, RELAY_SECRET_FILE, SNAPSHOT_FILE,
 };
 use tokio::sync::watch;
 
@@ -151,7 +151,7 @@ fn ask_recheck(admin: SocketAddr, user: &str, key: &[u8; 32]) -> bool {
     let req = format!(
         "POST {}?user={user}&key={} HTTP/1.0\r\n\r\n",
         peerline_net::admin::RECHECK_PATH,
-        to_hex(key)
+        hex::encode(key)
     );
     let mut resp = String::new();
     s.write_all(req.as_bytes()).is_ok()
@@ -277,8 +277,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .iter()
                     .map(|d| {
                         serde_json::json!({
-                            "noise_key": to_hex(&d.noise_key),
-                            "device_id": to_hex(&d.device_id),
+                            "noise_key": hex::encode(d.noise_key),
+                            "device_id": hex::encode(d.device_id),
                             "revoked": d.revoked,
                         })
                     })
@@ -292,8 +292,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 for d in &devices {
                     println!(
                         "{}  {}  {}",
-                        to_hex(&d.noise_key),
-                        to_hex(&d.device_id),
+                        hex::encode(d.noise_key),
+                        hex::encode(d.device_id),
                         if d.revoked { "revoked" } else { "active" }
                     );
                 }
@@ -308,7 +308,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "no device has the Noise key {}: list an account's devices with \
                      `peerlined devices --data {} USER`",
-                    to_hex(&key),
+                    hex::encode(key),
                     data.display()
                 );
             };
@@ -324,7 +324,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "{}",
                     serde_json::json!({
                         "user": found.username.as_str(),
-                        "noise_key": to_hex(&key),
+                        "noise_key": hex::encode(key),
                         "revoked": true,
                         "already_revoked": already,
                         "supernode_asked": asked,
@@ -334,13 +334,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 if already {
                     println!(
                         "device {} of {} was already revoked",
-                        to_hex(&key),
+                        hex::encode(key),
                         found.username
                     );
                 } else {
                     println!(
                         "revoked device {} of {}: its logins are refused",
-                        to_hex(&key),
+                        hex::encode(key),
                         found.username
                     );
                 }
