@@ -1438,7 +1438,8 @@ impl Supernode {
         self.recheck_here(user, noise_key)
     }
 
-    /// [`Supernode::recheck_device`] for a session on this supernode only.
+    /// [`Supernode::recheck_device`] for a session on this supernode only (what a
+    /// forwarded `Recheck` asks).
     fn recheck_here(&mut self, user: &Username, noise_key: &[u8; 32]) -> bool {
         let Some(index) = self.session_of(user) else {
             return false;

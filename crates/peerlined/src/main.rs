@@ -121,9 +121,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke a device (a lost or stolen one): its next login is refused with "this device
-    /// was revoked", and it can no longer renew its certificate. A session it has now ends
-    /// when it next logs in or goes idle. Safe while the supernode runs.
+    /// Revoke a device (a lost or stolen one): its logins are refused with "this device
+    /// was revoked", and it can no longer renew its certificate. The running supernode is
+    /// asked to log it out now (in a fleet, wherever it is online). Safe while the
+    /// supernode runs.
     Revoke {
         /// Data directory made by `init`.
         #[arg(long)]
@@ -345,7 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     );
                 }
                 if asked {
-                    println!("the running supernode logs it out now if it is online there");
+                    println!("the running supernode logs it out now if it is online");
                 } else {
                     println!(
                         "the supernode's admin endpoint did not answer (not running?): a \
