@@ -309,10 +309,7 @@ impl Shard {
     }
 
     fn phase_index(&self) -> usize {
-        match self.seen_phase {
-            phase::PREPARE => phase::HOLD as usize,
-            p => (p as usize).min(3),
-        }
+        (self.seen_phase as usize).min(3)
     }
 
     fn record(&mut self, op: Op, us: u64) {
@@ -476,9 +473,6 @@ impl Shard {
         while n < PREPARE_BUDGET && self.prep_cursor < self.clients.len() {
             let slot = self.prep_cursor;
             self.prep_cursor += 1;
-            if self.clients[slot].prepared.is_some() {
-                continue;
-            }
             n += 1;
             if let Some(f) = self.initiation(slot, now_ms) {
                 self.clients[slot].prepared = Some(f);
@@ -1475,7 +1469,7 @@ mod tests {
     /// A timed-out initiation goes out again unchanged (the kernel may have dropped it
     /// unseen), up to [`TIMEOUT_RESENDS`] times; then the next one is a fresh handshake.
     #[test]
-    fn a_timed_out_initiation_is_resent_once_then_replaced() {
+    fn a_timed_out_initiation_is_resent_unchanged_then_replaced() {
         let mut p = DatagramProbe::new();
         let first = p.shard.clients[1].hs.as_ref().unwrap().init.clone();
         let mut now = p.shard.clients[1].hs_deadline;

@@ -252,7 +252,12 @@ fn snapshot(e: &Engine, pid: Option<u32>) -> Snapshot {
 }
 
 fn cpu_between(a: &Snapshot, b: &Snapshot) -> f64 {
-    match (a.proc_, b.proc_) {
+    cpu_delta(a.proc_, b.proc_)
+}
+
+/// CPU seconds between two samples of one process (0 when either is missing).
+fn cpu_delta(a: Option<ProcSample>, b: Option<ProcSample>) -> f64 {
+    match (a, b) {
         (Some(x), Some(y)) => y.cpu_s - x.cpu_s,
         _ => 0.0,
     }
@@ -307,15 +312,9 @@ fn spawn_sampler(
                 .and_then(|tl| tl.get(&sec).map(|h| h.value_at_quantile(0.99)))
                 .unwrap_or(0);
             let online = c.online.load(Ordering::Relaxed);
-            let cpu = match (last.2, p) {
-                (Some(a), Some(b)) => b.cpu_s - a.cpu_s,
-                _ => 0.0,
-            };
+            let cpu = cpu_delta(last.2, p);
             let p_me = procstat::sample(me);
-            let load_cpu = match (last_me, p_me) {
-                (Some(a), Some(b)) => b.cpu_s - a.cpu_s,
-                _ => 0.0,
-            };
+            let load_cpu = cpu_delta(last_me, p_me);
             last_me = p_me;
             let s = Sample {
                 t,
